@@ -1,0 +1,47 @@
+"""`midpo <command> [hydra overrides]`: one Hydra app per command, all of Hydra's flags kept."""
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS = {
+    "train": "preference-train a policy with any prior (Hydra app: overrides, --multirun, --cfg job)",
+    "verify": "prove each prior reproduces its variant's original loss, in value and gradient",
+}
+USAGE = "usage: midpo <command> [overrides...] [--multirun] [--cfg job] [--help]\n\ncommands:\n" + "".join(
+    f"  {name:<8} {text}\n" for name, text in COMMANDS.items()) + "\nmidpo <command> --help shows its config groups and options.\n"
+
+
+def _app(command: str):
+    """Build the Hydra app of a command (imports are deferred so `midpo --help` stays instant)."""
+    import hydra
+
+    from midpo_cli.config import register_schemas
+    import midpo_cli.priors  # noqa: F401  (registers every prior's schema)
+
+    register_schemas()
+    if command == "train":
+        from midpo_cli.train import run as task
+    else:
+        from midpo_cli.verify import run as task
+    return hydra.main(version_base="1.3", config_path="pkg://midpo_cli.conf", config_name=command)(task)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return
+    if argv[0] not in COMMANDS:
+        print(f"midpo: unknown command '{argv[0]}'.\n\n{USAGE}", end="", file=sys.stderr)
+        raise SystemExit(2)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    old, sys.argv = sys.argv, [f"midpo {argv[0]}", *argv[1:]]
+    try:
+        _app(argv[0])()
+    finally:
+        sys.argv = old
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Typed schemas for every config group (Hydra ConfigStore), so bad input fails before any model loads.
+
+Each YAML under conf/ names its schema in its defaults list (e.g. `/schema/model@_here_`); a wrong
+type, an unknown key or an unknown group option is then a Hydra error naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"                  # tiny | hf | smollm2
+    name_or_path: Optional[str] = None    # hub id or local directory (source=hf)
+    gguf_file: Optional[str] = None       # GGUF file inside name_or_path, if any
+    dtype: str = "float32"                # float32 | bfloat16 | float16: weights' dtype when loaded
+    attn_implementation: Optional[str] = None   # eager | sdpa | flash_attention_2; None = library default
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    hidden_size: int = 128                # tiny only: width
+    num_layers: int = 2                   # tiny only: transformer blocks
+    num_heads: int = 4                    # tiny only: attention heads
+    intermediate_size: int = 256          # tiny only: MLP width
+    max_position_embeddings: int = 256    # tiny only: context length
+
+
+@dataclass
+class TaskConfig:
+    """The built-in task (dataset=builtin): copy a string; quality = 1 - normalised edit distance."""
+    kind: str = "copy"                  # copy | reverse | sort: what the response must do to the prompt's string
+    alphabet: str = "abcdefgh"          # characters of the prompt strings
+    min_len: int = 4                    # shortest prompt string
+    max_len: int = 9                    # longest prompt string
+    demo_noise: float = 0.3             # per-character corruption rate of the SFT demonstrations
+    sft_examples: int = 4000            # SFT demonstrations (imperfect)
+    sft_steps: int = 400                # SFT optimisation steps for the reference policy
+    sft_lr: float = 3e-3                # SFT learning rate
+    sft_batch_size: int = 64            # SFT batch size
+    train_prompts: int = 640            # prompts sampled for preference pairs
+    eval_prompts: int = 128             # held-out prompts for evaluation
+    samples_per_prompt: int = 4         # reference samples ranked per prompt (best = chosen, worst = rejected)
+    temperature: float = 1.0            # sampling temperature (pairs and evaluation)
+    length_bias: float = 0.0            # annotator bias per character: >0 prefers longer, <0 shorter chosen
+    eval_pairs_fraction: float = 0.1    # pairs held out for the preference metrics during training
+
+
+@dataclass
+class DatasetConfig:
+    source: str = "builtin"               # builtin | local | hub
+    path: Optional[str] = None            # local file (jsonl/json/parquet/csv) or hub dataset id
+    split: str = "train"                  # split to train on
+    eval_split: Optional[str] = None      # split to evaluate on; None = carve eval_fraction from train
+    eval_fraction: float = 0.1            # held-out fraction when no eval_split is given
+    max_rows: Optional[int] = None        # use at most this many training rows
+    max_length: int = 512                 # prompt + completion tokens; longer pairs are truncated
+    max_prompt_length: int = 256          # prompt tokens kept (its end is kept)
+    task: TaskConfig = field(default_factory=TaskConfig)  # the built-in task's settings
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 150                  # optimiser steps
+    batch_size: int = 16                  # pairs per micro-batch
+    grad_accum: int = 1                   # micro-batches per optimiser step
+    eval_every: int = 50                  # held-out preference metrics every N steps (0 = only at the end)
+    save_every: int = 0                   # checkpoint every N steps (0 = only the final model)
+    resume: Optional[str] = None          # "latest" or a checkpoint path to continue from
+    precision: str = "fp32"               # fp32 | bf16 | fp16 (mixed precision through accelerate)
+    max_grad_norm: float = 1.0            # gradient clipping (0 = off)
+    warmup_steps: int = 0                 # linear learning-rate warm-up
+    lr_schedule: str = "constant"         # constant | linear | cosine (after warm-up)
+    log_every: int = 5                    # metrics.jsonl line every N steps
+    kl_chunk: int = 8                     # rows per chunk when computing per-token log-probs / full-vocab KL
+    eval_batch_size: int = 32             # pairs per evaluation micro-batch
+    save_model: bool = True               # save the final policy with save_pretrained
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = MISSING               # torch optimiser class
+    _partial_: bool = True                # built later with the model's parameters
+    lr: float = 1e-4                      # learning rate
+    weight_decay: float = 0.0             # decoupled weight decay
+
+
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    _target_: str = "torch.optim.AdamW"
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # Adam moment decay rates
+    eps: float = 1e-8                     # numerical floor
+
+
+@dataclass
+class RMSpropConfig(OptimizerConfig):
+    _target_: str = "torch.optim.RMSprop"
+    alpha: float = 0.99                   # squared-gradient decay
+    eps: float = 1e-8                     # numerical floor
+    momentum: float = 0.0                 # momentum factor
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    _target_: str = "torch.optim.SGD"
+    momentum: float = 0.9                 # momentum factor
+    nesterov: bool = False                # Nesterov momentum
+
+
+@dataclass
+class TrainRoot:
+    seed: int = 0                         # seeds python, numpy and torch (and the built-in task)
+    cache_dir: str = "outputs/cache"      # SFT reference, pairs and reference log-prob caches
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    prior: Any = MISSING                  # typed by the chosen prior's own schema (schema/prior/<name>)
+    optimizer: Any = MISSING              # typed by schema/optimizer/<name>
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class VerifyRoot:
+    seed: int = 0                         # seed of the random probe batches
+    priors: list = field(default_factory=list)   # priors to verify; [] = every registered prior
+    real_model: bool = True               # also check on a real forward batch of the tiny model
+    smollm2: bool = True                  # ... and of SmolLM2 when the package is installed
+    trl: bool = True                      # cross-check DPO / SimPO against TRL when installed
+    atol: float = 1e-10                   # float64 tolerance (value and gradient)
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainRoot)
+    cs.store(name="verify_schema", node=VerifyRoot)
+    cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="dataset", node=DatasetConfig)
+    for name, node in {"adamw": AdamWConfig, "rmsprop": RMSpropConfig, "sgd": SGDConfig}.items():
+        cs.store(group="schema/optimizer", name=name, node=node)

@@ -1,0 +1,1 @@
+"""The training engine: log-prob computation, the reference side, the loop, evaluation."""

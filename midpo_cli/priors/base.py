@@ -1,0 +1,119 @@
+"""What a prior is: a function of a batch of pairs that returns log zeta per side, plus what it needs.
+
+Shapes (defined once): B pairs, T completion positions, V vocabulary. Every per-token tensor is
+[2, B, T] with index 0 = chosen (y_w) and 1 = rejected (y_l); padding positions hold 0 and mask 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The inputs a prior reads. The engine computes exactly these, and never looks at a prior's name."""
+    reference: bool = False        # per-token log pi_ref(y_t|s_t)                      -> PairView.ref_logps
+    kl_ref_pi: bool = False        # per-position KL_t(pi_ref || pi), full vocabulary    -> PairView.kl_ref_pi
+    kl_pi_ref: bool = False        # per-position KL_t(pi || pi_ref), full vocabulary    -> PairView.kl_pi_ref
+    ref_activations: bool = False  # per-layer mean reference activation [2, B, T, L]   -> PairView.ref_activations
+    snapshot: str | None = None    # frozen earlier policy ("reference" or a model path) -> PairView.snapshot_logps
+    token_columns: tuple[str, ...] = ()  # per-token values given by the data            -> PairView.token_values
+
+    @property
+    def reference_model(self) -> bool:
+        """Whether any input requires running the reference model."""
+        return self.reference or self.kl_ref_pi or self.kl_pi_ref or self.ref_activations
+
+
+@dataclass
+class PairView:
+    """A batch of preference pairs as a prior sees it."""
+    logps: Tensor                          # [2, B, T] log pi(y_t|s_t), carries the policy's gradient
+    mask: Tensor                           # [2, B, T] 1.0 on completion tokens
+    ref_logps: Tensor | None = None        # [2, B, T]
+    kl_ref_pi: Tensor | None = None        # [2, B, T]
+    kl_pi_ref: Tensor | None = None        # [2, B, T]
+    ref_activations: Tensor | None = None  # [2, B, T, L]
+    snapshot_logps: Tensor | None = None   # [2, B, T]
+    token_values: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # name -> [2, B, T]
+
+    def seq(self, x: Tensor) -> Tensor:
+        """Masked sum over completion positions: [2, B, T] -> [2, B]."""
+        return (x * self.mask).sum(-1)
+
+    @property
+    def lengths(self) -> Tensor:
+        """|y| per side [2, B]: completion tokens counted by the mask (EOS included)."""
+        return self.mask.sum(-1)
+
+    def require(self, field: str) -> Tensor:
+        value = getattr(self, field)
+        if value is None:
+            raise ValueError(f"this prior needs PairView.{field}, which the batch does not carry; "
+                             "declare it in the prior's needs() so the engine computes it")
+        return value
+
+    def column(self, name: str) -> Tensor:
+        if name not in self.token_values:
+            raise ValueError(f"this prior needs the per-token data column '{name}' (chosen_{name} / rejected_{name} "
+                             f"in the dataset); columns present: {sorted(self.token_values) or 'none'}")
+        return self.token_values[name]
+
+
+class Prior(torch.nn.Module):
+    """Base class. A subclass is also a dataclass holding its hyperparameters (the YAML's keys).
+
+    Subclasses implement `log_prior` (MI-DPO form) and `original_loss` (the authors' form, written
+    independently, used by `midpo verify`), and may override `needs`, `scale`, `penalty`, `warnings`.
+    """
+    name: ClassVar[str] = ""
+    options: ClassVar[tuple[dict, ...]] = ({},)  # convention settings `midpo verify` checks, each a dict of overrides
+
+    def __post_init__(self):
+        torch.nn.Module.__init__(self)
+
+    @property
+    def a(self) -> float:
+        """The MI-DPO scale a (DPO's beta)."""
+        return float(self.beta)
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    def log_prior(self, v: PairView) -> Tensor:       # [2, B]
+        raise NotImplementedError
+
+    def original_loss(self, v: PairView) -> Tensor:   # [B]
+        raise NotImplementedError
+
+    def penalty(self, v: PairView) -> Tensor:
+        """A regulariser on the prior's own parameters, added outside the sigmoid (SparsePO's L1)."""
+        return v.logps.new_zeros(())
+
+    def validate(self) -> None:
+        """Raise ValueError naming the option and its valid values when the settings are inconsistent."""
+
+    def knobs(self) -> tuple[str, ...]:
+        """Hyperparameters that must change the loss or its gradient under the current settings
+        (verify's knob check). Default: every float field."""
+        return tuple(f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), float))
+
+    def warnings(self) -> list[str]:
+        """Known hazards of this prior's settings, printed before training."""
+        return []
+
+    def hyperparameters(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def forward(self, v: PairView) -> Tensor:
+        return self.log_prior(v)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={val!r}" for k, val in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+    __hash__ = object.__hash__   # keep nn.Module hashable although subclasses are dataclasses
