@@ -1,0 +1,40 @@
+"""Content-addressed caches under cfg.cache_dir: a key is a hash of everything that changes the value."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def config_hash(obj) -> str:
+    def plain(x):
+        if isinstance(x, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(x, resolve=True)
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+    return hashlib.sha256(json.dumps(plain(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def publish(path: Path):
+    """Write into a private temporary path, then move it into place atomically: readers never see
+    half-written cache entries, and concurrent writers of the same key do not corrupt each other."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    if not path.suffix:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():                                                  # another writer won the race
+            return
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()

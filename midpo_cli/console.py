@@ -1,0 +1,56 @@
+"""Console output: rich logging, error lines, and the final results table."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+console = Console(stderr=False)
+log = logging.getLogger("midpo")
+
+
+def setup_logging(file: Path | None = None) -> None:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    log.addHandler(RichHandler(console=console, show_path=False, show_time=False, markup=False))
+    if file is not None:
+        fh = logging.FileHandler(file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fh)
+    for noisy in ("transformers", "accelerate", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def error(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+
+
+def final_table(results: dict) -> None:
+    final = results.get("final", {})
+    t = Table(title=f"midpo train: prior={results.get('prior')} seed={results.get('seed')}")
+    t.add_column("metric"); t.add_column("value", justify="right")
+    for k in ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies"):
+        if k in final:
+            t.add_row(k, f"{final[k]:.4f}")
+    t.add_row("tokens/s", f"{results.get('tokens_per_s', 0):,.0f}")
+    t.add_row("peak memory (MB)", f"{results.get('peak_memory_mb', 0):,.0f}")
+    t.add_row("wall time (s)", f"{results.get('wall_time_s', 0):.1f}")
+    console.print(t)
+    ev = results.get("eval")
+    if ev:
+        e = Table(title="built-in task: held-out evaluation (sampled)")
+        e.add_column(""); e.add_column("policy", justify="right"); e.add_column("reference", justify="right")
+        e.add_row("mean true reward", f"{ev['true_reward/policy']:.3f}", f"{ev['true_reward/reference']:.3f}")
+        e.add_row("exact answers", f"{ev['exact/policy']:.3f}", f"{ev['exact/reference']:.3f}")
+        e.add_row("mean length (chars)", f"{ev['length/policy']:.2f}", f"{ev['length/reference']:.2f}")
+        e.add_row("win-rate vs reference", f"{ev['win_rate']:.3f}", "")
+        e.add_row("KL(pi || pi_ref) estimate", f"{ev['kl/policy_ref']:.3f}", "0")
+        console.print(e)

@@ -1,0 +1,1 @@
+"""Preference data: the built-in task, local/hub files, tokenisation and batching."""

@@ -1,0 +1,112 @@
+"""Tokenisation correct by construction: the completion's tokens start exactly where the prompt ends.
+
+A row is TRL-shaped: prompt (string or list of messages) with chosen/rejected (strings or messages).
+The prompt and each completion are tokenised separately and concatenated, so no prefix matching is
+ever guessed; EOS is appended once; both completions of a pair are truncated by the same rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m for m in x)
+
+
+def render(tokenizer, prompt, completion) -> tuple[str, str]:
+    """(prompt_text, completion_text); conversational rows go through the tokenizer's chat template."""
+    if not _is_messages(prompt):
+        return str(prompt), str(completion)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("conversational rows need a tokenizer with a chat template; this model has none "
+                         "(use standard prompt/chosen/rejected strings, or a model with a chat template)")
+    completion = completion if _is_messages(completion) else [{"role": "assistant", "content": str(completion)}]
+    p_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full.startswith(p_text):
+        # Some templates rewrite earlier turns when a reply follows: render the reply alone after the prompt.
+        only = tokenizer.apply_chat_template(completion, tokenize=False)
+        return p_text, only
+    return p_text, full[len(p_text):]
+
+
+def _ids(tokenizer, text: str, specials: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=specials)["input_ids"]
+
+
+@dataclass
+class EncodedPair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    truncated: bool = False
+    values: dict = field(default_factory=dict)   # per-token columns: name -> (chosen list, rejected list)
+
+
+def encode_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int,
+                columns: tuple[str, ...] = ()) -> EncodedPair:
+    p_text, c_text = render(tokenizer, row["prompt"], row["chosen"])
+    _, r_text = render(tokenizer, row["prompt"], row["rejected"])
+    prompt = _ids(tokenizer, p_text, specials=True)
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(prompt) > 1 and prompt[0] == bos and prompt[1] == bos:
+        prompt = prompt[1:]                                                # template and tokenizer both added BOS
+    eos = tokenizer.eos_token_id
+    sides = []
+    for text in (c_text, r_text):
+        ids = _ids(tokenizer, text, specials=False)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = ids + [eos]
+        sides.append(ids)
+    truncated = False
+    if len(prompt) > max_prompt_length:
+        prompt, truncated = prompt[-max_prompt_length:], True             # keep the prompt's end
+    budget = max_length - len(prompt)
+    if budget < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for the completion after a "
+                         f"{len(prompt)}-token prompt; raise dataset.max_length or lower max_prompt_length")
+    if max(len(s) for s in sides) > budget:
+        sides, truncated = [s[:budget] for s in sides], True              # same rule for both sides
+    values = {}
+    for name in columns:
+        pair = []
+        for side, ids in (("chosen", sides[0]), ("rejected", sides[1])):
+            key = f"{side}_{name}"
+            if key not in row:
+                raise ValueError(f"the prior needs the per-token column '{key}', missing from the data row")
+            vals = [float(x) for x in row[key]][:len(ids)]
+            pair.append(vals + [0.0] * (len(ids) - len(vals)))            # EOS (and any gap) gets 0
+        values[name] = tuple(pair)
+    return EncodedPair(prompt, sides[0], sides[1], truncated, values)
+
+
+def collate(pairs: list[EncodedPair], pad_id: int) -> dict:
+    """Stack a list of pairs into one concatenated batch: rows 0..B-1 chosen, B..2B-1 rejected.
+
+    input_ids/attention_mask: [2B, L]; labels/mask: [2B, L-1] aligned with logits[:, :-1];
+    values: name -> [2B, L-1] per-token columns on the same positions.
+    """
+    seqs, starts = [], []
+    for side in ("chosen", "rejected"):
+        for p in pairs:
+            seqs.append(p.prompt + getattr(p, side))
+            starts.append(len(p.prompt))
+    length = max(len(s) for s in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, length), dtype=torch.long)
+    mask = torch.zeros((n, length - 1))
+    names = list(pairs[0].values) if pairs else []
+    values = {k: torch.zeros((n, length - 1)) for k in names}
+    for i, (s, st) in enumerate(zip(seqs, starts)):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        attention[i, :len(s)] = 1
+        mask[i, st - 1:len(s) - 1] = 1.0                                   # label t predicts token t+1
+        pair, side = pairs[i % len(pairs)], i // len(pairs)
+        for k in names:
+            vals = pair.values[k][side]
+            values[k][i, st - 1:st - 1 + len(vals)] = torch.tensor(vals)
+    labels = input_ids[:, 1:].clone()
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "mask": mask, "values": values}

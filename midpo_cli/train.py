@@ -1,0 +1,138 @@
+"""`midpo train`: one run = data -> policy/reference -> MI-DPO training with the prior -> evaluation -> results."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from midpo_cli import console
+from midpo_cli.priors import build_prior
+
+log = logging.getLogger("midpo")
+RUN_FILES = ("results.json", "metrics.jsonl", "config.yaml")
+CHOICES = {"precision": ("fp32", "bf16", "fp16"), "lr_schedule": ("constant", "linear", "cosine")}
+
+
+def run_dir_of() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def claim(run_dir: Path) -> None:
+    """Refuse a directory that already holds a run: nothing written by an earlier run is ever overwritten."""
+    taken = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if taken:
+        raise ValueError(f"run directory {run_dir} already holds a run ({', '.join(taken)}); "
+                         "pick a new hydra.run.dir / hydra.sweep.dir (nothing was changed)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    for key, valid in CHOICES.items():
+        if cfg.trainer[key] not in valid:
+            raise ValueError(f"trainer.{key}='{cfg.trainer[key]}' is not one of {valid}")
+    for key in ("max_steps", "batch_size", "grad_accum"):
+        if cfg.trainer[key] < 1:
+            raise ValueError(f"trainer.{key}={cfg.trainer[key]} must be >= 1")
+    if cfg.trainer.resume:
+        raise ValueError("trainer.resume is not supported yet (tracked in issue 4); start a new run")
+
+
+def run(cfg: DictConfig) -> None:
+    """Hydra task. Bad input exits 1 with one message and no traceback."""
+    run_dir = run_dir_of()
+    try:
+        claim(run_dir)
+        console.setup_logging(run_dir / "train.log")
+        check_settings(cfg)
+        prior = build_prior(cfg.prior)
+        for w in prior.warnings():
+            log.warning(w)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        results = train(cfg, prior, run_dir)
+    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        console.error(f"{type(e).__name__}: {msg}")
+        sys.exit(1)
+    console.final_table(results)
+    log.info("run directory: %s", run_dir)
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+    return list(HydraConfig.get().overrides.task)
+
+
+def train(cfg: DictConfig, prior, run_dir: Path) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from hydra.utils import instantiate
+
+    from midpo_cli.data import builtin
+    from midpo_cli.data.sources import load_rows
+    from midpo_cli.data.tokenize import encode_pair
+    from midpo_cli.engine.evaluate import task_evaluation
+    from midpo_cli.engine.trainer import seed_everything, train_loop
+    from midpo_cli.models import frozen, load_model, load_tokenizer
+
+    t_start = time.perf_counter()
+    needs = prior.needs()
+    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.trainer.precision]
+    acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.trainer.grad_accum,
+                      cpu=not torch.cuda.is_available())
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    cache_root = Path(cfg.cache_dir)
+    task = cfg.dataset.task if cfg.dataset.source == "builtin" else None
+    if task is not None:
+        builtin.check(task)
+        sft_path = builtin.sft_reference(task, cfg.model, tokenizer, cfg.seed, cache_root, acc.device)
+        policy = load_model(cfg.model, tokenizer, path=str(sft_path))
+        reference = frozen(load_model(cfg.model, tokenizer, path=str(sft_path))).to(acc.device)
+        data = builtin.preference_pairs(task, reference, tokenizer, sft_path.name, cfg.seed, cache_root, acc.device)
+        rows = data["pairs"]
+        n_eval = int(len(rows) * task.eval_pairs_fraction)
+        eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
+    else:
+        train_rows, eval_rows = load_rows(cfg.dataset)
+        policy = load_model(cfg.model, tokenizer)
+        reference = frozen(copy.deepcopy(policy)).to(acc.device) if needs.reference_model else None
+    snapshot = None
+    if needs.snapshot:
+        snapshot = reference if needs.snapshot == "reference" else \
+            frozen(load_model(cfg.model, tokenizer, path=needs.snapshot)).to(acc.device)
+        if snapshot is None:
+            snapshot = frozen(copy.deepcopy(policy)).to(acc.device)
+    seed_everything(cfg.seed)
+    encode = lambda r: encode_pair(tokenizer, r, cfg.dataset.max_length, cfg.dataset.max_prompt_length,
+                                   needs.token_columns)
+    train_pairs, eval_pairs = [encode(r) for r in train_rows], [encode(r) for r in eval_rows]
+    if not train_pairs:
+        raise ValueError("no training pairs: the dataset is empty after the held-out split")
+    report = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+              "truncated": sum(p.truncated for p in train_pairs + eval_pairs)}
+    log.info("data: %s", report)
+    optimizer = instantiate(cfg.optimizer)(policy.parameters())
+    models = {"reference": reference, "snapshot": snapshot}
+    out = train_loop(acc, cfg, policy, prior, models, optimizer, train_pairs, eval_pairs,
+                     tokenizer.pad_token_id, run_dir)
+    policy = out.pop("policy")
+    results = {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": _overrides(),
+               "prior": prior.name, "seed": cfg.seed, "data": report, **out}
+    if task is not None:
+        log.info("evaluating: sampling %d held-out prompts from policy and reference", len(data["eval_strings"]))
+        seed_everything(cfg.seed + 3)
+        results["eval"] = task_evaluation(policy, reference if reference is not None else policy, tokenizer,
+                                          task, data["eval_strings"], acc.device)
+    if cfg.trainer.save_model and acc.is_main_process:
+        policy.save_pretrained(run_dir / "model", safe_serialization=True)
+        tokenizer.save_pretrained(run_dir / "model")
+    results["wall_time_s"] = time.perf_counter() - t_start
+    if acc.is_main_process:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    return results
