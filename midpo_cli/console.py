@@ -30,7 +30,7 @@ def setup_logging(file: Path | None = None) -> None:
 
 
 def error(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
 
 
 def final_table(results: dict) -> None:

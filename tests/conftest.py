@@ -1,0 +1,24 @@
+"""Shared test set-up: offline hub, and small fast overrides for end-to-end runs."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# A small built-in task: SFT and pairs take a few seconds, and are cached for the whole session.
+FAST = ["dataset.task.sft_steps=120", "dataset.task.sft_examples=1000", "dataset.task.train_prompts=96",
+        "dataset.task.eval_prompts=16", "trainer.batch_size=8", "trainer.eval_every=0", "trainer.log_every=1"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("midpo-cache"))
+
+
+@pytest.fixture
+def fast(cache_dir):
+    """Overrides for a quick run sharing the session cache."""
+    return [*FAST, f"cache_dir={cache_dir}"]
