@@ -1,8 +1,10 @@
 """`midpo <command> [hydra overrides]`: one Hydra app per command, all of Hydra's flags kept."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "train": "preference-train a policy with any prior (Hydra app: overrides, --multirun, --cfg job)",
@@ -10,6 +12,16 @@ COMMANDS = {
 }
 USAGE = "usage: midpo <command> [overrides...] [--multirun] [--cfg job] [--help]\n\ncommands:\n" + "".join(
     f"  {name:<8} {text}\n" for name, text in COMMANDS.items()) + "\nmidpo <command> --help shows its config groups and options.\n"
+
+
+def config_path() -> str:
+    """The installed package's configs, or the repository's conf/ when run from a source tree (PYTHONPATH)."""
+    try:
+        if importlib.util.find_spec("midpo_cli.conf") is not None:
+            return "pkg://midpo_cli.conf"
+    except ModuleNotFoundError:
+        pass
+    return str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _app(command: str):
@@ -24,7 +36,7 @@ def _app(command: str):
         from midpo_cli.train import run as task
     else:
         from midpo_cli.verify import run as task
-    return hydra.main(version_base="1.3", config_path="pkg://midpo_cli.conf", config_name=command)(task)
+    return hydra.main(version_base="1.3", config_path=config_path(), config_name=command)(task)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,26 +3,40 @@ from __future__ import annotations
 
 import torch
 
-from midpo_cli.engine.logps import to_pairs, token_kl, token_logps
+from midpo_cli.engine.logps import Head, to_pairs, token_kl, token_logps
 from midpo_cli.priors import Needs, PairView
 
 
+def lm_head_weight(model):
+    """The LM-head weight when logits are a plain linear map of the final hidden states, else None."""
+    inner = getattr(model, "module", model)                                # DDP / accelerate wrappers
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    conf = getattr(inner, "config", None)
+    plain = (isinstance(head, torch.nn.Linear) and head.bias is None
+             and not getattr(conf, "final_logit_softcapping", None) and getattr(conf, "logit_scale", 1.0) in (None, 1.0))
+    return head.weight if plain else None
+
+
 def _run(model, batch, hidden: bool = False):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 output_hidden_states=hidden, use_cache=False)
+    """Forward; returns (logits source aligned with labels, output). With a plain LM head the model only
+    forms the last position's logits and the rest are formed chunk-wise from the hidden states (Head)."""
+    weight = lm_head_weight(model)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                output_hidden_states=hidden or weight is not None, **({"logits_to_keep": 1} if weight is not None else {}))
+    src = Head(out.hidden_states[-1][:, :-1], weight) if weight is not None else out.logits[:, :-1]
+    return src, out
 
 
 def pair_view(batch: dict, policy, needs: Needs, reference=None, snapshot=None, chunk: int = 8) -> PairView:
     """Build the PairView of a collated batch (on the right device). Only the policy carries gradient."""
     labels, mask = batch["labels"], batch["mask"]                          # [2B, T]
-    logits = _run(policy, batch).logits[:, :-1]                            # [2B, T, V], model dtype
+    logits, _ = _run(policy, batch)                                        # [2B, T, V] or Head([2B, T, H])
     view = PairView(logps=to_pairs(token_logps(logits, labels, chunk) * mask), mask=to_pairs(mask))
     if needs.reference_model:
         if reference is None:
             raise RuntimeError("the prior needs the reference model, but none was loaded")
         with torch.no_grad():
-            out = _run(reference, batch, hidden=needs.ref_activations)
-        ref_logits = out.logits[:, :-1]
+            ref_logits, out = _run(reference, batch, hidden=needs.ref_activations)
         if needs.reference:
             view.ref_logps = to_pairs(token_logps(ref_logits, labels, chunk) * mask)
         if needs.kl_ref_pi:
@@ -35,7 +49,7 @@ def pair_view(batch: dict, policy, needs: Needs, reference=None, snapshot=None, 
         del out, ref_logits
     if needs.snapshot:
         with torch.no_grad():
-            snap_logits = _run(snapshot, batch).logits[:, :-1]
+            snap_logits, _ = _run(snapshot, batch)
             view.snapshot_logps = to_pairs(token_logps(snap_logits, labels, chunk) * mask)
     for name in needs.token_columns:
         view.token_values[name] = to_pairs(batch["values"][name])

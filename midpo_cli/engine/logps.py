@@ -1,45 +1,65 @@
 """Per-token log-probabilities and full-vocabulary KL, computed in row chunks.
 
-Logits stay in the model's dtype; each chunk is upcast to fp32 on its own and recomputed in the
-backward pass (activation checkpointing), so no fp32 [N, T, V] tensor is ever held whole, for either model.
-Shapes: N sequences (2B: chosen rows then rejected rows), T positions, V vocabulary.
+The input is either logits [N, T, V] or a `Head` (final hidden states [N, T, H] + the LM-head weight
+[V, H]); with a Head the logits are formed chunk by chunk and never exist whole. Each chunk is upcast
+to fp32 on its own and recomputed in the backward pass (activation checkpointing), so no fp32
+[N, T, V] tensor is ever held whole, for either model. N sequences (2B), T positions, V vocabulary.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
-def _gathered(logits: Tensor, labels: Tensor) -> Tensor:
-    x = logits.float()
+class Head(NamedTuple):
+    states: Tensor                 # [N, T, H] final (normed) hidden states
+    weight: Tensor | None = None   # [V, H] LM-head weight; None means `states` already are logits
+
+
+def _logits(states: Tensor, weight: Tensor | None) -> Tensor:
+    return (states if weight is None else F.linear(states, weight)).float()
+
+
+def _gathered(states, weight, labels) -> Tensor:
+    x = _logits(states, weight)
     return x.gather(-1, labels[..., None]).squeeze(-1) - x.logsumexp(-1)
 
 
-def _kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+def _kl(p_states, p_weight, q_states, q_weight) -> Tensor:
     """KL_t(p || q) per position, over the vocabulary."""
-    lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    lp, lq = _logits(p_states, p_weight).log_softmax(-1), _logits(q_states, q_weight).log_softmax(-1)
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-def _chunked(fn, chunk: int, *tensors: Tensor) -> Tensor:
-    n = tensors[0].shape[0]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _chunked(fn, chunk: int, args: list, rows: tuple[bool, ...]) -> Tensor:
+    """Apply fn over row chunks of the args flagged in `rows` (the others, weights, pass whole)."""
+    n = args[0].shape[0]
+    grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args)
     outs = []
     for i in range(0, n, max(1, chunk)):
-        parts = [t[i:i + chunk] for t in tensors]
+        parts = [a[i:i + chunk] if r else a for a, r in zip(args, rows)]
         outs.append(checkpoint(fn, *parts, use_reentrant=False) if grad else fn(*parts))
     return torch.cat(outs)
 
 
-def token_logps(logits: Tensor, labels: Tensor, chunk: int = 8) -> Tensor:
-    """log p(labels_t | s_t): logits [N, T, V] (already aligned to labels), labels [N, T] -> [N, T] fp32."""
-    return _chunked(_gathered, chunk, logits, labels.clamp(min=0))
+def _head(x) -> Head:
+    return x if isinstance(x, Head) else Head(x, None)
 
 
-def token_kl(p_logits: Tensor, q_logits: Tensor, chunk: int = 8) -> Tensor:
-    """KL_t(p || q) [N, T] fp32 from two logits tensors [N, T, V]; gradient flows into whichever needs it."""
-    return _chunked(_kl, chunk, p_logits, q_logits)
+def token_logps(logits: Tensor | Head, labels: Tensor, chunk: int = 8) -> Tensor:
+    """log p(labels_t | s_t): logits [N, T, V] (or a Head) aligned to labels [N, T] -> [N, T] fp32."""
+    h = _head(logits)
+    return _chunked(_gathered, chunk, [h.states, h.weight, labels.clamp(min=0)], (True, False, True))
+
+
+def token_kl(p_logits: Tensor | Head, q_logits: Tensor | Head, chunk: int = 8) -> Tensor:
+    """KL_t(p || q) [N, T] fp32; gradient flows into whichever side carries it."""
+    p, q = _head(p_logits), _head(q_logits)
+    return _chunked(_kl, chunk, [p.states, p.weight, q.states, q.weight], (True, False, True, False))
 
 
 def to_pairs(x: Tensor) -> Tensor:
