@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from midpo_cli import console
+from midpo_cli.engine import checkpoint
 from midpo_cli.priors import build_prior
 
 log = logging.getLogger("midpo")
@@ -23,10 +24,12 @@ def run_dir_of() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def claim(run_dir: Path) -> None:
-    """Refuse a directory that already holds a run: nothing written by an earlier run is ever overwritten."""
+def claim(run_dir: Path, resuming: bool) -> None:
+    """Refuse a directory that already holds a run: nothing written by an earlier run is ever overwritten.
+    Resuming may continue an unfinished run (no results.json) in its own directory."""
     taken = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if taken:
+    if resuming and taken and not (run_dir / "results.json").exists():
+        return
         raise ValueError(f"run directory {run_dir} already holds a run ({', '.join(taken)}); "
                          "pick a new hydra.run.dir / hydra.sweep.dir (nothing was changed)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -39,22 +42,21 @@ def check_settings(cfg: DictConfig) -> None:
     for key in ("max_steps", "batch_size", "grad_accum"):
         if cfg.trainer[key] < 1:
             raise ValueError(f"trainer.{key}={cfg.trainer[key]} must be >= 1")
-    if cfg.trainer.resume:
-        raise ValueError("trainer.resume is not supported yet (tracked in issue 4); start a new run")
 
 
 def run(cfg: DictConfig) -> None:
     """Hydra task. Bad input exits 1 with one message and no traceback."""
     run_dir = run_dir_of()
     try:
-        claim(run_dir)
+        claim(run_dir, bool(cfg.trainer.resume))
         console.setup_logging(run_dir / "train.log")
         check_settings(cfg)
         prior = build_prior(cfg.prior)
+        resume_from = checkpoint.find(cfg.trainer.resume, run_dir, cfg) if cfg.trainer.resume else None
         for w in prior.warnings():
             log.warning(w)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        results = train(cfg, prior, run_dir)
+        results = train(cfg, prior, run_dir, resume_from)
     except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         console.error(f"{type(e).__name__}: {msg}")
@@ -68,7 +70,7 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def train(cfg: DictConfig, prior, run_dir: Path) -> dict:
+def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None) -> dict:
     import torch
     from accelerate import Accelerator
     from hydra.utils import instantiate
@@ -120,10 +122,11 @@ def train(cfg: DictConfig, prior, run_dir: Path) -> dict:
     optimizer = instantiate(cfg.optimizer)(policy.parameters())
     models = {"reference": reference, "snapshot": snapshot}
     out = train_loop(acc, cfg, policy, prior, models, optimizer, train_pairs, eval_pairs,
-                     tokenizer.pad_token_id, run_dir)
+                     tokenizer.pad_token_id, run_dir, resume_from)
     policy = out.pop("policy")
     results = {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": _overrides(),
-               "prior": prior.name, "seed": cfg.seed, "data": report, **out}
+               "prior": prior.name, "seed": cfg.seed, "data": report,
+               "resumed_from": str(resume_from) if resume_from else None, **out}
     if task is not None:
         log.info("evaluating: sampling %d held-out prompts from policy and reference", len(data["eval_strings"]))
         seed_everything(cfg.seed + 3)

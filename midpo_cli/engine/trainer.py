@@ -13,6 +13,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from midpo_cli.data.tokenize import collate
+from midpo_cli.engine import checkpoint
 from midpo_cli.engine.forward import pair_view
 from midpo_cli.loss import mi_dpo_loss, pair_metrics
 
@@ -85,15 +86,28 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _metrics_upto(run_dir: Path, source: Path, step: int) -> None:
+    """Start this run's metrics.jsonl with the resumed run's lines up to `step` (none past it)."""
+    src = source / "metrics.jsonl"
+    lines = src.read_text().splitlines() if src.exists() else []
+    kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= step]
+    (run_dir / "metrics.jsonl").write_text("".join(x + "\n" for x in kept))
+
+
 def train_loop(acc, cfg, policy, prior, models, optimizer, train_pairs, eval_pairs, pad_id, run_dir: Path,
-               start_step: int = 0) -> dict:
+               resume_from: Path | None = None) -> dict:
     """Run cfg.trainer.max_steps optimiser steps; returns final train metrics, eval metrics and throughput."""
     tc = cfg.trainer
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     policy, optimizer = acc.prepare(policy, optimizer)                     # the schedule counts optimiser steps
+    acc.register_for_checkpointing(sched)
     device = acc.device
-    if start_step:
-        acc.load_state(str(Path(cfg.trainer.resume)))
+    start_step = 0
+    if resume_from is not None:
+        acc.load_state(str(resume_from))                                   # weights, optimiser, schedule, RNG
+        start_step = checkpoint.step_of(resume_from)
+        _metrics_upto(run_dir, resume_from.parent.parent, start_step)
+        log.info("resumed from %s at step %d", resume_from, start_step)
     it = batches(train_pairs, tc.batch_size, cfg.seed, pad_id, skip=start_step * tc.grad_accum)
     metrics_file = (run_dir / "metrics.jsonl").open("a")
     window, history, tokens, t0 = [], {}, 0, time.perf_counter()
@@ -135,7 +149,7 @@ def train_loop(acc, cfg, policy, prior, models, optimizer, train_pairs, eval_pai
                 metrics_file.write(json.dumps(row) + "\n"); metrics_file.flush()
                 history.update({k: v for k, v in row.items()})
             if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
-                acc.save_state(str(run_dir / "checkpoints" / f"step-{step}"))
+                checkpoint.save(acc, run_dir, step, cfg)
     metrics_file.close()
     wall = time.perf_counter() - t0
     return {"final": history, "train_wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
