@@ -44,8 +44,24 @@ def check_settings(cfg: DictConfig) -> None:
             raise ValueError(f"trainer.{key}={cfg.trainer[key]} must be >= 1")
 
 
+def in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failure(run_dir: Path, exc: BaseException) -> None:
+    """A failed sweep job leaves error.json (its row in the sweep table) and lets the sweep go on."""
+    import traceback
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.json").write_text(json.dumps({
+        "status": "failed", "error": f"{type(exc).__name__}: {exc}", "overrides": _overrides(),
+        "traceback": "".join(traceback.format_exception(exc))}, indent=2))
+
+
 def run(cfg: DictConfig) -> None:
-    """Hydra task. Bad input exits 1 with one message and no traceback."""
+    """Hydra task. Bad input exits 1 with one message and no traceback; in a sweep, a failing job is
+    recorded (error.json) and the sweep continues."""
     run_dir = run_dir_of()
     try:
         claim(run_dir, bool(cfg.trainer.resume))
@@ -60,7 +76,16 @@ def run(cfg: DictConfig) -> None:
     except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         console.error(f"{type(e).__name__}: {msg}")
+        if in_sweep():
+            record_failure(run_dir, e)
+            return
         sys.exit(1)
+    except Exception as e:                                                 # a crash: keep the sweep going
+        if not in_sweep():
+            raise
+        console.error(f"job failed: {type(e).__name__}: {e}")
+        record_failure(run_dir, e)
+        return
     console.final_table(results)
     log.info("run directory: %s", run_dir)
 
