@@ -57,6 +57,10 @@ class DatasetConfig:
     max_rows: Optional[int] = None        # use at most this many training rows
     max_length: int = 512                 # prompt + completion tokens; longer pairs are truncated
     max_prompt_length: int = 256          # prompt tokens kept (its end is kept)
+    truncation: str = "keep_end"          # keep_end: cut the prompt's start and both completions alike | drop
+    prompt_column: str = "prompt"         # the data's column holding the prompt
+    chosen_column: str = "chosen"         # ... the preferred response
+    rejected_column: str = "rejected"     # ... the dispreferred response
     task: TaskConfig = field(default_factory=TaskConfig)  # the built-in task's settings
 
 

@@ -16,7 +16,8 @@ from midpo_cli.priors import build_prior
 
 log = logging.getLogger("midpo")
 RUN_FILES = ("results.json", "metrics.jsonl", "config.yaml")
-CHOICES = {"precision": ("fp32", "bf16", "fp16"), "lr_schedule": ("constant", "linear", "cosine")}
+CHOICES = {"trainer.precision": ("fp32", "bf16", "fp16"), "trainer.lr_schedule": ("constant", "linear", "cosine"),
+           "dataset.truncation": ("keep_end", "drop")}
 
 
 def run_dir_of() -> Path:
@@ -37,8 +38,8 @@ def claim(run_dir: Path, resuming: bool) -> None:
 
 def check_settings(cfg: DictConfig) -> None:
     for key, valid in CHOICES.items():
-        if cfg.trainer[key] not in valid:
-            raise ValueError(f"trainer.{key}='{cfg.trainer[key]}' is not one of {valid}")
+        if OmegaConf.select(cfg, key) not in valid:
+            raise ValueError(f"{key}='{OmegaConf.select(cfg, key)}' is not one of {valid}")
     for key in ("max_steps", "batch_size", "grad_accum"):
         if cfg.trainer[key] < 1:
             raise ValueError(f"trainer.{key}={cfg.trainer[key]} must be >= 1")
@@ -102,7 +103,7 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
 
     from midpo_cli.data import builtin
     from midpo_cli.data.sources import load_rows
-    from midpo_cli.data.tokenize import encode_pair
+    from midpo_cli.data.prepare import build_pairs, save_report
     from midpo_cli.engine.evaluate import task_evaluation
     from midpo_cli.engine.trainer import seed_everything, train_loop
     from midpo_cli.models import frozen, load_model, load_tokenizer
@@ -136,14 +137,14 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
         if snapshot is None:
             snapshot = frozen(copy.deepcopy(policy)).to(acc.device)
     seed_everything(cfg.seed)
-    encode = lambda r: encode_pair(tokenizer, r, cfg.dataset.max_length, cfg.dataset.max_prompt_length,
-                                   needs.token_columns)
-    train_pairs, eval_pairs = [encode(r) for r in train_rows], [encode(r) for r in eval_rows]
+    train_pairs, train_report = build_pairs(train_rows, tokenizer, cfg.dataset, needs.token_columns, "train")
+    eval_pairs, eval_report = build_pairs(eval_rows, tokenizer, cfg.dataset, needs.token_columns, "eval")
+    save_report([train_report, eval_report], run_dir)
     if not train_pairs:
-        raise ValueError("no training pairs: the dataset is empty after the held-out split")
+        raise ValueError("no training pairs left (see the data report above: data_report.json)")
     report = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-              "truncated": sum(p.truncated for p in train_pairs + eval_pairs)}
-    log.info("data: %s", report)
+              "truncated": train_report["truncated"] + eval_report["truncated"],
+              "dropped": train_report["dropped"] + eval_report["dropped"]}
     optimizer = instantiate(cfg.optimizer)(policy.parameters())
     models = {"reference": reference, "snapshot": snapshot}
     out = train_loop(acc, cfg, policy, prior, models, optimizer, train_pairs, eval_pairs,

@@ -6,7 +6,6 @@ import random
 from pathlib import Path
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-REQUIRED = ("prompt", "chosen", "rejected")
 
 
 def _decode(value):
@@ -42,10 +41,6 @@ def load_rows(cfg) -> tuple[list[dict], list[dict]]:
     if cfg.split not in ds:
         raise ValueError(f"dataset split '{cfg.split}' not found; available: {sorted(ds)}")
     train = [{k: _decode(v) for k, v in r.items()} for r in ds[cfg.split]]
-    missing = [c for c in REQUIRED if train and c not in train[0]]
-    if missing:
-        raise ValueError(f"dataset {cfg.path}: missing column(s) {missing}; found {sorted(train[0])}. "
-                         "Expected TRL's prompt/chosen/rejected format.")
     if cfg.eval_split:
         if cfg.eval_split not in ds:
             raise ValueError(f"dataset.eval_split '{cfg.eval_split}' not found; available: {sorted(ds)}")

@@ -41,12 +41,18 @@ class EncodedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
-    truncated: bool = False
+    truncated: str = ""                          # "", "prompt", "completion" or "prompt+completion"
     values: dict = field(default_factory=dict)   # per-token columns: name -> (chosen list, rejected list)
 
 
+class Dropped(ValueError):
+    """A pair the truncation policy drops; the message is the reason shown in the data report."""
+
+
 def encode_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int,
-                columns: tuple[str, ...] = ()) -> EncodedPair:
+                columns: tuple[str, ...] = (), truncation: str = "keep_end") -> EncodedPair:
+    """Tokenise one row. truncation="keep_end": keep the prompt's end and cut both completions to the same
+    budget; "drop": raise Dropped for a pair that does not fit."""
     p_text, c_text = render(tokenizer, row["prompt"], row["chosen"])
     _, r_text = render(tokenizer, row["prompt"], row["rejected"])
     prompt = _ids(tokenizer, p_text, specials=True)
@@ -60,15 +66,20 @@ def encode_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int,
         if eos is not None and (not ids or ids[-1] != eos):
             ids = ids + [eos]
         sides.append(ids)
-    truncated = False
+    cut = []
+    if truncation == "drop" and (len(prompt) > max_prompt_length or len(prompt) + max(map(len, sides)) > max_length):
+        raise Dropped(f"longer than max_length={max_length} / max_prompt_length={max_prompt_length}")
     if len(prompt) > max_prompt_length:
-        prompt, truncated = prompt[-max_prompt_length:], True             # keep the prompt's end
+        prompt = prompt[-max_prompt_length:]                               # keep the prompt's end
+        cut.append("prompt")
     budget = max_length - len(prompt)
     if budget < 1:
         raise ValueError(f"max_length={max_length} leaves no room for the completion after a "
                          f"{len(prompt)}-token prompt; raise dataset.max_length or lower max_prompt_length")
     if max(len(s) for s in sides) > budget:
-        sides, truncated = [s[:budget] for s in sides], True              # same rule for both sides
+        sides = [s[:budget] for s in sides]                                # same rule for both sides
+        cut.append("completion")
+    truncated = "+".join(cut)
     values = {}
     for name in columns:
         pair = []
