@@ -13,6 +13,14 @@ from omegaconf import MISSING
 
 
 @dataclass
+class LoraSettings:
+    r: int = 0                            # LoRA rank; 0 = full fine-tuning
+    alpha: int = 16                       # LoRA scaling numerator (lora_alpha)
+    dropout: float = 0.0                  # dropout on the LoRA path
+    target_modules: Optional[list] = None # module names; None = all linear layers
+
+
+@dataclass
 class ModelConfig:
     source: str = "tiny"                  # tiny | hf | smollm2
     name_or_path: Optional[str] = None    # hub id or local directory (source=hf)
@@ -25,6 +33,7 @@ class ModelConfig:
     num_heads: int = 4                    # tiny only: attention heads
     intermediate_size: int = 256          # tiny only: MLP width
     max_position_embeddings: int = 256    # tiny only: context length
+    lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA adapters (reference = adapters off)
 
 
 @dataclass
@@ -80,6 +89,8 @@ class TrainerConfig:
     kl_chunk: int = 8                     # rows per chunk when computing per-token log-probs / full-vocab KL
     eval_batch_size: int = 32             # pairs per evaluation micro-batch
     save_model: bool = True               # save the final policy with save_pretrained
+    ref_cache: bool = True                # precompute reference log-probs once, on disk, shared by runs
+    trackers: list = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]
 
 
 @dataclass

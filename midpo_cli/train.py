@@ -1,7 +1,6 @@
 """`midpo train`: one run = data -> policy/reference -> MI-DPO training with the prior -> evaluation -> results."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
@@ -31,6 +30,7 @@ def claim(run_dir: Path, resuming: bool) -> None:
     taken = [f for f in RUN_FILES if (run_dir / f).exists()]
     if resuming and taken and not (run_dir / "results.json").exists():
         return
+    if taken:
         raise ValueError(f"run directory {run_dir} already holds a run ({', '.join(taken)}); "
                          "pick a new hydra.run.dir / hydra.sweep.dir (nothing was changed)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,12 +101,12 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
     from accelerate import Accelerator
     from hydra.utils import instantiate
 
-    from midpo_cli.data import builtin
-    from midpo_cli.data.sources import load_rows
     from midpo_cli.data.prepare import build_pairs, save_report
+    from midpo_cli.engine import refcache
     from midpo_cli.engine.evaluate import task_evaluation
     from midpo_cli.engine.trainer import seed_everything, train_loop
-    from midpo_cli.models import frozen, load_model, load_tokenizer
+    from midpo_cli.lora import merged_for_saving
+    from midpo_cli.pipeline import prepare
 
     t_start = time.perf_counter()
     needs = prior.needs()
@@ -114,53 +114,39 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.trainer.grad_accum,
                       cpu=not torch.cuda.is_available())
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    cache_root = Path(cfg.cache_dir)
-    task = cfg.dataset.task if cfg.dataset.source == "builtin" else None
-    if task is not None:
-        builtin.check(task)
-        sft_path = builtin.sft_reference(task, cfg.model, tokenizer, cfg.seed, cache_root, acc.device)
-        policy = load_model(cfg.model, tokenizer, path=str(sft_path))
-        reference = frozen(load_model(cfg.model, tokenizer, path=str(sft_path))).to(acc.device)
-        data = builtin.preference_pairs(task, reference, tokenizer, sft_path.name, cfg.seed, cache_root, acc.device)
-        rows = data["pairs"]
-        n_eval = int(len(rows) * task.eval_pairs_fraction)
-        eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
-    else:
-        train_rows, eval_rows = load_rows(cfg.dataset)
-        policy = load_model(cfg.model, tokenizer)
-        reference = frozen(copy.deepcopy(policy)).to(acc.device) if needs.reference_model else None
-    snapshot = None
-    if needs.snapshot:
-        snapshot = reference if needs.snapshot == "reference" else \
-            frozen(load_model(cfg.model, tokenizer, path=needs.snapshot)).to(acc.device)
-        if snapshot is None:
-            snapshot = frozen(copy.deepcopy(policy)).to(acc.device)
+    s = prepare(cfg, needs, acc.device)
     seed_everything(cfg.seed)
-    train_pairs, train_report = build_pairs(train_rows, tokenizer, cfg.dataset, needs.token_columns, "train")
-    eval_pairs, eval_report = build_pairs(eval_rows, tokenizer, cfg.dataset, needs.token_columns, "eval")
+    train_pairs, train_report = build_pairs(s.train_rows, s.tokenizer, cfg.dataset, needs.token_columns, "train")
+    eval_pairs, eval_report = build_pairs(s.eval_rows, s.tokenizer, cfg.dataset, needs.token_columns, "eval")
     save_report([train_report, eval_report], run_dir)
     if not train_pairs:
         raise ValueError("no training pairs left (see the data report above: data_report.json)")
     report = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
               "truncated": train_report["truncated"] + eval_report["truncated"],
               "dropped": train_report["dropped"] + eval_report["dropped"]}
-    optimizer = instantiate(cfg.optimizer)(policy.parameters())
-    models = {"reference": reference, "snapshot": snapshot}
-    out = train_loop(acc, cfg, policy, prior, models, optimizer, train_pairs, eval_pairs,
-                     tokenizer.pad_token_id, run_dir, resume_from)
+    ref_cache = None
+    if cfg.trainer.ref_cache and (needs.reference or needs.snapshot == "reference"):
+        base = s.policy.get_base_model() if cfg.model.lora.r > 0 else s.reference
+        ref_cache = refcache.attach([train_pairs, eval_pairs], s.reference, base, s.tokenizer, Path(cfg.cache_dir),
+                                    cfg.trainer.precision, acc.device, s.tokenizer.pad_token_id)
+        if not (needs.reference_model and not needs.reference) and s.task is None and cfg.model.lora.r == 0:
+            s.reference = s.snapshot = None                                # the cache replaces the reference copy
+    optimizer = instantiate(cfg.optimizer)([p for p in s.policy.parameters() if p.requires_grad])
+    models = {"reference": s.reference, "snapshot": s.snapshot}
+    out = train_loop(acc, cfg, s.policy, prior, models, optimizer, train_pairs, eval_pairs,
+                     s.tokenizer.pad_token_id, run_dir, resume_from)
     policy = out.pop("policy")
     results = {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": _overrides(),
-               "prior": prior.name, "seed": cfg.seed, "data": report,
+               "prior": prior.name, "seed": cfg.seed, "data": report, "ref_cache": ref_cache,
                "resumed_from": str(resume_from) if resume_from else None, **out}
-    if task is not None:
-        log.info("evaluating: sampling %d held-out prompts from policy and reference", len(data["eval_strings"]))
+    if s.task is not None:
+        log.info("evaluating: sampling %d held-out prompts from policy and reference", len(s.eval_strings))
         seed_everything(cfg.seed + 3)
-        results["eval"] = task_evaluation(policy, reference if reference is not None else policy, tokenizer,
-                                          task, data["eval_strings"], acc.device)
+        results["eval"] = task_evaluation(policy, s.reference, s.tokenizer, s.task, s.eval_strings, acc.device)
     if cfg.trainer.save_model and acc.is_main_process:
-        policy.save_pretrained(run_dir / "model", safe_serialization=True)
-        tokenizer.save_pretrained(run_dir / "model")
+        saved = merged_for_saving(policy) if cfg.model.lora.r > 0 else policy
+        saved.save_pretrained(run_dir / "model", safe_serialization=True)
+        s.tokenizer.save_pretrained(run_dir / "model")
     results["wall_time_s"] = time.perf_counter() - t_start
     if acc.is_main_process:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))

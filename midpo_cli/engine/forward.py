@@ -28,16 +28,24 @@ def _run(model, batch, hidden: bool = False):
 
 
 def pair_view(batch: dict, policy, needs: Needs, reference=None, snapshot=None, chunk: int = 8) -> PairView:
-    """Build the PairView of a collated batch (on the right device). Only the policy carries gradient."""
+    """Build the PairView of a collated batch (on the right device). Only the policy carries gradient.
+    Reference log-probs come from the batch's cached `ref_logps` column when present (engine/refcache.py)."""
     labels, mask = batch["labels"], batch["mask"]                          # [2B, T]
     logits, _ = _run(policy, batch)                                        # [2B, T, V] or Head([2B, T, H])
     view = PairView(logps=to_pairs(token_logps(logits, labels, chunk) * mask), mask=to_pairs(mask))
-    if needs.reference_model:
+    cached = batch["values"].get("ref_logps")
+    if cached is not None:
+        if needs.reference:
+            view.ref_logps = to_pairs(cached * mask)
+        if needs.snapshot == "reference":
+            view.snapshot_logps = to_pairs(cached * mask)
+    live = needs.kl_ref_pi or needs.kl_pi_ref or needs.ref_activations or (needs.reference and cached is None)
+    if live:
         if reference is None:
             raise RuntimeError("the prior needs the reference model, but none was loaded")
         with torch.no_grad():
             ref_logits, out = _run(reference, batch, hidden=needs.ref_activations)
-        if needs.reference:
+        if needs.reference and cached is None:
             view.ref_logps = to_pairs(token_logps(ref_logits, labels, chunk) * mask)
         if needs.kl_ref_pi:
             view.kl_ref_pi = to_pairs(token_kl(ref_logits, logits, chunk) * mask)
@@ -47,7 +55,7 @@ def pair_view(batch: dict, policy, needs: Needs, reference=None, snapshot=None, 
             acts = torch.stack([h.float().mean(-1) for h in out.hidden_states[1:]], -1)[:, 1:]
             view.ref_activations = to_pairs(acts)                          # [2, B, T, L]
         del out, ref_logits
-    if needs.snapshot:
+    if needs.snapshot and view.snapshot_logps is None:
         with torch.no_grad():
             snap_logits, _ = _run(snapshot, batch)
             view.snapshot_logps = to_pairs(token_logps(snap_logits, labels, chunk) * mask)

@@ -1,0 +1,49 @@
+"""LoRA through peft: the policy trains adapters; the reference is the same weights with adapters off.
+
+One model copy in memory: `AdapterOff(policy)` runs the policy's own forward inside peft's
+`disable_adapter()` context, so pi_ref is exactly the base model (TRL and torchtune do the same).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def add_lora(model, cfg):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ValueError("model.lora.r > 0 needs peft: `pip install peft` (or `pip install midpo[lora]`)") from e
+    targets = list(cfg.target_modules) if cfg.target_modules else "all-linear"
+    conf = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, conf)
+
+
+def _peft(model):
+    return getattr(model, "module", model)                                 # through DDP wrappers
+
+
+class AdapterOff:
+    """The reference policy pi_ref as a view of a LoRA policy: same weights, adapters disabled, no grad."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), _peft(self.policy).disable_adapter():
+            return self.policy(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with torch.no_grad(), _peft(self.policy).disable_adapter():
+            return _peft(self.policy).generate(*args, **kwargs)
+
+    def get_output_embeddings(self):
+        return _peft(self.policy).get_output_embeddings()
+
+    def __getattr__(self, name):                                           # config, training, eval(), train() ...
+        return getattr(self.policy, name)
+
+
+def merged_for_saving(policy):
+    """A plain transformers model with the adapters merged in (reloadable without peft)."""
+    return _peft(policy).merge_and_unload()
