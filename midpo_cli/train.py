@@ -91,6 +91,18 @@ def run(cfg: DictConfig) -> None:
     log.info("run directory: %s", run_dir)
 
 
+def pd_flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become strings (trackers take scalars)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(pd_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
 def _overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
     return list(HydraConfig.get().overrides.task)
@@ -111,8 +123,12 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
     t_start = time.perf_counter()
     needs = prior.needs()
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.trainer.precision]
+    trackers = list(cfg.trainer.trackers)
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.trainer.grad_accum,
-                      cpu=not torch.cuda.is_available())
+                      cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(run_dir))
+    if trackers:
+        flat = {k: v for k, v in pd_flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+        acc.init_trackers("tracking", config=flat)
     seed_everything(cfg.seed)
     s = prepare(cfg, needs, acc.device)
     seed_everything(cfg.seed)
@@ -147,6 +163,8 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
         saved = merged_for_saving(policy) if cfg.model.lora.r > 0 else policy
         saved.save_pretrained(run_dir / "model", safe_serialization=True)
         s.tokenizer.save_pretrained(run_dir / "model")
+    if trackers:
+        acc.end_training()
     results["wall_time_s"] = time.perf_counter() - t_start
     if acc.is_main_process:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
