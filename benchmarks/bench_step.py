@@ -3,6 +3,9 @@
 Model: Qwen2 at Qwen2.5-0.5B sizes, random init, bf16, sdpa; data: random tokens, prompt U[64,128],
 chosen/rejected U[192,384]; tokens counted = 2*prompt + chosen + rejected. Prints `RESULT {json}` lines.
 Usage: python benchmarks/bench_step.py PRIOR [PRIOR...]   (env BS, PROMPT, COMP, STEPS, CHUNK)
+Variants (env): CACHED=1 reference log-probs precomputed (no reference model, like TRL precompute);
+LORA=r LoRA rank-r adapters with the reference = adapters off (one copy); LORA=r TWO_COPIES=1 LoRA with a
+separate reference copy (for the memory comparison).
 """
 import json
 import os
@@ -31,31 +34,49 @@ def model():
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").to(DEV)
 
 
-def batch(rng):
+def batch_pairs(rng):
     pairs, ntok = [], 0
     for _ in range(BS):
         p, c, r = (rng.randint(n // 2, n) for n in (PROMPT, COMP, COMP))
         ids = lambda n: [rng.randrange(VOCAB - 3) for _ in range(n)]
         pairs.append(EncodedPair(ids(p), ids(c), ids(r)))
         ntok += 2 * p + c + r
-    return _to(collate(pairs, VOCAB - 3), DEV), ntok
+    return pairs, ntok
+
+
+CACHED, LORA, TWO = os.environ.get("CACHED") == "1", int(os.environ.get("LORA", 0)), os.environ.get("TWO_COPIES") == "1"
 
 
 def bench(name: str):
+    from midpo_cli.engine import refcache
+    from midpo_cli.lora import AdapterOff, add_lora
+    from types import SimpleNamespace
     random.seed(0); torch.manual_seed(0)
     rng = random.Random(0)
     prior = build_prior({"name": name})
     policy = model()
     n_params = sum(p.numel() for p in policy.parameters())
     needs = prior.needs()
-    ref = model().eval().requires_grad_(False) if needs.reference_model or needs.snapshot else None
+    wants_ref = needs.reference_model or needs.snapshot
+    if LORA:
+        policy = add_lora(policy, SimpleNamespace(r=LORA, alpha=2 * LORA, dropout=0.0, target_modules=None))
+        ref = (model().eval().requires_grad_(False) if TWO else AdapterOff(policy)) if wants_ref else None
+    else:
+        ref = model().eval().requires_grad_(False) if wants_ref and not CACHED else None
+    batches = []
+    for _ in range(STEPS + WARM):
+        pairs, ntok = batch_pairs(rng)
+        if CACHED:                                                         # precomputed before training, as TRL does
+            for p, v in zip(pairs, refcache.compute(policy, pairs, VOCAB - 3, DEV, batch_size=BS, chunk=CHUNK)):
+                p.values["ref_logps"] = v
+        batches.append((pairs, ntok))
     models = {"reference": ref, "snapshot": ref}
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=not SMOKE)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6, fused=not SMOKE)
     times, toks = [], []
     if not SMOKE:
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(STEPS + WARM):
-        b, ntok = batch(rng)
+    for pairs, ntok in batches:
+        b = _to(collate(pairs, VOCAB - 3), DEV)
         sync(); t = time.perf_counter()
         loss, _ = step_loss(b, policy, prior, models, CHUNK)
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
@@ -63,7 +84,8 @@ def bench(name: str):
     st = sorted(times[WARM:])[len(times[WARM:]) // 2]
     tps = sum(toks[WARM:]) / len(toks[WARM:]) / st
     flops = (8 if ref is not None else 6) * n_params
-    print("RESULT " + json.dumps(dict(mode=f"midpo_{name}", step_s=round(st, 4), tokens_per_s=round(tps),
+    tag = f"midpo_{name}" + ("_cached" if CACHED else "") + (f"_lora{LORA}" if LORA else "") + ("_2copies" if TWO else "")
+    print("RESULT " + json.dumps(dict(mode=tag, step_s=round(st, 4), tokens_per_s=round(tps),
                                       peak_gib=0.0 if SMOKE else round(torch.cuda.max_memory_allocated() / 2**30, 2),
                                       mfu=round(tps * flops / 989e12, 3), n_params=n_params, bs=BS)), flush=True)
     del policy, ref, opt
