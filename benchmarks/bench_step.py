@@ -20,7 +20,7 @@ from midpo_cli.engine.trainer import _to, step_loss
 from midpo_cli.priors import build_prior
 
 BS, PROMPT, COMP = int(os.environ.get("BS", 8)), int(os.environ.get("PROMPT", 128)), int(os.environ.get("COMP", 384))
-STEPS, WARM, CHUNK = int(os.environ.get("STEPS", 25)), 5, int(os.environ.get("CHUNK", 4))
+STEPS, WARM, CHUNK = int(os.environ.get("STEPS", 25)), 5, int(os.environ.get("CHUNK", 0))
 SMOKE = os.environ.get("SMOKE") == "1"      # a CPU smoke test of this script at toy sizes
 VOCAB = 1000 if SMOKE else 151936
 DEV = "cpu" if SMOKE else "cuda"

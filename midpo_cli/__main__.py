@@ -9,6 +9,7 @@ from pathlib import Path
 COMMANDS = {
     "train": "preference-train a policy with any prior (Hydra app: overrides, --multirun, --cfg job)",
     "verify": "prove each prior reproduces its variant's original loss, in value and gradient",
+    "report": "one table + plots from run/sweep directories, seeds aggregated (not Hydra: DIR... --out DIR)",
 }
 USAGE = "usage: midpo <command> [overrides...] [--multirun] [--cfg job] [--help]\n\ncommands:\n" + "".join(
     f"  {name:<8} {text}\n" for name, text in COMMANDS.items()) + "\nmidpo <command> --help shows its config groups and options.\n"
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         print(f"midpo: unknown command '{argv[0]}'.\n\n{USAGE}", end="", file=sys.stderr)
         raise SystemExit(2)
+    if argv[0] == "report":                                               # plain argparse: paths, not overrides
+        from midpo_cli.report import main as report
+        report(argv[1:])
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     old, sys.argv = sys.argv, [f"midpo {argv[0]}", *argv[1:]]
     try:

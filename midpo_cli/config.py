@@ -86,7 +86,7 @@ class TrainerConfig:
     warmup_steps: int = 0                 # linear learning-rate warm-up
     lr_schedule: str = "constant"         # constant | linear | cosine (after warm-up)
     log_every: int = 5                    # metrics.jsonl line every N steps
-    kl_chunk: int = 8                     # rows per chunk when computing per-token log-probs / full-vocab KL
+    kl_chunk: int = 0                     # rows per chunk for per-token log-probs / full-vocab KL; 0 = auto (~512 MB fp32)
     eval_batch_size: int = 32             # pairs per evaluation micro-batch
     save_model: bool = True               # save the final policy with save_pretrained
     ref_cache: bool = True                # precompute reference log-probs once, on disk, shared by runs

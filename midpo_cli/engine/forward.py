@@ -27,7 +27,7 @@ def _run(model, batch, hidden: bool = False):
     return src, out
 
 
-def pair_view(batch: dict, policy, needs: Needs, reference=None, snapshot=None, chunk: int = 8) -> PairView:
+def pair_view(batch: dict, policy, needs: Needs, reference=None, snapshot=None, chunk: int = 0) -> PairView:
     """Build the PairView of a collated batch (on the right device). Only the policy carries gradient.
     Reference log-probs come from the batch's cached `ref_logps` column when present (engine/refcache.py)."""
     labels, mask = batch["labels"], batch["mask"]                          # [2B, T]

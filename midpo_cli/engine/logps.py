@@ -35,9 +35,21 @@ def _kl(p_states, p_weight, q_states, q_weight) -> Tensor:
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
+CHUNK_ELEMENTS = 2**27   # automatic chunks hold about this many fp32 logits (512 MB)
+
+
+def rows_per_chunk(chunk: int, states: Tensor, weight: Tensor | None) -> int:
+    """`chunk` rows, or (chunk <= 0) as many as keep one chunk's fp32 logits near CHUNK_ELEMENTS."""
+    if chunk > 0:
+        return chunk
+    vocab = weight.shape[0] if weight is not None else states.shape[-1]
+    return max(1, CHUNK_ELEMENTS // max(1, states.shape[1] * vocab))
+
+
 def _chunked(fn, chunk: int, args: list, rows: tuple[bool, ...]) -> Tensor:
     """Apply fn over row chunks of the args flagged in `rows` (the others, weights, pass whole)."""
     n = args[0].shape[0]
+    chunk = rows_per_chunk(chunk, args[0], args[1])
     grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args)
     outs = []
     for i in range(0, n, max(1, chunk)):
@@ -50,13 +62,13 @@ def _head(x) -> Head:
     return x if isinstance(x, Head) else Head(x, None)
 
 
-def token_logps(logits: Tensor | Head, labels: Tensor, chunk: int = 8) -> Tensor:
+def token_logps(logits: Tensor | Head, labels: Tensor, chunk: int = 0) -> Tensor:
     """log p(labels_t | s_t): logits [N, T, V] (or a Head) aligned to labels [N, T] -> [N, T] fp32."""
     h = _head(logits)
     return _chunked(_gathered, chunk, [h.states, h.weight, labels.clamp(min=0)], (True, False, True))
 
 
-def token_kl(p_logits: Tensor | Head, q_logits: Tensor | Head, chunk: int = 8) -> Tensor:
+def token_kl(p_logits: Tensor | Head, q_logits: Tensor | Head, chunk: int = 0) -> Tensor:
     """KL_t(p || q) [N, T] fp32; gradient flows into whichever side carries it."""
     p, q = _head(p_logits), _head(q_logits)
     return _chunked(_kl, chunk, [p.states, p.weight, q.states, q.weight], (True, False, True, False))

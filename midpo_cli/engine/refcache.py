@@ -44,7 +44,7 @@ def key_of(reference_model, tokenizer, pairs: list, precision: str, device) -> s
 
 
 @torch.no_grad()
-def compute(reference, pairs: list, pad_id: int, device, batch_size: int = 16, chunk: int = 8) -> list:
+def compute(reference, pairs: list, pad_id: int, device, batch_size: int = 16, chunk: int = 0) -> list:
     """[(chosen per-token logps, rejected per-token logps)] for each pair."""
     out = []
     for i in range(0, len(pairs), batch_size):

@@ -1,0 +1,84 @@
+"""`midpo report DIR... [--out DIR]`: one result table from run and sweep directories, seeds aggregated.
+
+Finished, failed and incomplete (crashed) runs are all rows. Writes into --out (default: DIR/report/):
+runs.csv/.parquet/.md (a row per run), summary.csv (per group: mean, std, 95% bootstrap CI over seeds),
+report.md (the pivot, how to read it, the figures) and the PNG figures; prints the pivot.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from midpo_cli import console, tables
+
+READING = """\
+## Reading the columns
+
+Each prior trains its own implied reward `a*log(pi/zeta)`: `own margin` and `own accuracy` are measured with
+that reward, so they are in a different unit for every prior (SimPO's beta=2 length-normalised reward and
+DPO's beta=0.1 log-ratio are not comparable). Compare priors on the prior-independent columns:
+
+- `logp margin`: log pi(y_w|x) - log pi(y_l|x) of the trained policy on held-out pairs (nats; no prior,
+  no reference, no scale). It shows how far the policy separates chosen from rejected.
+- built-in task only, from responses sampled on held-out prompts: `true reward` (1 - normalised edit
+  distance to the right answer, 0-1); `gain vs ref` (true reward minus that of the same seed's reference
+  policy: each seed has its own SFT reference, so the paired gain varies less); `KL to ref` (estimate of
+  KL(pi || pi_ref), nats per response); `win-rate` (the policy's sample vs the reference's, by true
+  reward, ties 1/2); `length` (characters).
+
+Cells are `mean ± std` over seeds; `summary.csv` has the 95% percentile-bootstrap CI of each mean
+(2000 resamples), drawn as error bars in the figures. Failed and incomplete runs count in `seeds ok`
+but not in the means.
+"""
+FIGURES = {"frontier.png": "True reward vs KL to the reference (the higher and further left, the better).",
+           "curves.png": "Training curves.", "bars.png": "Accuracy, reward and margin per prior, with 95% CIs."}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="midpo report", description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: the first DIR's report/)")
+    return p.parse_args(argv)
+
+
+def write_markdown(out: Path, dirs: list[Path], df, piv, figures: list[Path]) -> Path:
+    status = df["status"].value_counts().to_dict()
+    lines = ["# midpo report", "",
+             f"Sources: {', '.join(f'`{d}`' for d in dirs)}. Runs: {len(df)} "
+             f"({', '.join(f'{n} {s}' for s, n in status.items())}). Commit: `{df['git_commit'].iloc[0] or '-'}`.",
+             "", "## Per prior (mean ± std over seeds)", "", tables.markdown(piv), "", READING]
+    for f in figures:
+        lines += [f"![{f.stem}]({f.name})", "", FIGURES.get(f.name, ""), ""]
+    lines += ["## Runs", "", tables.markdown(df[[c for c in tables.MAIN if c in df]]), "",
+              "Every column: `runs.csv` / `runs.parquet`; aggregates with CIs: `summary.csv`.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    missing = [str(d) for d in args.dirs if not d.is_dir()]
+    if missing:
+        console.error(f"not a directory: {', '.join(missing)} (give run or sweep directories)")
+        raise SystemExit(2)
+    df = tables.collect(args.dirs)
+    if df.empty:
+        console.error(f"no runs under {', '.join(map(str, args.dirs))}: a run directory holds results.json, "
+                      "error.json, config.yaml or metrics.jsonl")
+        raise SystemExit(1)
+    out = args.out or args.dirs[0] / "report"
+    tables.write_table(df, out, "runs")
+    agg = tables.aggregate(df)
+    agg.to_csv(out / "summary.csv", index=False)
+    piv = tables.pivot(agg)
+    from midpo_cli import plots                                        # matplotlib only when reporting
+    figures = plots.plot_all(df, agg, out)
+    md = write_markdown(out, args.dirs, df, piv, figures)
+    tables.print_table(piv, f"midpo report: {len(df)} runs, mean ± std over seeds")
+    bad = df[df["status"] != "ok"]
+    if not bad.empty:
+        tables.print_table(tables.sweep_summary(bad), "runs that did not finish")
+    console.console.print(f"report: {md}\nfigures: {', '.join(str(f) for f in figures) or 'none'}\n"
+                          f"tables: {out / 'runs.csv'}, {out / 'summary.csv'}", highlight=False, soft_wrap=True)

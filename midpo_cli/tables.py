@@ -1,0 +1,252 @@
+"""Result rows and tables: one row per run directory, the sweep table, and the aggregate over seeds.
+
+A run directory is one holding results.json (status "ok"), error.json ("failed": a sweep job that raised)
+or only config.yaml / metrics.jsonl ("incomplete": crashed or still running). Rows are flat: `final/*` are the last
+logged metrics, `best/*` the best over metrics.jsonl, `task/*` the built-in task's sampled evaluation.
+Prior-independent columns sit next to each prior's own reward, so priors can be compared fairly:
+`*/logps/margin` = log pi(y_w|x) - log pi(y_l|x) of the policy (no prior, no reference, no scale) beside
+`*/rewards/margins` = a*log(pi/zeta) of the prior that was trained (a different unit for every prior).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from midpo_cli.console import console
+
+MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl")
+FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin",
+         "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/margin")
+BEST = {"loss": min, "rewards/accuracies": max, "eval/loss": min, "eval/rewards/accuracies": max}
+TASK = {"true_reward/policy": "true_reward", "true_reward/reference": "true_reward_ref", "win_rate": "win_rate",
+        "kl/policy_ref": "kl", "length/policy": "length", "length/reference": "length_ref",
+        "exact/policy": "exact"}
+# The aggregate's metrics: the fair ones first, then each prior's own, then cost.
+SUMMARY = ("task/true_reward", "task/true_reward_gain", "task/kl", "task/win_rate", "task/length",
+           "final/eval/logps/margin", "final/eval/rewards/margins", "final/eval/rewards/accuracies", "final/eval/loss",
+           "tokens_per_s", "wall_time_s")
+LABELS = {"task/true_reward": "true reward", "task/true_reward_gain": "gain vs ref", "task/kl": "KL to ref",
+          "task/win_rate": "win-rate", "task/length": "length", "final/eval/logps/margin": "logp margin",
+          "final/eval/rewards/margins": "own margin", "final/eval/rewards/accuracies": "own accuracy",
+          "final/eval/loss": "eval loss", "tokens_per_s": "tokens/s", "wall_time_s": "wall s"}
+
+MAIN = ("job", "status", "prior", "seed", "overrides", "final/eval/rewards/accuracies",   # the markdown's columns
+        "final/eval/rewards/margins", "final/eval/logps/margin", "task/true_reward", "task/kl", "task/win_rate",
+        "task/length", "tokens_per_s", "peak_memory_mb", "wall_time_s", "ref_cache_hit", "error")
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories at or under root (a run's own subfolders, e.g. model/, are not searched)."""
+    if any((root / m).exists() for m in MARKERS):
+        return [root]
+    subs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: _natural(p.name))
+    return [run for p in subs for run in find_runs(p)]
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def metrics_of(run_dir: Path) -> list[dict]:
+    """metrics.jsonl as a list of rows; a torn last line (a crash mid-write) is skipped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    for m in lines:                                    # the prior-independent margin, from what is logged
+        for pre in ("", "eval/"):
+            if f"{pre}logps/chosen" in m and f"{pre}logps/rejected" in m:
+                m[f"{pre}logps/margin"] = m[f"{pre}logps/chosen"] - m[f"{pre}logps/rejected"]
+    return lines
+
+
+def _from_overrides(overrides: list[str], key: str) -> str | None:
+    for o in overrides:
+        k, _, v = o.lstrip("+~").partition("=")
+        if k == key:
+            return v
+    return None
+
+
+def read_run(run_dir: Path, root: Path, commit: str = "") -> dict:
+    """One row of the sweep table for one run directory."""
+    results, error = _json(run_dir / "results.json"), _json(run_dir / "error.json")
+    config = results["config"] if results else _yaml(run_dir / "config.yaml")
+    overrides = (results or error or {}).get("overrides", [])
+    status = "ok" if results else "failed" if error else "incomplete"
+    prior = (config or {}).get("prior", {})
+    row = {"job": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name, "run": str(run_dir),
+           "status": status, "error": (error or {}).get("error", ""), "overrides": " ".join(overrides),
+           "prior": prior.get("name") or _from_overrides(overrides, "prior") or "",
+           "prior_params": " ".join(f"{k}={v}" for k, v in prior.items() if k != "name"),
+           "seed": (config or {}).get("seed", _from_overrides(overrides, "seed"))}
+    lines = metrics_of(run_dir)
+    final = {}
+    for m in lines:                                    # the engine's `final` is this same running merge
+        final.update(m)
+    row["steps"] = final.get("step")
+    row.update({f"final/{k}": final.get(k) for k in FINAL})
+    for k, better in BEST.items():
+        values = [m[k] for m in lines if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
+        row[f"best/{k}"] = better(values) if values else None
+    task = (results or {}).get("eval") or {}
+    row.update({f"task/{short}": task.get(k) for k, short in TASK.items()})
+    if task:                                           # paired with the same seed's reference: less seed noise
+        row["task/true_reward_gain"] = task["true_reward/policy"] - task["true_reward/reference"]
+    r = results or {}
+    row.update({"tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
+                "train_wall_s": r.get("train_wall_s"), "wall_time_s": r.get("wall_time_s"),
+                "ref_cache_hit": (r.get("ref_cache") or {}).get("hit"), "git_commit": commit})
+    return row
+
+
+def _yaml(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    from omegaconf import OmegaConf
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:                                  # a half-written file from a crash
+        return None
+
+
+def git_commit() -> str:
+    """HEAD of the current directory's repository, or "" outside one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def collect(dirs: list[Path]) -> pd.DataFrame:
+    """The table: a row per run directory found under each of dirs, in directory order."""
+    commit = git_commit()
+    rows = []
+    for d in map(Path, dirs):                          # job names: relative to the dir, or to its parent if many
+        rows += [read_run(run, d.parent if len(dirs) > 1 else d, commit) for run in find_runs(d)]
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+        df.insert(3, "group", _groups(df))
+    return df
+
+
+def _groups(df: pd.DataFrame) -> list[str]:
+    """What a row is a seed of: its prior plus the overrides that differ between rows, seed excluded."""
+    keep = [[o for o in s.split() if not re.match(r"[+~]?(seed|prior)=", o)] for s in df["overrides"]]
+    known = [set(k) for k, s in zip(keep, df["overrides"]) if s]         # incomplete runs have no overrides
+    common = set.intersection(*known) if known else set()
+    return [" ".join([p or "?", *[o for o in k if o not in common]]) for p, k in zip(df["prior"], keep)]
+
+
+def write_table(df: pd.DataFrame, out: Path, stem: str) -> list[Path]:
+    """<stem>.csv and .parquet (every column) and <stem>.md (the main ones) in out."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.csv", out / f"{stem}.parquet", out / f"{stem}.md"]
+    df.to_csv(paths[0], index=False)
+    df.to_parquet(paths[1], index=False)
+    paths[2].write_text(markdown(df[[c for c in MAIN if c in df]], digits=3) +
+                        f"\n\nAll {df.shape[1]} columns: {stem}.csv / {stem}.parquet.\n")
+    return paths
+
+
+def _cell(v, digits: int) -> str:
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, (float, np.floating)):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 100 else f"{v:.{digits}f}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(df: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub markdown table (pandas' to_markdown needs the optional `tabulate`)."""
+    head = "| " + " | ".join(map(str, df.columns)) + " |\n|" + "---|" * df.shape[1]
+    body = ["| " + " | ".join(_cell(v, digits) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, *body])
+
+
+def bootstrap_ci(x: np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean over seeds; (nan, nan) below two values."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return math.nan, math.nan
+    means = np.random.default_rng(seed).choice(x, (resamples, len(x))).mean(axis=1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def aggregate(df: pd.DataFrame, metrics=SUMMARY) -> pd.DataFrame:
+    """A row per group (prior + varied overrides): n, n_ok, and <metric>/mean, /std, /ci_lo, /ci_hi."""
+    out = []
+    for group, g in df.groupby("group", sort=False):
+        ok = g[g["status"] == "ok"]
+        row = {"group": group, "prior": g["prior"].iloc[0], "n": len(g), "n_ok": len(ok)}
+        for m in metrics:
+            x = pd.to_numeric(ok[m], errors="coerce").dropna().to_numpy() if m in ok else np.array([])
+            lo, hi = bootstrap_ci(x)
+            row.update({f"{m}/mean": x.mean() if len(x) else math.nan,
+                        f"{m}/std": x.std(ddof=1) if len(x) > 1 else math.nan, f"{m}/ci_lo": lo, f"{m}/ci_hi": hi})
+        out.append(row)
+    agg = pd.DataFrame(out)
+    empty = [c for c in agg.columns if c.endswith("/mean") and agg[c].isna().all()]
+    return agg.drop(columns=[c for m in empty for c in agg.columns if c.startswith(m[:-len("/mean")] + "/")])
+
+
+def pivot(agg: pd.DataFrame) -> pd.DataFrame:
+    """The report's pivot: a row per group, `mean ± std` strings per metric present."""
+    out = agg[["group"]].copy()
+    out["seeds ok"] = [f"{a}/{b}" for a, b in zip(agg["n_ok"], agg["n"])]
+    for m in SUMMARY:
+        if f"{m}/mean" in agg:
+            out[LABELS[m]] = [_pm(a, s) for a, s in zip(agg[f"{m}/mean"], agg[f"{m}/std"])]
+    return out
+
+
+def _pm(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return ""
+    fmt = (lambda v: f"{v:,.0f}") if abs(mean) >= 1000 else (lambda v: f"{v:.3f}")
+    return fmt(mean) if math.isnan(std) else f"{fmt(mean)} ± {fmt(std)}"
+
+
+def print_table(df: pd.DataFrame, title: str) -> None:
+    """A rich rendering of a (small) frame; 160 columns wide when the output is not a terminal (logs, CI)."""
+    t = Table(title=title)
+    for c in df.columns:
+        t.add_column(str(c), overflow="fold")
+    for row in df.itertuples(index=False):
+        t.add_row(*(_cell(v, 3) for v in row))
+    (console if console.is_terminal else Console(width=160)).print(t)
+
+
+def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows printed at the end of a sweep: the main columns that hold any value, errors shortened."""
+    cols = {"job": "job", "status": "status", "group": "group", "seed": "seed",
+            "final/eval/rewards/accuracies": "own accuracy", "final/eval/logps/margin": "logp margin",
+            "task/true_reward": "true reward", "task/kl": "KL to ref", "task/win_rate": "win-rate",
+            "wall_time_s": "wall s", "error": "error"}
+    view = df[[c for c in cols if c in df and df[c].notna().any() and (df[c] != "").any()]].rename(columns=cols)
+    if "error" in view:
+        view = view.assign(error=[e if len(e) <= 80 else e[:77] + "..." for e in view["error"]])
+    return view
