@@ -21,7 +21,8 @@ class Head(NamedTuple):
 
 
 def _logits(states: Tensor, weight: Tensor | None) -> Tensor:
-    return (states if weight is None else F.linear(states, weight)).float()
+    x = states if weight is None else F.linear(states, weight)
+    return x if x.dtype == torch.float64 else x.float()                   # fp32 at least, float64 kept
 
 
 def _gathered(states, weight, labels) -> Tensor:

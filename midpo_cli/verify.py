@@ -1,0 +1,290 @@
+"""`midpo verify`: every registered prior, plugged into the one MI-DPO loss, reproduces its variant's
+original (authors') loss in value AND gradient, in float64 (spec/priors.md, Section 15).
+
+Checks, for every prior in the registry (or cfg.priors) and every entry of its `options`:
+  equivalence   on random ragged logits, on a real tiny-model forward, on SmolLM2 when installed
+  section 15    stop-gradients that must matter, x-only invariance, reductions, prior-gradient sign
+  knobs         every knob() changes the loss or its gradient (no silently ignored option)
+  TRL           DPO vs trl's DPOTrainer loss, SimPO vs trl's CPO simpo loss (cpo_alpha=0)
+Writes verify.csv / verify.json in the run directory; exits 1 if any check fails.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from midpo_cli import console
+from midpo_cli.loss import mi_dpo_logits, mi_dpo_loss
+from midpo_cli.priors import PRIORS, PairView, Prior, build_prior, prior_class
+from midpo_cli.verify_batches import Probe, random_probe, view
+
+DIFFERS = 1e-8      # a change smaller than this counts as "no change" (knobs, stop-gradients, y-shifts)
+
+
+def unified(prior: Prior, v: PairView) -> torch.Tensor:
+    """J_MI-DPO with the prior's log zeta, batch mean."""
+    return mi_dpo_loss(v.seq(v.logps), prior.log_prior(v), prior.a).mean()
+
+
+def original(prior: Prior, v: PairView) -> torch.Tensor:
+    return prior.original_loss(v).mean()
+
+
+def _grads(loss: torch.Tensor, params: list) -> list:
+    gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+
+
+def gaps(f, g, params) -> tuple[float, float]:
+    """(|value difference|, max |gradient difference|) of two scalar losses w.r.t. params."""
+    a, b = f(), g()
+    grad = max(float((x - y).abs().max()) for x, y in zip(_grads(a, params), _grads(b, params)))
+    return abs((a - b).item()), grad
+
+
+def option_text(opt: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in opt.items()) or "default"
+
+
+def settings(names) -> list[tuple[str, dict, Prior]]:
+    """(name, option overrides, built prior) for every prior and every entry of its `options`."""
+    return [(n, opt, build_prior({"name": n, **opt})) for n in names for opt in prior_class(n).options]
+
+
+class Rows(list):
+    """Result rows; `check` runs one measurement and records it (an exception is a failed row)."""
+
+    def check(self, prior, option, name, fn, bound=None, differs=False):
+        bound = DIFFERS if differs else bound
+        row = {"prior": prior, "option": option, "check": name, "max_abs_error": math.nan,
+               "tolerance": f"{'>' if differs else '<='} {bound:.0e}", "passed": False, "note": ""}
+        try:
+            err = fn()
+            err = float(err.detach() if torch.is_tensor(err) else err)
+            row.update(max_abs_error=err, passed=(err > bound) if differs else (err <= bound))
+        except Exception as e:   # a missing need, a shape bug... is a failed check, not a crash
+            row["note"] = f"{type(e).__name__}: {e}"
+        self.append(row)
+
+    def skip(self, prior, option, name, reason):
+        self.append({"prior": prior, "option": option, "check": name, "max_abs_error": math.nan,
+                     "tolerance": "", "passed": None, "note": f"skipped ({reason})"})
+
+
+# ----- (i)/(ii) equivalence -----------------------------------------------------------------------
+
+def equivalence(rows: Rows, p: Probe, names, atol: float) -> None:
+    for name, opt, prior in settings(names):
+        v = lambda: view(p, prior.needs())
+        rows.check(name, option_text(opt), f"MI-DPO == original (value, grad): {p.label}",
+                   lambda: max(gaps(lambda: unified(prior, v()), lambda: original(prior, v()), p.params)), atol)
+
+
+# ----- (iii) spec Section 15 ---------------------------------------------------------------------
+
+def generic(rows: Rows, p: Probe, names, atol: float) -> None:
+    """x-only shifts of log zeta cancel, y-dependent ones do not; dJ/dlog zeta_w,l = +/- a*sigmoid(-h)."""
+    shift = torch.linspace(-3.0, 5.0, p.full["mask"].shape[1], dtype=torch.float64)   # [B], depends on x only
+    for name, opt, prior in settings(names):
+        o, v = option_text(opt), lambda: view(p, prior.needs())
+
+        def shifted(extra):
+            return lambda: mi_dpo_loss(v().seq(v().logps), prior.log_prior(v()) + extra(v()), prior.a).mean()
+        rows.check(name, o, "x-only shift of log zeta: J, grad unchanged",
+                   lambda: max(gaps(lambda: unified(prior, v()), shifted(lambda w: shift[None]), p.params)), atol)
+        rows.check(name, o, "y-dependent shift of log zeta changes J",
+                   lambda: gaps(lambda: unified(prior, v()), shifted(lambda w: 0.1 * w.lengths), p.params)[0],
+                   differs=True)
+
+        def sign():
+            w = v()
+            seq, logz = w.seq(w.logps).detach(), prior.log_prior(w).detach().requires_grad_()
+            (g,) = torch.autograd.grad(mi_dpo_loss(seq, logz, prior.a).sum(), logz)
+            s = prior.a * torch.sigmoid(-mi_dpo_logits(seq, logz, prior.a))
+            return (g - torch.stack([s, -s])).abs().max()
+        rows.check(name, o, "dJ/dlog zeta_w,l = +a*sig(-h), -a*sig(-h)", sign, atol)
+
+
+def stop_gradients(rows: Rows, p: Probe, names, atol: float) -> None:
+    """Section 15: dropping TDPO2's stop-gradient, or adding one to SimPO's zeta, keeps the value and
+    must change the gradient (so the equivalence check really sees gradients through the prior)."""
+    cases = []
+    if "tdpo" in names:
+        t = build_prior({"name": "tdpo", "variant": 2})
+        v = lambda: view(p, t.needs())
+        no_sg = lambda: mi_dpo_loss(v().seq(v().logps), v().seq(v().ref_logps) - t.alpha * v().seq(v().kl_ref_pi),
+                                    t.a).mean()
+        cases.append(("tdpo", "variant=2", "no stop-gradient on D_w", no_sg, lambda: original(t, v())))
+    if "simpo" in names:
+        s = build_prior({"name": "simpo"})
+        v2 = lambda: view(p, s.needs())
+        sg = lambda: mi_dpo_loss(v2().seq(v2().logps), s.log_prior(v2()).detach(), s.a).mean()
+        cases.append(("simpo", "default", "zeta detached", sg, lambda: original(s, v2())))
+    for name, opt, what, f, g in cases:
+        rows.check(name, opt, f"{what}: value matches", lambda: gaps(f, g, p.params)[0], atol)
+        rows.check(name, opt, f"{what}: gradient differs", lambda: gaps(f, g, p.params)[1], differs=True)
+
+
+def reductions(rows: Rows, p: Probe, names, atol: float) -> None:
+    """Spec Section 15 reductions: both forms of the special case equal both forms of the simpler prior."""
+    ones, zeros = torch.ones_like(p.full["mask"]) * p.full["mask"], torch.zeros_like(p.full["mask"])
+
+    def same(a: dict, b: dict, a_cols=None, b_view=None):
+        pa, pb = build_prior(a), build_prior(b)
+        va = lambda: view(p, pa.needs(), **({"token_values": a_cols} if a_cols else {}))
+        vb = b_view or (lambda: view(p, pb.needs()))
+        return lambda: max(max(gaps(lambda: f(pa, va()), lambda: g(pb, vb()), p.params))
+                           for f in (unified, original) for g in (unified, original))
+
+    dpo = {"name": "dpo", "beta": 0.1}
+    cases = [("tisdpo", "weights=given, w=1", "== DPO", same({"name": "tisdpo", "weights": "given"}, dpo,
+                                                              {"weights": ones})),
+             ("tisdpo", "default (uniform weights)", "== DPO", same({"name": "tisdpo"}, dpo)),
+             ("sparsepo", "given, common=False, m_u=m_d=1", "== TDPO1",
+              same({"name": "sparsepo", "masks": "given", "common": False}, {"name": "tdpo", "variant": 1},
+                   {"mask_u": ones, "mask_d": ones})),
+             ("sparsepo", "given, common=False, m_u=1, m_d=0", "== DPO",
+              same({"name": "sparsepo", "masks": "given", "common": False}, dpo, {"mask_u": ones, "mask_d": zeros}))]
+    cases += [("hdpo", f"alpha=1, form={f}", "== DPO", same({"name": "hdpo", "alpha": 1.0, "form": f}, dpo))
+              for f in ("fixed", "policy")]
+    cases += [("rdpo", f"alpha=0, sign={s}", "== DPO", same({"name": "rdpo", "alpha": 0.0, "sign": s}, dpo))
+              for s in ("+", "-")]
+    m = p.full["mask"]
+    avg = lambda: PairView(logps=p.full["logps"] / m.sum(-1, keepdim=True), mask=m, ref_logps=zeros)
+    cases.append(("simpo", "gamma=0", "== reference-free DPO on length-averaged log-probs",
+                  same({"name": "simpo", "gamma": 0.0, "beta": 2.0}, {"name": "dpo", "beta": 2.0}, b_view=avg)))
+    for name, opt, what, fn in cases:
+        if name in names:
+            rows.check(name, opt, f"reduction: {what}", fn, atol)
+
+
+# ----- (iv) knobs, (v) TRL -------------------------------------------------------------------------
+
+def knobs(rows: Rows, p: Probe, names) -> None:
+    """Perturbing each knob (x*1.37 + 0.05) must change J + penalty or its gradient."""
+    for name, opt, prior in settings(names):
+        for knob in prior.knobs():
+            pert = build_prior({"name": name, **opt, knob: getattr(prior, knob) * 1.37 + 0.05})
+            loss = lambda q: lambda: unified(q, view(p, q.needs())) + q.penalty(view(p, q.needs()))
+            rows.check(name, option_text(opt), f"knob {knob} changes loss or grad",
+                       lambda: max(gaps(loss(prior), loss(pert), p.params)), differs=True)
+
+
+def trl_checks(rows: Rows, p: Probe, names, atol: float) -> None:
+    from midpo_cli.verify_batches import trl_dpo_loss, trl_simpo_loss
+    if "dpo" in names:
+        d = build_prior({"name": "dpo"})
+        rows.check("dpo", "default", "== trl DPOTrainer._compute_loss, sigmoid (value, grad)",
+                   lambda: max(gaps(lambda: unified(d, view(p, d.needs())), lambda: trl_dpo_loss(p, d.beta),
+                                    p.params)), atol)
+    if "simpo" in names:
+        s = build_prior({"name": "simpo", "beta": 2.0, "gamma": 0.5, "gamma_convention": "absolute"})
+        rows.check("simpo", "gamma_convention=absolute, gamma=0.5",
+                   "== trl CPOTrainer simpo, cpo_alpha=0 (value, grad)",
+                   lambda: max(gaps(lambda: unified(s, view(p, s.needs())), lambda: trl_simpo_loss(p, 2.0, 0.5),
+                                    p.params)), atol)
+
+
+# ----- the command ---------------------------------------------------------------------------------
+
+def collect(cfg: DictConfig) -> Rows:
+    """All checks, as rows. The prior list defaults to the whole registry."""
+    names = list(cfg.priors) or sorted(PRIORS)
+    torch.manual_seed(cfg.seed)
+    rows, atol = Rows(), float(cfg.atol)
+    probe = random_probe(cfg.seed)
+    equivalence(rows, probe, names, atol)
+    if cfg.real_model:
+        from midpo_cli.verify_batches import tiny_probe
+        equivalence(rows, tiny_probe(cfg.seed), names, atol)
+    else:
+        rows.skip("*", "", "tiny model forward", "real_model=false")
+    smol = "SmolLM2-135M forward"
+    if not (cfg.real_model and cfg.smollm2):
+        rows.skip("*", "", smol, "smollm2=false: set smollm2=true to add it (~40 s)" if cfg.real_model
+                  else "real_model=false")
+    else:
+        from midpo_cli.models import smollm2_gguf
+        from midpo_cli.verify_batches import smollm2_probe
+        try:
+            smollm2_gguf()
+        except RuntimeError as e:
+            rows.skip("*", "", smol, f"not installed: {e}")
+        else:
+            equivalence(rows, smollm2_probe(cfg.seed), names, atol)
+    stop_gradients(rows, probe, names, atol)
+    reductions(rows, probe, names, atol)
+    generic(rows, probe, names, atol)
+    knobs(rows, probe, names)
+    if not cfg.trl:
+        rows.skip("*", "", "TRL cross-checks", "trl=false")
+    else:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            rows.skip("*", "", "TRL cross-checks", "trl not installed: pip install 'midpo[trl]'")
+        else:
+            trl_checks(rows, probe, names, atol)
+    return rows
+
+
+def summary(rows: Rows, seconds: float) -> dict:
+    failed = [r for r in rows if r["passed"] is False]
+    skipped = [r for r in rows if r["passed"] is None]
+    errs = [r["max_abs_error"] for r in rows if r["tolerance"].startswith("<=") and not math.isnan(r["max_abs_error"])]
+    return {"checks": len(rows), "failed": len(failed), "skipped": len(skipped),
+            "max_equality_error": max(errs, default=0.0), "wall_time_s": round(seconds, 2)}
+
+
+def show(rows: Rows, s: dict) -> None:
+    from rich.table import Table
+    t = Table(title="midpo verify: every prior in MI-DPO form vs its variant's original loss (float64)")
+    for col, just in (("prior", "left"), ("option", "left"), ("check", "left"), ("max abs error", "right"),
+                      ("tolerance", "right"), ("pass", "left")):
+        t.add_column(col, justify=just, no_wrap=col != "check")
+    t.add_column("note", overflow="fold")
+    for r in rows:
+        ok = {True: "[green]pass[/]", False: "[bold red]FAIL[/]", None: "[yellow]skip[/]"}[r["passed"]]
+        err = "" if math.isnan(r["max_abs_error"]) else f"{r['max_abs_error']:.2e}"
+        t.add_row(r["prior"], r["option"], r["check"], err, r["tolerance"], ok, r["note"])
+    from rich.console import Console
+    out = console.console if console.console.is_terminal else Console(width=200)   # files/pipes: no wrapping
+    out.print(t)
+    line = (f"{s['checks']} checks, " + ("all passed" if not s["failed"] else f"{s['failed']} FAILED")
+            + (f", {s['skipped']} skipped" if s["skipped"] else "")
+            + f"; max equality error {s['max_equality_error']:.1e}; {s['wall_time_s']:.1f} s")
+    out.print(("[green]" if not s["failed"] else "[bold red]") + line, highlight=False)
+
+
+def write(rows: Rows, s: dict, cfg: DictConfig, out: Path) -> None:
+    import pandas as pd
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out / "verify.csv", index=False)
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+    (out / "verify.json").write_text(json.dumps({"summary": s, "config": OmegaConf.to_container(cfg), "rows": clean},
+                                                    indent=2))
+
+
+def run(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    t0 = time.time()
+    console.setup_logging()
+    try:
+        for name in cfg.priors:
+            prior_class(name)
+    except KeyError as e:                                                 # a typo in priors=[...]
+        console.error(f"priors={list(cfg.priors)}: {e.args[0]}")
+        raise SystemExit(1)
+    rows = collect(cfg)
+    s = summary(rows, time.time() - t0)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    write(rows, s, cfg, out)
+    show(rows, s)
+    console.console.print(f"wrote {out / 'verify.csv'} and verify.json", highlight=False)
+    if s["failed"]:
+        raise SystemExit(1)

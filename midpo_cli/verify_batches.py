@@ -1,0 +1,213 @@
+"""Probe batches for `midpo verify`: random ragged logits, real forwards of the tiny model and SmolLM2,
+and TRL's own DPO / SimPO loss code called on the same log-probs.
+
+A Probe holds every per-token input a prior may ask for (all [2, B, T], index 0 = chosen, padding 0)
+and the leaf tensors the gradient is taken with respect to. `view` hands a prior only what its
+needs() declares, so an undeclared input shows up as an error instead of silently being there.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from midpo_cli.engine.logps import token_kl, token_logps, to_pairs
+from midpo_cli.priors import Needs, PairView
+
+F64 = torch.float64
+COLUMNS = ("weights", "mask", "mask_u", "mask_d")   # per-token data columns the priors read
+PAIRS = [("Copy: abc\n", "abc", "abd"), ("Reverse: hello\n", "olleh", "hello there"),
+         ("Sort: dcba\n", "abcd", "abdc d"), ("Say hi.\n", "hi!", "Hello, how are you today?")]
+
+
+@dataclass
+class Probe:
+    """Everything a prior may read, plus the tensors gradients are compared on."""
+    full: dict                     # PairView field -> tensor ([2, B, T] or [2, B, T, L]); token_values -> dict
+    params: list[Tensor]           # leaves: policy logits (random) or model parameters (real)
+    label: str = ""
+
+
+def view(p: Probe, needs: Needs, **override) -> PairView:
+    """A PairView carrying only the inputs `needs` declares (plus per-field overrides)."""
+    f = {**p.full, **override}
+    cols = f["token_values"]
+    return PairView(
+        logps=f["logps"], mask=f["mask"],
+        ref_logps=f["ref_logps"] if needs.reference else None,
+        kl_ref_pi=f["kl_ref_pi"] if needs.kl_ref_pi else None,
+        kl_pi_ref=f["kl_pi_ref"] if needs.kl_pi_ref else None,
+        ref_activations=f["ref_activations"] if needs.ref_activations else None,
+        snapshot_logps=f["snapshot_logps"] if needs.snapshot else None,
+        token_values={k: cols[k] for k in needs.token_columns if k in cols})
+
+
+def _per_token(pol: Tensor, ref: Tensor, snap: Tensor, labels: Tensor, mask: Tensor) -> dict:
+    """Engine log-probs and KLs from [N, T, V] logits (policy carries the gradient), as float64 [2, B, T].
+    token_logps/token_kl compute in fp32 (even from fp64 logits); both loss forms read the same values."""
+    lp = lambda x: to_pairs(token_logps(x, labels)).to(F64) * mask                     # [2, B, T]
+    return {"logps": lp(pol), "ref_logps": lp(ref), "snapshot_logps": lp(snap),
+            "kl_ref_pi": to_pairs(token_kl(ref, pol)).to(F64) * mask,                    # KL_t(pi_ref || pi)
+            "kl_pi_ref": to_pairs(token_kl(pol, ref)).to(F64) * mask, "mask": mask}      # KL_t(pi || pi_ref)
+
+
+def _columns(mask: Tensor, g: torch.Generator) -> dict:
+    u = lambda lo, hi: (lo + (hi - lo) * torch.rand(mask.shape, generator=g, dtype=F64)) * mask
+    return {"weights": u(0.7, 1.3), "mask": u(0.0, 1.0), "mask_u": u(0.0, 1.0), "mask_d": u(0.0, 1.0)}
+
+
+def random_probe(seed: int, B: int = 4, T: int = 7, V: int = 11, L: int = 3) -> Probe:
+    """Random float64 logits with unequal lengths and right padding."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64)
+    lens = torch.tensor([[7, 4, 5, 2], [3, 6, 7, 5]])[:, :B]                           # [2, B], max = T
+    mask = (torch.arange(T)[None, None] < lens[..., None]).to(F64)                    # [2, B, T]
+    theta = rnd(2, B, T, V).requires_grad_()                                          # [2, B, T, V] policy logits
+    ref, snap = rnd(2, B, T, V), rnd(2, B, T, V)
+    toks = torch.randint(0, V, (2, B, T), generator=g)
+    flat = lambda x: x.reshape(2 * B, T, *x.shape[3:])
+    full = _per_token(flat(theta), flat(ref), flat(snap), flat(toks), mask)
+    full["ref_activations"] = rnd(2, B, T, L) * mask[..., None]                       # [2, B, T, L]
+    full["token_values"] = _columns(mask, g)
+    return Probe(full, [theta], f"random B={B} T={T} V={V}")
+
+
+def _encode(tok, pairs) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded [2B, S] ids, attention mask, and completion mask over label positions [2B, S-1]."""
+    rows = []
+    for side in (1, 2):                                                                # chosen rows, then rejected
+        for p in pairs:
+            prompt = tok(p[0], add_special_tokens=False).input_ids
+            rows.append((prompt, tok(p[side], add_special_tokens=False).input_ids + [tok.eos_token_id]))
+    S = max(len(a) + len(b) for a, b in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.full((len(rows), S), pad, dtype=torch.long)
+    att, comp = torch.zeros(len(rows), S), torch.zeros(len(rows), S - 1, dtype=F64)
+    for i, (a, b) in enumerate(rows):
+        ids[i, :len(a) + len(b)] = torch.tensor(a + b)
+        att[i, :len(a) + len(b)] = 1
+        comp[i, len(a) - 1:len(a) + len(b) - 1] = 1                                     # label t = token t+1
+    return ids, att.long(), comp
+
+
+def _model_probe(policy, ref_fn, snap_fn, tok, seed: int, label: str, params, pairs=PAIRS) -> Probe:
+    ids, att, comp = _encode(tok, pairs)
+    out = policy(input_ids=ids, attention_mask=att, output_hidden_states=True)
+    pol = out.logits[:, :-1]                                                          # [2B, S-1, V]
+    with torch.no_grad():
+        ref, snap = ref_fn(ids, att, out), snap_fn(ids, att, out)
+        acts = torch.stack([h.mean(-1) for h in out.hidden_states[1:]], -1)[:, :-1]    # [2B, S-1, L]
+    mask = to_pairs(comp)                                                             # [2, B, S-1]
+    full = _per_token(pol, ref, snap, ids[:, 1:], mask)
+    full["ref_activations"] = to_pairs(acts.detach().to(F64)) * mask[..., None]
+    full["token_values"] = _columns(mask, torch.Generator().manual_seed(seed))
+    return Probe(full, params, label)
+
+
+def tiny_probe(seed: int) -> Probe:
+    """The tiny Llama (float64), a real byte-tokenised batch; reference and snapshot: other seeds."""
+    from midpo_cli.config import ModelConfig
+    from midpo_cli.models import byte_tokenizer, tiny_model
+
+    tok = byte_tokenizer()
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                      max_position_embeddings=128, dtype="float32")
+    models = []
+    for s in (seed, seed + 1, seed + 2):
+        torch.manual_seed(s)
+        models.append(tiny_model(cfg, tok).to(F64).eval())
+    policy, ref, snap = models
+    fwd = lambda m: lambda ids, att, _: m(input_ids=ids, attention_mask=att).logits[:, :-1]
+    return _model_probe(policy, fwd(ref), fwd(snap), tok, seed, "tiny model forward",
+                        [p for p in policy.parameters()])
+
+
+def smollm2_probe(seed: int) -> Probe:
+    """SmolLM2-135M-Instruct, loaded as `train model=smollm2-135m` loads it, in float64, on two real pairs;
+    gradient w.r.t. its last block and final norm (cheap). Reference / snapshot: the same forward at
+    temperature 1.25 / 1.6 (distinct distributions without a second model)."""
+    from midpo_cli.config import ModelConfig
+    from midpo_cli.models import load_model, load_tokenizer
+
+    cfg = ModelConfig(source="smollm2", dtype="float32")
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok).to(F64).eval().requires_grad_(False)
+    trainable = [*model.model.layers[-1].parameters(), *model.model.norm.parameters()]
+    for w in trainable:
+        w.requires_grad_(True)
+    temp = lambda t: lambda ids, att, out: out.logits[:, :-1].detach() / t
+    return _model_probe(model, temp(1.25), temp(1.6), tok, seed, "SmolLM2-135M forward (last block)",
+                        trainable, PAIRS[:2])
+
+
+# ----- TRL cross-checks: TRL's own loss code on our log-probs -----------------------------------------
+
+class _FixedOutputs:
+    """Stands in for a TRL-patched model (fused LM head): returns precomputed per-token outputs."""
+    training = True
+
+    def __init__(self, **outputs):
+        self.outputs = SimpleNamespace(**outputs)
+
+    def __call__(self, *args, **kwargs):
+        return self.outputs
+
+
+def _accelerator():
+    same = lambda x: x
+    return SimpleNamespace(device=torch.device("cpu"), gather=same, gather_for_metrics=same)
+
+
+def trl_dpo_loss(p: Probe, beta: float) -> Tensor:
+    """trl.DPOTrainer._compute_loss (loss_type=sigmoid, reverse_kl, precomputed reference log-probs),
+    called unbound on a minimal trainer namespace with a model that returns our per-token log-probs."""
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    logps, mask, ref = p.full["logps"], p.full["mask"], p.full["ref_logps"]
+    n, T = 2 * logps.shape[1], logps.shape[-1]
+    zeros = torch.zeros(n, T, dtype=F64)
+    model = _FixedOutputs(log_probs=logps.reshape(n, T), entropy=zeros, mean_logits=zeros,
+                          is_top1=zeros.bool(), log_sum_sq_probs=None, aux_loss=None)
+    ref_seq = (ref * mask).sum(-1)                                                    # [2, B]
+    inputs = {"input_ids": torch.zeros(n, T + 1, dtype=torch.long), "attention_mask": torch.ones(n, T + 1),
+              "completion_mask": torch.cat([torch.zeros(n, 1), mask.reshape(n, T).float()], 1),
+              "ref_chosen_logps": ref_seq[0], "ref_rejected_logps": ref_seq[1]}
+    trainer = SimpleNamespace(
+        model=model, accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
+        label_smoothing=0.0, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1, args=SimpleNamespace(gradient_checkpointing_kwargs=None))
+    return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+
+
+def trl_simpo_loss(p: Probe, beta: float, simpo_gamma: float) -> Tensor:
+    """trl.experimental.cpo.CPOTrainer.get_batch_loss_metrics with loss_type=simpo, cpo_alpha=0: TRL's own
+    concatenation, length-averaged log-probs (get_batch_logps) and cpo_loss. TRL takes logits; to feed it the
+    SAME per-token log-probs, the stand-in model's next-token distribution is two-way, {label: p_t, rest: 1-p_t},
+    whose log-softmax at the label is log p_t exactly, with the same gradient."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    lp, mask = p.full["logps"], p.full["mask"]                                        # [2, B, T]
+    B, T = lp.shape[1:]
+    safe = torch.where(mask > 0, lp, torch.full_like(lp, -math.log(2)))              # no log(0) on padding
+    two = torch.stack([safe, torch.log1p(-safe.exp())], -1)                           # [2, B, T, 2]
+    logits = torch.cat([two, two.new_zeros(2, B, 1, 2)], 2)                           # [2, B, T+1, 2]: last unused
+    labels = torch.zeros(2, B, T, dtype=torch.long).masked_fill(mask == 0, -100)
+    labels = torch.cat([torch.full((2, B, 1), -100), labels], 2)                       # label t+1 scores logits t
+    batch = {f"{side}_{k}": v[i] for i, side in enumerate(("chosen", "rejected")) for k, v in
+             {"input_ids": labels.clamp(min=0), "attention_mask": torch.ones(2, B, T + 1, dtype=torch.long),
+              "labels": labels}.items()}
+    model = _FixedOutputs(logits=logits.reshape(2 * B, T + 1, 2))
+    t = SimpleNamespace(is_encoder_decoder=False, pad_token_id=0, accelerator=_accelerator(), aux_loss_enabled=False,
+                        cpo_alpha=0.0, loss_type="simpo", beta=beta, simpo_gamma=simpo_gamma, label_smoothing=0.0,
+                        alpha=0.0, concatenated_inputs=CPOTrainer.concatenated_inputs,
+                        get_batch_logps=CPOTrainer.get_batch_logps)
+    t.concatenated_forward = partial(CPOTrainer.concatenated_forward, t)
+    t.cpo_loss = partial(CPOTrainer.cpo_loss, t)
+    loss, _ = CPOTrainer.get_batch_loss_metrics(t, model, batch)
+    return loss
