@@ -82,3 +82,12 @@ def test_unknown_prior_option_is_rejected():
 def test_prior_registry_error_suggests():
     with pytest.raises(KeyError, match="Did you mean 'simpo'"):
         build_prior({"name": "simpoo"})
+
+
+def test_scale_hazards_warn_and_nonpositive_scale_fails():
+    from midpo_cli.api import prior
+    assert any("SimPO with beta=0.1" in w for w in prior("simpo", beta=0.1).warnings())
+    assert any("dpo with beta=2.0" in w for w in prior("dpo", beta=2.0).warnings())
+    assert not prior("dpo").warnings() and not prior("simpo").warnings()
+    with pytest.raises(ValueError, match="must be > 0"):
+        prior("tdpo", beta=0.0)

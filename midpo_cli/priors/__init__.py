@@ -56,6 +56,7 @@ def build_prior(cfg) -> Prior:
     if unknown:
         raise ValueError(f"prior '{cls.name}' has no option(s) {sorted(unknown)}; valid: {sorted(known)}")
     prior = cls(**items)
+    prior.check_scale()
     prior.validate()
     return prior
 

@@ -72,6 +72,7 @@ class Prior(torch.nn.Module):
     """
     name: ClassVar[str] = ""
     options: ClassVar[tuple[dict, ...]] = ({},)  # convention settings `midpo verify` checks, each a dict of overrides
+    typical_beta: ClassVar[tuple[float, float]] = (0.005, 1.0)   # beta outside this range earns a warning
 
     def __post_init__(self):
         torch.nn.Module.__init__(self)
@@ -97,6 +98,10 @@ class Prior(torch.nn.Module):
     def validate(self) -> None:
         """Raise ValueError naming the option and its valid values when the settings are inconsistent."""
 
+    def check_scale(self) -> None:
+        if getattr(self, "beta", 1.0) <= 0:
+            raise ValueError(f"prior.beta={self.beta} must be > 0 (it is the scale a of the MI-DPO loss)")
+
     def knobs(self) -> tuple[str, ...]:
         """Hyperparameters that must change the loss or its gradient under the current settings
         (verify's knob check). Default: every float field."""
@@ -104,6 +109,11 @@ class Prior(torch.nn.Module):
 
     def warnings(self) -> list[str]:
         """Known hazards of this prior's settings, printed before training."""
+        lo, hi = self.typical_beta
+        beta = getattr(self, "beta", None)
+        if beta is not None and not lo <= beta <= hi:
+            return [f"{self.name} with beta={beta}: outside the range its authors use ({lo}-{hi}); "
+                    "a scale meant for another variant is a common mistake (SimPO uses 2-10, DPO 0.01-0.5)."]
         return []
 
     def hyperparameters(self) -> dict:

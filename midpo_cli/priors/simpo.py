@@ -22,6 +22,7 @@ class SimPO(Prior):
     gamma_convention: str = "ratio"    # "ratio" (SimPO repo) or "absolute" (TRL simpo_gamma)
 
     options = ({"gamma_convention": "ratio"}, {"gamma_convention": "absolute"})
+    typical_beta = (1.0, 20.0)
 
     @property
     def gamma_abs(self) -> float:
@@ -45,4 +46,4 @@ class SimPO(Prior):
         if self.beta < 1.0:
             return [f"SimPO with beta={self.beta}: SimPO's length-averaged rewards need beta 2-10 "
                     "(paper); DPO-style beta=0.1 is known to produce gibberish (LLaMA-Factory #5181)."]
-        return []
+        return super().warnings()
