@@ -15,9 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from midpo_cli.tables import metrics_of  # noqa: E402
+from midpo_cli.tables import display_names, metrics_of, same_as  # noqa: E402
 
 DPI = 100
+MARKERS = "osD^vP*Xph<>"
 CURVES = (("loss", "training loss [nats]: each prior's own objective"),
           ("rewards/accuracies", "reward accuracy (own reward) [fraction]"),
           ("logps/margin", "log π(y_w|x) − log π(y_l|x) [nats]\nprior-independent"),
@@ -32,14 +33,24 @@ def _title(groups) -> str:
     return "prior + overrides" if any(" " in g for g in groups) else "prior"
 
 
+def merged(agg: pd.DataFrame) -> dict[str, str]:
+    """{group: legend label} without groups whose results coincide with an earlier one (named in its label)."""
+    same = same_as(agg)
+    return {g: " = ".join([g, *(d for d, o in same.items() if o == g)]) for g in agg["group"] if g not in same}
+
+
 def colors(groups) -> dict:
     cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
     return {g: cmap(i % cmap.N) for i, g in enumerate(groups)}
 
 
 def _save(fig, path: Path) -> Path:
+    """PNG with a 256-colour palette: a third of the bytes, no visible change for line and bar plots."""
+    from PIL import Image
+
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
+    Image.open(path).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
     return path
 
 
@@ -50,18 +61,20 @@ def _err(agg: pd.DataFrame, m: str) -> np.ndarray:
     return np.nan_to_num(np.stack([mean - lo, hi - mean]), nan=0.0).clip(min=0)
 
 
-def frontier(df: pd.DataFrame, agg: pd.DataFrame, path: Path, ref: float) -> Path:
-    """`ref`: the reference policy's mean true reward (at KL = 0)."""
+def frontier(df: pd.DataFrame, agg: pd.DataFrame, path: Path, ref: float, col: dict) -> Path:
+    """`ref`: the reference policy's mean true reward (at KL = 0); `col`: group -> colour."""
     ok = df[df["status"] == "ok"]
-    col = colors(agg["group"])
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     ax.scatter([0], [ref], marker="*", s=260, color="black", zorder=4, label="reference π_ref (KL = 0)")
-    xerr, yerr = _err(agg, "task/kl"), _err(agg, "task/true_reward")
+    xerr, yerr, names = _err(agg, "task/kl"), _err(agg, "task/true_reward"), merged(agg)
     for i, g in enumerate(agg["group"]):
+        if g not in names:                                             # coincides with an earlier group: named there
+            continue
         runs = ok[ok["group"] == g]
         ax.scatter(runs["task/kl"], runs["task/true_reward"], color=col[g], alpha=0.35, s=28)
         ax.errorbar(agg["task/kl/mean"].iloc[i], agg["task/true_reward/mean"].iloc[i], xerr=xerr[:, i:i + 1],
-                    yerr=yerr[:, i:i + 1], fmt="o", ms=8, capsize=3, color=col[g], label=g)
+                    yerr=yerr[:, i:i + 1], fmt=MARKERS[i % len(MARKERS)], ms=10, mfc="none", mew=2, capsize=3,
+                    color=col[g], label=names[g])
     ax.set_xlabel("KL(π ‖ π_ref) [nats per response; sampled estimate]")
     ax.set_ylabel("mean true reward [0-1; 1 - normalised edit distance]")
     ax.set_title("True reward vs KL to the reference, held-out prompts\n"
@@ -71,9 +84,9 @@ def frontier(df: pd.DataFrame, agg: pd.DataFrame, path: Path, ref: float) -> Pat
     return _save(fig, path)
 
 
-def curves(df: pd.DataFrame, path: Path) -> Path | None:
-    """Per group: the mean over its runs at each logged step, and the min-max band."""
-    runs = df[df["status"] != "failed"]
+def curves(df: pd.DataFrame, path: Path, names: dict, col: dict) -> Path | None:
+    """Per group in `names` (group: legend label): the mean over its runs at each logged step, min-max band."""
+    runs = df[(df["status"] != "failed") & df["group"].isin(names)]
     per_group = {}
     for g, r in zip(runs["group"], runs["run"]):
         frame = pd.DataFrame(metrics_of(Path(r)))
@@ -81,33 +94,31 @@ def curves(df: pd.DataFrame, path: Path) -> Path | None:
             per_group.setdefault(g, []).append(frame)
     if not per_group:
         return None
-    col = colors(list(per_group))
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
     for ax, (m, label) in zip(axes.flat, CURVES):
         for g, frames_g in per_group.items():
             d = pd.concat(frames_g)
             if m not in d:
                 continue
             s = d.dropna(subset=[m]).groupby("step")[m].agg(["mean", "min", "max"])
-            ax.plot(s.index, s["mean"], color=col[g], label=g, lw=1.6)
+            ax.plot(s.index, s["mean"], color=col[g], label=names[g], lw=1.4)
             ax.fill_between(s.index, s["min"], s["max"], color=col[g], alpha=0.15, lw=0)
         ax.set_ylabel(label, fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("optimiser step")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title=_title(labels))
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title=_title(per_group))
     fig.suptitle("Training curves (training batches): mean over seeds, band = min-max", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def bars(agg: pd.DataFrame, path: Path, ref: float | None = None) -> Path | None:
+def bars(agg: pd.DataFrame, path: Path, ref: float | None, col: dict) -> Path | None:
     """Horizontal bars per group; `ref` (the reference's true reward) is drawn as a dashed line."""
     panels = [(m, label) for m, label in BARS if f"{m}/mean" in agg]
     if not panels:
         return None
-    col = colors(agg["group"])
     y = np.arange(len(agg))[::-1]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 1.5, 0.42 * len(agg) + 1.8), sharey=True)
     for ax, (m, label) in zip(np.atleast_1d(axes), panels):
@@ -119,7 +130,7 @@ def bars(agg: pd.DataFrame, path: Path, ref: float | None = None) -> Path | None
         ax.set_xlabel(label, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     first = np.atleast_1d(axes)[0]
-    first.set_yticks(y, agg["group"], fontsize=9)
+    first.set_yticks(y, display_names(agg), fontsize=9)
     fig.suptitle("Per prior: mean over seeds, error bars = 95% bootstrap CI; "
                  "dashed: the reference policy (true reward) and win-rate 1/2 (no change)", fontsize=10)
     fig.tight_layout()
@@ -129,9 +140,10 @@ def bars(agg: pd.DataFrame, path: Path, ref: float | None = None) -> Path | None
 def plot_all(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
     """Every figure the runs allow (the frontier needs the built-in task's evaluation); the PNGs written."""
     out.mkdir(parents=True, exist_ok=True)
-    agg = agg[agg["n_ok"] > 0].reset_index(drop=True)                 # groups whose every run failed: no marks
+    names, col = merged(agg), colors(agg["group"])                     # curves: crashed runs' partial ones too
+    agg = agg[agg["n_ok"] > 0].reset_index(drop=True)                 # groups with no finished run: no marks
     task = "task/true_reward/mean" in agg
     ref = pd.to_numeric(df.loc[df["status"] == "ok", "task/true_reward_ref"], errors="coerce").mean() if task else None
-    made = [frontier(df, agg, out / "frontier.png", ref) if task else None,
-            curves(df, out / "curves.png"), bars(agg, out / "bars.png", ref)]
+    made = [frontier(df, agg, out / "frontier.png", ref, col) if task else None,
+            curves(df, out / "curves.png", names, col), bars(agg, out / "bars.png", ref, col)]
     return [p for p in made if p is not None]

@@ -27,7 +27,7 @@ DPO's beta=0.1 log-ratio are not comparable). Compare priors on the prior-indepe
   KL(pi || pi_ref), nats per response); `win-rate` (the policy's sample vs the reference's, by true
   reward, ties 1/2); `length` (characters).
 
-Cells are `mean ± std` over seeds; `summary.csv` has the 95% percentile-bootstrap CI of each mean
+Cells are `mean±std` over seeds (`tokens/s`: the mean); `summary.csv` has the 95% percentile-bootstrap CI of each mean
 (2000 resamples), drawn as error bars in the figures. Failed and incomplete runs count in `seeds ok`
 but not in the means.
 """
@@ -42,12 +42,30 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_markdown(out: Path, dirs: list[Path], df, piv, figures: list[Path]) -> Path:
+def sweep_command(d: Path) -> str | None:
+    """The `midpo train` line of a sweep directory, from the multirun.yaml Hydra leaves there."""
+    from omegaconf import OmegaConf
+    try:
+        h = OmegaConf.load(d / "multirun.yaml").hydra
+        params = " ".join(f"{k}={v}" for k, v in (h.sweeper.params or {}).items())
+        return " ".join(["midpo train --multirun", *h.overrides.task, params]).strip()
+    except Exception:                                                  # not a sweep directory, or another layout
+        return None
+
+
+def write_markdown(out: Path, dirs: list[Path], df, agg, piv, figures: list[Path]) -> Path:
     status = df["status"].value_counts().to_dict()
     lines = ["# midpo report", "",
              f"Sources: {', '.join(f'`{d}`' for d in dirs)}. Runs: {len(df)} "
-             f"({', '.join(f'{n} {s}' for s, n in status.items())}). Commit: `{df['git_commit'].iloc[0] or '-'}`.",
-             "", "## Per prior (mean ± std over seeds)", "", tables.markdown(piv), "", READING]
+             f"({', '.join(f'{n} {s}' for s, n in status.items())}). Commit: `{df['git_commit'].iloc[0] or '-'}`.", ""]
+    lines += [f"- `{d}`: `{cmd}`" for d in dirs if (cmd := sweep_command(d))]
+    lines += ["", "## Per prior (mean±std over seeds)", "", tables.markdown(piv), ""]
+    same = tables.same_as(agg)
+    if same:
+        lines += ["`a (= b)`: every outcome of a equals b's to 9 decimals, so their points coincide in the figures "
+                  "(a prior that reduces exactly to another with its default settings): " +
+                  ", ".join(f"{a} = {b}" for a, b in same.items()) + ".", ""]
+    lines += [READING]
     for f in figures:
         lines += [f"![{f.stem}]({f.name})", "", FIGURES.get(f.name, ""), ""]
     lines += ["## Runs", "", tables.markdown(df[[c for c in tables.MAIN if c in df]]), "",
@@ -75,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     piv = tables.pivot(agg)
     from midpo_cli import plots                                        # matplotlib only when reporting
     figures = plots.plot_all(df, agg, out)
-    md = write_markdown(out, args.dirs, df, piv, figures)
-    tables.print_table(piv, f"midpo report: {len(df)} runs, mean ± std over seeds")
+    md = write_markdown(out, args.dirs, df, agg, piv, figures)
+    tables.print_table(piv, f"midpo report: {len(df)} runs, mean±std over seeds")
     bad = df[df["status"] != "ok"]
     if not bad.empty:
         tables.print_table(tables.sweep_summary(bad), "runs that did not finish")

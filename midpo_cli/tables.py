@@ -1,8 +1,8 @@
 """Result rows and tables: one row per run directory, the sweep table, and the aggregate over seeds.
 
 A run directory is one holding results.json (status "ok"), error.json ("failed": a sweep job that raised)
-or only config.yaml / metrics.jsonl ("incomplete": crashed or still running). Rows are flat: `final/*` are the last
-logged metrics, `best/*` the best over metrics.jsonl, `task/*` the built-in task's sampled evaluation.
+or only config.yaml / metrics.jsonl ("incomplete": crashed or still running). Rows are flat: `final/*` are
+the last logged metrics, `best/*` the best over metrics.jsonl, `task/*` the built-in task's evaluation.
 Prior-independent columns sit next to each prior's own reward, so priors can be compared fairly:
 `*/logps/margin` = log pi(y_w|x) - log pi(y_l|x) of the policy (no prior, no reference, no scale) beside
 `*/rewards/margins` = a*log(pi/zeta) of the prior that was trained (a different unit for every prior).
@@ -33,6 +33,7 @@ TASK = {"true_reward/policy": "true_reward", "true_reward/reference": "true_rewa
 SUMMARY = ("task/true_reward", "task/true_reward_gain", "task/kl", "task/win_rate", "task/length",
            "final/eval/logps/margin", "final/eval/rewards/margins", "final/eval/rewards/accuracies", "final/eval/loss",
            "tokens_per_s", "wall_time_s")
+COST = ("tokens_per_s", "wall_time_s")
 LABELS = {"task/true_reward": "true reward", "task/true_reward_gain": "gain vs ref", "task/kl": "KL to ref",
           "task/win_rate": "win-rate", "task/length": "length", "final/eval/logps/margin": "logp margin",
           "final/eval/rewards/margins": "own margin", "final/eval/rewards/accuracies": "own accuracy",
@@ -166,23 +167,23 @@ def write_table(df: pd.DataFrame, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.csv", out / f"{stem}.parquet", out / f"{stem}.md"]
     df.to_csv(paths[0], index=False)
     df.to_parquet(paths[1], index=False)
-    paths[2].write_text(markdown(df[[c for c in MAIN if c in df]], digits=3) +
+    paths[2].write_text(markdown(df[[c for c in MAIN if c in df]]) +
                         f"\n\nAll {df.shape[1]} columns: {stem}.csv / {stem}.parquet.\n")
     return paths
 
 
-def _cell(v, digits: int) -> str:
+def _cell(v) -> str:
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return ""
     if isinstance(v, (float, np.floating)):
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 100 else f"{v:.{digits}f}"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 100 else f"{v:.3f}"
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(df: pd.DataFrame, digits: int = 3) -> str:
+def markdown(df: pd.DataFrame) -> str:
     """A GitHub markdown table (pandas' to_markdown needs the optional `tabulate`)."""
     head = "| " + " | ".join(map(str, df.columns)) + " |\n|" + "---|" * df.shape[1]
-    body = ["| " + " | ".join(_cell(v, digits) for v in row) + " |" for row in df.itertuples(index=False)]
+    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, *body])
 
 
@@ -213,13 +214,34 @@ def aggregate(df: pd.DataFrame, metrics=SUMMARY) -> pd.DataFrame:
     return agg.drop(columns=[c for m in empty for c in agg.columns if c.startswith(m[:-len("/mean")] + "/")])
 
 
+def same_as(agg: pd.DataFrame) -> dict[str, str]:
+    """{group: an earlier group} where every outcome mean is identical (e.g. a prior that reduces to DPO
+    with its default settings), so tables and legends can say so instead of hiding one under the other."""
+    cols = [f"{m}/mean" for m in SUMMARY if m not in COST and f"{m}/mean" in agg]
+    seen, out = {}, {}
+    for g, *values in agg[["group", *cols]].itertuples(index=False):
+        key = tuple(round(v, 9) for v in values)
+        if all(math.isnan(v) for v in key):
+            continue
+        if key in seen:
+            out[g] = seen[key]
+        seen.setdefault(key, g)
+    return out
+
+
+def display_names(agg: pd.DataFrame) -> list[str]:
+    """Each group's display name: `tisdpo (= dpo)` when its results equal an earlier group's."""
+    same = same_as(agg)
+    return [f"{g} (= {same[g]})" if g in same else g for g in agg["group"]]
+
+
 def pivot(agg: pd.DataFrame) -> pd.DataFrame:
-    """The report's pivot: a row per group, `mean ± std` strings per metric present."""
-    out = agg[["group"]].copy()
-    out["seeds ok"] = [f"{a}/{b}" for a, b in zip(agg["n_ok"], agg["n"])]
+    """The report's pivot: a row per group, `mean±std` over seeds per outcome, mean tokens/s."""
+    out = pd.DataFrame({"group": display_names(agg), "seeds ok": [f"{a}/{b}" for a, b in zip(agg.n_ok, agg.n)]})
     for m in SUMMARY:
-        if f"{m}/mean" in agg:
-            out[LABELS[m]] = [_pm(a, s) for a, s in zip(agg[f"{m}/mean"], agg[f"{m}/std"])]
+        if f"{m}/mean" in agg and m not in ("final/eval/loss", "wall_time_s"):
+            std = agg[f"{m}/std"] if m not in COST else [math.nan] * len(agg)
+            out[LABELS[m]] = [_pm(a, s) for a, s in zip(agg[f"{m}/mean"], std)]
     return out
 
 
@@ -227,7 +249,7 @@ def _pm(mean: float, std: float) -> str:
     if math.isnan(mean):
         return ""
     fmt = (lambda v: f"{v:,.0f}") if abs(mean) >= 1000 else (lambda v: f"{v:.3f}")
-    return fmt(mean) if math.isnan(std) else f"{fmt(mean)} ± {fmt(std)}"
+    return fmt(mean) if math.isnan(std) else f"{fmt(mean)}±{fmt(std)}"
 
 
 def print_table(df: pd.DataFrame, title: str) -> None:
@@ -236,7 +258,7 @@ def print_table(df: pd.DataFrame, title: str) -> None:
     for c in df.columns:
         t.add_column(str(c), overflow="fold")
     for row in df.itertuples(index=False):
-        t.add_row(*(_cell(v, 3) for v in row))
+        t.add_row(*(_cell(v) for v in row))
     (console if console.is_terminal else Console(width=160)).print(t)
 
 

@@ -1,0 +1,122 @@
+"""Sweep tables, `midpo report` and the experiment presets (issue 5's done-when items)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.types import RunMode
+
+import midpo_cli.priors  # noqa: F401
+from midpo_cli import tables
+from midpo_cli.__main__ import main
+from midpo_cli.config import register_schemas
+from midpo_cli.priors import PRIORS
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register_schemas()
+
+
+def sweep(args, sweep_dir):
+    return subprocess.run([sys.executable, "-m", "midpo_cli", "train", "--multirun", *args,
+                           "trainer.save_model=false", f"hydra.sweep.dir={sweep_dir}"],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_sweep_table_then_report_writes_plots(tmp_path, fast, capsys):
+    d = tmp_path / "sweep"
+    r = sweep([*fast, "prior=dpo,simpo", "seed=0,1", "trainer.max_steps=10"], d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    csv = pd.read_csv(d / "sweep_table.csv")
+    assert len(csv) == 4 and len(pd.read_parquet(d / "sweep_table.parquet")) == 4
+    assert (d / "sweep_table.md").read_text().count("\n| ") == 4          # header excluded: 4 job rows
+    assert set(csv["status"]) == {"ok"} and sorted(zip(csv["prior"], csv["seed"])) == [
+        ("dpo", 0), ("dpo", 1), ("simpo", 0), ("simpo", 1)]
+    for col in ("overrides", "final/loss", "best/eval/rewards/accuracies", "final/eval/logps/margin",
+                "task/true_reward", "task/kl", "task/win_rate", "tokens_per_s", "peak_memory_mb",
+                "wall_time_s", "ref_cache_hit", "git_commit"):
+        assert col in csv, col
+    assert csv["task/true_reward"].between(0, 1).all() and "sweep table" in r.stdout
+
+    main(["report", str(d)])
+    out = capsys.readouterr().out
+    pngs = sorted(p.name for p in (d / "report").glob("*.png"))
+    assert pngs == ["bars.png", "curves.png", "frontier.png"]
+    summary = pd.read_csv(d / "report" / "summary.csv")
+    assert list(summary["group"]) == ["dpo", "simpo"] and list(summary["n_ok"]) == [2, 2]
+    lo, hi = summary["task/true_reward/ci_lo"], summary["task/true_reward/ci_hi"]
+    assert (lo <= summary["task/true_reward/mean"]).all() and (summary["task/true_reward/mean"] <= hi).all()
+    md = (d / "report" / "report.md").read_text()
+    assert "logp margin" in md and "own margin" in md and "![frontier](frontier.png)" in md
+    assert "simpo" in out and "true reward" in out
+
+
+def test_failing_job_is_a_row_and_the_sweep_exits_1(tmp_path, fast):
+    d = tmp_path / "sweep"
+    r = sweep([*fast, "dataset.max_length=64,2", "trainer.max_steps=3"], d)   # 2 leaves no room for a completion
+    assert r.returncode == 1
+    assert "1 of 2 jobs did not finish" in r.stderr and "Traceback" not in r.stderr
+    csv = pd.read_csv(d / "sweep_table.csv", keep_default_na=False)
+    assert list(csv["status"]) == ["ok", "failed"]
+    assert "max_length=2" in csv["error"][1] and csv["error"][0] == ""
+    assert (d / "0" / "results.json").exists() and json.loads((d / "1" / "error.json").read_text())["status"] == "failed"
+    assert "failed" in (d / "sweep_table.md").read_text()
+
+
+def test_report_lists_crashed_runs_as_incomplete(tmp_path, fast, capsys):
+    d = tmp_path / "crashed"
+    main(["train", *fast, "trainer.max_steps=3", "trainer.save_model=false", f"hydra.run.dir={d / '0'}"])
+    (d / "1").mkdir()                                                     # a job killed mid-run:
+    (d / "1" / "config.yaml").write_text((d / "0" / "config.yaml").read_text())
+    first = (d / "0" / "metrics.jsonl").read_text().splitlines()[0]
+    (d / "1" / "metrics.jsonl").write_text(first + '\n{"step": 2, "lo')   # a torn last line
+    (d / "2").mkdir()                                                     # an empty folder is not a run
+    capsys.readouterr()
+    main(["report", str(d), "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    runs = pd.read_csv(tmp_path / "rep" / "runs.csv")
+    assert list(runs["status"]) == ["ok", "incomplete"] and runs["steps"][1] == 1
+    assert runs["prior"][1] == "dpo" and "did not finish" in out
+    assert list(pd.read_csv(tmp_path / "rep" / "summary.csv")["n_ok"]) == [1]
+    assert (tmp_path / "rep" / "curves.png").exists()
+
+
+def test_report_errors_are_actionable(tmp_path, capsys):
+    for args, code, words in [([str(tmp_path / "nope")], 2, "not a directory"), ([str(tmp_path)], 1, "no runs")]:
+        with pytest.raises(SystemExit) as e:
+            main(["report", *args])
+        assert e.value.code == code and words in capsys.readouterr().err
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():
+    x = np.array([0.1, 0.4, 0.35, 0.2])
+    lo, hi = tables.bootstrap_ci(x)
+    assert lo <= x.mean() <= hi and (lo, hi) == tables.bootstrap_ci(x)
+    assert x.min() <= lo and hi <= x.max()
+    assert all(math.isnan(v) for v in tables.bootstrap_ci(np.array([0.3])))
+
+
+def test_groups_drop_seed_and_shared_overrides():
+    df = pd.DataFrame({"prior": ["dpo", "dpo", "simpo", "simpo"], "overrides": [
+        "prior=dpo seed=0 trainer.max_steps=9 prior.beta=0.1", "prior=dpo seed=1 trainer.max_steps=9 prior.beta=0.3",
+        "prior=simpo seed=0 trainer.max_steps=9", "prior=simpo seed=1 trainer.max_steps=9"]})
+    assert tables._groups(df) == ["dpo prior.beta=0.1", "dpo prior.beta=0.3", "simpo", "simpo"]
+
+
+def test_experiment_presets_compose_into_sweeps_of_known_priors():
+    presets = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+    assert "all_priors" in presets
+    options = {p.stem for p in (CONF / "prior").glob("*.yaml")}
+    for name in presets:
+        with initialize_config_module(version_base="1.3", config_module="midpo_cli.conf"):
+            cfg = compose("train", overrides=[f"+experiment={name}"], return_hydra_config=True)
+        params = cfg.hydra.sweeper.params
+        assert cfg.hydra.mode == RunMode.MULTIRUN and "seed" in params, name
+        priors = str(params.get("prior", cfg.prior.name)).split(",")
+        assert set(priors) <= options, (name, set(priors) - options)
+        if name == "all_priors":
+            assert set(priors) == set(PRIORS)
