@@ -141,12 +141,14 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
               "truncated": train_report["truncated"] + eval_report["truncated"],
               "dropped": train_report["dropped"] + eval_report["dropped"]}
     ref_cache = None
-    if cfg.trainer.ref_cache and (needs.reference or needs.snapshot == "reference"):
+    if cfg.trainer.ref_cache and s.reference is not None:                  # also gives the logratio/* yardstick
         base = s.policy.get_base_model() if cfg.model.lora.r > 0 else s.reference
         ref_cache = refcache.attach([train_pairs, eval_pairs], s.reference, base, s.tokenizer, Path(cfg.cache_dir),
                                     cfg.trainer.precision, acc.device, s.tokenizer.pad_token_id)
-        if not (needs.reference_model and not needs.reference) and s.task is None and cfg.model.lora.r == 0:
-            s.reference = s.snapshot = None                                # the cache replaces the reference copy
+        live = needs.kl_ref_pi or needs.kl_pi_ref or needs.ref_activations
+        if not live and s.task is None and cfg.model.lora.r == 0:         # the cache replaces the reference copy
+            s.reference = None
+            s.snapshot = None if needs.snapshot == "reference" else s.snapshot
     optimizer = instantiate(cfg.optimizer)([p for p in s.policy.parameters() if p.requires_grad])
     models = {"reference": s.reference, "snapshot": s.snapshot}
     out = train_loop(acc, cfg, s.policy, prior, models, optimizer, train_pairs, eval_pairs,

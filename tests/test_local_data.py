@@ -38,3 +38,13 @@ def test_missing_columns_are_named(tmp_path):
     r = subprocess.run([sys.executable, "-m", "midpo_cli", "train", "dataset=local", f"dataset.path={bad}",
                         f"hydra.run.dir={tmp_path}/r"], capture_output=True, text=True)
     assert r.returncode == 1 and "missing column" in r.stderr and "prompt" in r.stderr
+
+
+@pytest.mark.parametrize("prior", ["simpo", "tdpo", "sparsepo", "dice"])
+def test_priors_on_local_data(tmp_path, prior):
+    """Priors that need a live reference (KL, activations), none, or a snapshot, on a user's file."""
+    run = tmp_path / "run"
+    main(["train", "dataset=local", f"dataset.path={DATA}", f"prior={prior}", *TINY, f"hydra.run.dir={run}",
+          f"cache_dir={tmp_path / 'cache'}"])
+    res = json.loads((run / "results.json").read_text())
+    assert res["final"]["loss"] > 0

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from midpo_cli.data.tokenize import collate
 from midpo_cli.engine import checkpoint
 from midpo_cli.engine.forward import pair_view
+from midpo_cli.engine.logps import to_pairs
 from midpo_cli.loss import mi_dpo_loss, pair_metrics
 
 log = logging.getLogger("midpo")
@@ -54,6 +55,12 @@ def step_loss(batch, policy, prior, models, chunk):
     penalty = prior.penalty(view)
     metrics = pair_metrics(seq, log_prior, prior.a, losses)
     metrics["penalty"] = float(penalty)
+    cached = batch["values"].get("ref_logps")
+    if cached is not None:                                                 # prior-independent yardstick
+        with torch.no_grad():
+            ratio = (seq - view.seq(to_pairs(cached))).float()             # log pi/pi_ref per side [2, B]
+            metrics["logratio/margins"] = (ratio[0] - ratio[1]).mean().item()
+            metrics["logratio/accuracies"] = (ratio[0] > ratio[1]).float().mean().item()
     metrics["tokens"] = int(batch["attention_mask"].sum())
     return losses.mean() + penalty, metrics
 
