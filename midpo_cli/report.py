@@ -19,8 +19,11 @@ Each prior trains its own implied reward `a*log(pi/zeta)`: `own margin` and `own
 that reward, so they are in a different unit for every prior (SimPO's beta=2 length-normalised reward and
 DPO's beta=0.1 log-ratio are not comparable). Compare priors on the prior-independent columns:
 
+- `logratio margin`: (log pi - log pi_ref)(y_w) - (log pi - log pi_ref)(y_l) on held-out pairs (nats; no
+  prior, no scale): how much training moved the policy towards chosen and away from rejected. Present when
+  the run had a reference (always on the built-in task; from the reference log-prob cache).
 - `logp margin`: log pi(y_w|x) - log pi(y_l|x) of the trained policy on held-out pairs (nats; no prior,
-  no reference, no scale). It shows how far the policy separates chosen from rejected.
+  no reference, no scale). It includes the reference's own starting margin.
 - built-in task only, from responses sampled on held-out prompts: `true reward` (1 - normalised edit
   distance to the right answer, 0-1); `gain vs ref` (true reward minus that of the same seed's reference
   policy: each seed has its own SFT reference, so the paired gain varies less); `KL to ref` (estimate of

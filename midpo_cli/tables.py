@@ -23,24 +23,25 @@ from rich.table import Table
 from midpo_cli.console import console
 
 MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl")
-FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin",
-         "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/margin")
+FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin", "logratio/margins",
+         "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/margin", "eval/logratio/margins")
 BEST = {"loss": min, "rewards/accuracies": max, "eval/loss": min, "eval/rewards/accuracies": max}
 TASK = {"true_reward/policy": "true_reward", "true_reward/reference": "true_reward_ref", "win_rate": "win_rate",
         "kl/policy_ref": "kl", "length/policy": "length", "length/reference": "length_ref",
         "exact/policy": "exact"}
 # The aggregate's metrics: the fair ones first, then each prior's own, then cost.
 SUMMARY = ("task/true_reward", "task/true_reward_gain", "task/kl", "task/win_rate", "task/length",
-           "final/eval/logps/margin", "final/eval/rewards/margins", "final/eval/rewards/accuracies", "final/eval/loss",
+           "final/eval/logratio/margins", "final/eval/logps/margin", "final/eval/rewards/margins", "final/eval/rewards/accuracies", "final/eval/loss",
            "tokens_per_s", "wall_time_s")
 COST = ("tokens_per_s", "wall_time_s")
 LABELS = {"task/true_reward": "true reward", "task/true_reward_gain": "gain vs ref", "task/kl": "KL to ref",
           "task/win_rate": "win-rate", "task/length": "length", "final/eval/logps/margin": "logp margin",
+          "final/eval/logratio/margins": "logratio margin",
           "final/eval/rewards/margins": "own margin", "final/eval/rewards/accuracies": "own accuracy",
           "final/eval/loss": "eval loss", "tokens_per_s": "tokens/s", "wall_time_s": "wall s"}
 
 MAIN = ("job", "status", "prior", "seed", "overrides", "final/eval/rewards/accuracies",   # the markdown's columns
-        "final/eval/rewards/margins", "final/eval/logps/margin", "task/true_reward", "task/kl", "task/win_rate",
+        "final/eval/rewards/margins", "final/eval/logratio/margins", "final/eval/logps/margin", "task/true_reward", "task/kl", "task/win_rate",
         "task/length", "tokens_per_s", "peak_memory_mb", "wall_time_s", "ref_cache_hit", "error")
 
 
@@ -265,7 +266,7 @@ def print_table(df: pd.DataFrame, title: str) -> None:
 def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
     """The rows printed at the end of a sweep: the main columns that hold any value, errors shortened."""
     cols = {"job": "job", "status": "status", "group": "group", "seed": "seed",
-            "final/eval/rewards/accuracies": "own accuracy", "final/eval/logps/margin": "logp margin",
+            "final/eval/rewards/accuracies": "own accuracy", "final/eval/logratio/margins": "logratio margin",
             "task/true_reward": "true reward", "task/kl": "KL to ref", "task/win_rate": "win-rate",
             "wall_time_s": "wall s", "error": "error"}
     view = df[[c for c in cols if c in df and df[c].notna().any() and (df[c] != "").any()]].rename(columns=cols)
