@@ -91,13 +91,13 @@ def run(cfg: DictConfig) -> None:
     log.info("run directory: %s", run_dir)
 
 
-def pd_flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     """{"a": {"b": 1}} -> {"a.b": 1}; lists become strings (trackers take scalars)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(pd_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
@@ -127,7 +127,7 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.trainer.grad_accum,
                       cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(run_dir))
     if trackers:
-        flat = {k: v for k, v in pd_flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+        flat = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
         acc.init_trackers("tracking", config=flat)
     seed_everything(cfg.seed)
     s = prepare(cfg, needs, acc.device)

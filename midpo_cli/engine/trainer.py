@@ -156,7 +156,7 @@ def train_loop(acc, cfg, policy, prior, models, optimizer, train_pairs, eval_pai
                 metrics_file.write(json.dumps(row) + "\n"); metrics_file.flush()
                 if acc.trackers:
                     acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
-                history.update({k: v for k, v in row.items()})
+                history.update(row)
             if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
                 checkpoint.save(acc, run_dir, step, cfg)
     metrics_file.close()
