@@ -127,8 +127,7 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.trainer.grad_accum,
                       cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(run_dir))
     if trackers:
-        flat = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
-        acc.init_trackers("tracking", config=flat)
+        acc.init_trackers("tracking", config=flatten(OmegaConf.to_container(cfg, resolve=True)))
     seed_everything(cfg.seed)
     s = prepare(cfg, needs, acc.device)
     seed_everything(cfg.seed)
