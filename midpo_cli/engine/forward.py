@@ -17,7 +17,7 @@ def lm_head_weight(model):
     return head.weight if plain else None
 
 
-def _run(model, batch, hidden: bool = False):
+def model_logits(model, batch, hidden: bool = False):
     """Forward; returns (logits source aligned with labels, output). With a plain LM head the model only
     forms the last position's logits and the rest are formed chunk-wise from the hidden states (Head)."""
     weight = lm_head_weight(model)
@@ -31,7 +31,7 @@ def pair_view(batch: dict, policy, needs: Needs, reference=None, snapshot=None, 
     """Build the PairView of a collated batch (on the right device). Only the policy carries gradient.
     Reference log-probs come from the batch's cached `ref_logps` column when present (engine/refcache.py)."""
     labels, mask = batch["labels"], batch["mask"]                          # [2B, T]
-    logits, _ = _run(policy, batch)                                        # [2B, T, V] or Head([2B, T, H])
+    logits, _ = model_logits(policy, batch)                                # [2B, T, V] or Head([2B, T, H])
     view = PairView(logps=to_pairs(token_logps(logits, labels, chunk) * mask), mask=to_pairs(mask))
     cached = batch["values"].get("ref_logps")
     if cached is not None:
@@ -44,7 +44,7 @@ def pair_view(batch: dict, policy, needs: Needs, reference=None, snapshot=None, 
         if reference is None:
             raise RuntimeError("the prior needs the reference model, but none was loaded")
         with torch.no_grad():
-            ref_logits, out = _run(reference, batch, hidden=needs.ref_activations)
+            ref_logits, out = model_logits(reference, batch, hidden=needs.ref_activations)
         if needs.reference and cached is None:
             view.ref_logps = to_pairs(token_logps(ref_logits, labels, chunk) * mask)
         if needs.kl_ref_pi:
@@ -57,7 +57,7 @@ def pair_view(batch: dict, policy, needs: Needs, reference=None, snapshot=None, 
         del out, ref_logits
     if needs.snapshot and view.snapshot_logps is None:
         with torch.no_grad():
-            snap_logits, _ = _run(snapshot, batch)
+            snap_logits, _ = model_logits(snapshot, batch)
             view.snapshot_logps = to_pairs(token_logps(snap_logits, labels, chunk) * mask)
     for name in needs.token_columns:
         view.token_values[name] = to_pairs(batch["values"][name])

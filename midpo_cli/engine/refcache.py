@@ -15,7 +15,7 @@ import torch
 
 from midpo_cli.cache import publish
 from midpo_cli.data.tokenize import collate
-from midpo_cli.engine.forward import _run
+from midpo_cli.engine.forward import model_logits
 from midpo_cli.engine.logps import token_logps
 
 log = logging.getLogger("midpo")
@@ -51,7 +51,7 @@ def compute(reference, pairs: list, pad_id: int, device, batch_size: int = 16, c
         group = pairs[i:i + batch_size]
         b = collate(group, pad_id)
         b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
-        src, _ = _run(reference, b)
+        src, _ = model_logits(reference, b)
         lp = token_logps(src, b["labels"], chunk).float().cpu()            # [2n, T]
         n = len(group)
         for j, p in enumerate(group):

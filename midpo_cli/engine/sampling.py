@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from midpo_cli.data.tokenize import collate, encode_pair, render
+from midpo_cli.engine.forward import model_logits
 from midpo_cli.engine.logps import token_logps
 
 
@@ -40,10 +41,9 @@ def sequence_logps(model, tokenizer, prompts: list, completions: list[str], devi
             pairs = [encode_pair(tokenizer, {"prompt": p, "chosen": c, "rejected": c}, 10_000, 10_000)
                      for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
             b = collate(pairs, tokenizer.pad_token_id)
-            half = len(pairs)
-            logits = model(input_ids=b["input_ids"][:half].to(device),
-                           attention_mask=b["attention_mask"][:half].to(device)).logits[:, :-1]
-            lp = token_logps(logits, b["labels"][:half].to(device)) * b["mask"][:half].to(device)
+            half = {k: b[k][:len(pairs)].to(device) for k in ("input_ids", "attention_mask", "labels", "mask")}
+            logits, _ = model_logits(model, half)                          # the engine's chunked head path
+            lp = token_logps(logits, half["labels"]) * half["mask"]
             res.append(lp.sum(-1).cpu())
     finally:
         model.train(was_training)
