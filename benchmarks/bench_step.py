@@ -49,7 +49,7 @@ CACHED, LORA, TWO = os.environ.get("CACHED") == "1", int(os.environ.get("LORA", 
 
 def bench(name: str):
     from midpo_cli.engine import refcache
-    from midpo_cli.lora import AdapterOff, add_lora
+    from midpo_cli.engine.lora import AdapterOff, add_lora
     from types import SimpleNamespace
     random.seed(0); torch.manual_seed(0)
     rng = random.Random(0)

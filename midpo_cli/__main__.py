@@ -36,7 +36,7 @@ def _app(command: str):
     if command == "train":
         from midpo_cli.train import run as task
     else:
-        from midpo_cli.verify import run as task
+        from midpo_cli.verify.checks import run as task
     return hydra.main(version_base="1.3", config_path=config_path(), config_name=command)(task)
 
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"midpo: unknown command '{argv[0]}'.\n\n{USAGE}", end="", file=sys.stderr)
         raise SystemExit(2)
     if argv[0] == "report":                                               # plain argparse: paths, not overrides
-        from midpo_cli.report import main as report
+        from midpo_cli.report.command import main as report
         report(argv[1:])
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

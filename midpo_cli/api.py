@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from midpo_cli.engine.logps import token_kl, token_logps
-from midpo_cli.loss import mi_dpo_loss, pair_metrics
+from midpo_cli.engine.views import build_view
+from midpo_cli.loss import preference_loss
 from midpo_cli.priors import PRIORS, PairView, Prior, build_prior
 
 
@@ -23,40 +23,29 @@ def prior(name: str, **hyperparameters) -> Prior:
 
 
 def loss(p: Prior, view: PairView) -> tuple[Tensor, dict]:
-    """Mean MI-DPO loss (+ the prior's penalty, reported apart) and TRL-named metrics."""
-    seq = view.seq(view.logps)
-    log_zeta = p.log_prior(view)
-    losses = mi_dpo_loss(seq, log_zeta, p.a)
-    penalty = p.penalty(view)
-    metrics = pair_metrics(seq, log_zeta, p.a, losses) | {"penalty": float(penalty)}
-    return losses.mean() + penalty, metrics
+    """Mean MI-DPO loss + the prior's penalty (also reported apart, as `penalty`) and TRL-named metrics."""
+    out = preference_loss(p, view)
+    return out.total, out.metrics
 
 
 def loss_from_logps(p: Prior, logps: Tensor, mask: Tensor, **inputs) -> tuple[Tensor, dict]:
     """From per-token log-probs [2, B, T]; `inputs` are the PairView fields the prior needs
-    (ref_logps, kl_ref_pi, kl_pi_ref, ref_activations, snapshot_logps, token_values)."""
+    (ref_logps, kl_ref_pi, kl_pi_ref, ref_activations, snapshot_logps, token_values, owned_logps)."""
     return loss(p, PairView(logps=logps * mask, mask=mask, **inputs))
 
 
 def loss_from_logits(p: Prior, policy_logits: Tensor, labels: Tensor, mask: Tensor, ref_logits: Tensor | None = None,
-                     snapshot_logits: Tensor | None = None, **inputs) -> tuple[Tensor, dict]:
-    """From full logits [2, B, T, V]: computes exactly the per-token quantities the prior declares it needs."""
-    needs = p.needs()
-    flat = lambda x: x.reshape(-1, *x.shape[2:])
-    unflat = lambda x: x.reshape(*labels.shape)
-    view = PairView(logps=unflat(token_logps(flat(policy_logits), flat(labels))) * mask, mask=mask, **inputs)
-    if needs.reference_model and ref_logits is None and not needs.ref_activations:
-        raise ValueError(f"prior '{p.name}' needs ref_logits")
-    if needs.reference:
-        view.ref_logps = unflat(token_logps(flat(ref_logits), flat(labels))) * mask
-    if needs.kl_ref_pi:
-        view.kl_ref_pi = unflat(token_kl(flat(ref_logits), flat(policy_logits))) * mask
-    if needs.kl_pi_ref:
-        view.kl_pi_ref = unflat(token_kl(flat(policy_logits), flat(ref_logits))) * mask
-    if needs.snapshot:
-        if snapshot_logits is None:
-            raise ValueError(f"prior '{p.name}' needs snapshot_logits (the earlier policy's logits)")
-        view.snapshot_logps = unflat(token_logps(flat(snapshot_logits), flat(labels))) * mask
+                     snapshot_logits: Tensor | None = None, ref_activations: Tensor | None = None,
+                     token_values: dict[str, Tensor] | None = None,
+                     owned_logits: dict[str, Tensor] | None = None) -> tuple[Tensor, dict]:
+    """From full logits [2, B, T, V]: the engine's view builder computes exactly the per-token quantities the
+    prior declares it needs (ref_activations [2, B, T, L], token_values name -> [2, B, T], owned_logits:
+    name -> [2, B, T, V] logits of the models a learnable prior owns)."""
+    flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])
+    view = build_view(p.needs(), flat(labels), flat(mask), flat(policy_logits), reference=flat(ref_logits),
+                      snapshot=flat(snapshot_logits), ref_activations=flat(ref_activations),
+                      owned={k: flat(v) for k, v in (owned_logits or {}).items()},
+                      columns={k: flat(v) for k, v in (token_values or {}).items()})
     return loss(p, view)
 
 

@@ -4,8 +4,12 @@
     J = -log sigmoid(h)
 
 Shapes: B pairs; tensors stacked as [2, B] with index 0 = chosen (y_w), 1 = rejected (y_l).
+`preference_loss(prior, view)` is the one place the engine, the Python API, `midpo verify` and the tests
+turn a prior and a batch (a PairView) into the loss, the prior's penalty and the logged metrics.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +27,43 @@ def mi_dpo_loss(policy_logps: Tensor, log_prior: Tensor, a: float) -> Tensor:
     return -F.logsigmoid(mi_dpo_logits(policy_logps, log_prior, a))
 
 
+@dataclass
+class LossOutput:
+    loss: Tensor        # mean J over the batch (scalar)
+    penalty: Tensor     # the prior's own regularisers, outside the sigmoid (scalar; 0 for most priors)
+    metrics: dict       # TRL-named floats, see pair_metrics
+
+    @property
+    def total(self) -> Tensor:
+        """What is differentiated: J + penalty."""
+        return self.loss + self.penalty
+
+
+def preference_loss(prior, view, yardstick: Tensor | None = None) -> LossOutput:
+    """J (batch mean), the prior's penalty and metrics for a PairView.
+
+    yardstick: per-token reference log-probs [2, B, T] (e.g. from the reference cache) for the prior-independent
+    `logratio/*` metrics; they never enter the loss, so a prior that does not declare the reference cannot read it.
+    """
+    seq = view.seq(view.logps)                                           # [2, B]
+    log_zeta = prior.log_prior(view)                                     # [2, B]
+    losses = mi_dpo_loss(seq, log_zeta, prior.a)                         # [B]
+    penalty = prior.penalty(view)
+    metrics = pair_metrics(seq, log_zeta, prior.a, losses)
+    metrics["penalty"] = float(penalty)
+    ref = view.ref_logps if view.ref_logps is not None else yardstick
+    if ref is not None:
+        metrics.update(logratio_metrics(seq, view.seq(ref), log_zeta))
+    metrics.update(prior.scalars())
+    return LossOutput(losses.mean(), penalty, metrics)
+
+
 @torch.no_grad()
 def pair_metrics(policy_logps: Tensor, log_prior: Tensor, a: float, losses: Tensor) -> dict[str, float]:
-    """TRL-named metrics; `rewards/*` is the implied reward a*log(pi/zeta) of the prior actually trained."""
+    """TRL-named metrics; `rewards/*` is the implied reward a*log(pi/zeta) of the prior actually trained;
+    `prior/margin` = mean(log zeta_w - log zeta_l), the prior's own preference between the two responses."""
     rewards = a * (policy_logps - log_prior).float()                     # [2, B]
+    zeta = log_prior.float()
     return {
         "loss": losses.float().mean().item(),
         "rewards/chosen": rewards[0].mean().item(),
@@ -35,4 +72,18 @@ def pair_metrics(policy_logps: Tensor, log_prior: Tensor, a: float, losses: Tens
         "rewards/margins": (rewards[0] - rewards[1]).mean().item(),
         "logps/chosen": policy_logps[0].float().mean().item(),
         "logps/rejected": policy_logps[1].float().mean().item(),
+        "prior/margin": (zeta[0] - zeta[1]).mean().item(),
     }
+
+
+@torch.no_grad()
+def logratio_metrics(policy_logps: Tensor, ref_logps: Tensor, log_prior: Tensor) -> dict[str, float]:
+    """Prior-independent yardsticks against the reference, sequence log-probs [2, B] each:
+    logratio/margins = mean[(log pi - log pi_ref)_w - (log pi - log pi_ref)_l] (the policy's own margin);
+    prior/shift = mean[(log zeta - log pi_ref)_w - (log zeta - log pi_ref)_l] (how far the prior's margin
+    moved from the reference's; 0 for DPO, and for a learnable prior at initialisation)."""
+    ratio = (policy_logps - ref_logps).float()                           # [2, B]
+    shift = (log_prior - ref_logps).float()
+    return {"logratio/margins": (ratio[0] - ratio[1]).mean().item(),
+            "logratio/accuracies": (ratio[0] > ratio[1]).float().mean().item(),
+            "prior/shift": (shift[0] - shift[1]).mean().item()}

@@ -6,10 +6,10 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from midpo_cli.data import builtin
+from midpo_cli.tasks import builtin
 from midpo_cli.data.sources import load_rows
-from midpo_cli.lora import AdapterOff, add_lora
-from midpo_cli.models import frozen, load_model, load_tokenizer
+from midpo_cli.engine.lora import AdapterOff, add_lora
+from midpo_cli.engine.models import frozen, load_model, load_tokenizer
 
 
 @dataclass

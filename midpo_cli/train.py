@@ -117,7 +117,7 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
     from midpo_cli.engine import refcache
     from midpo_cli.engine.evaluate import task_evaluation
     from midpo_cli.engine.trainer import seed_everything, train_loop
-    from midpo_cli.lora import merged_for_saving
+    from midpo_cli.engine.lora import merged_for_saving
     from midpo_cli.pipeline import prepare
 
     t_start = time.perf_counter()

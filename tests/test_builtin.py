@@ -5,7 +5,7 @@ import random
 import pytest
 
 from midpo_cli.__main__ import main
-from midpo_cli.data.builtin import corrupt, edit_distance, target, true_reward
+from midpo_cli.tasks.builtin import corrupt, edit_distance, target, true_reward
 
 
 def test_reward_is_exact():
@@ -40,9 +40,9 @@ def test_default_task_improves_over_reference(tmp_path):
 def test_length_bias_shapes_pairs(tmp_path, fast):
     """With a strong annotator length bias the chosen responses are longer on average."""
     from omegaconf import OmegaConf
-    from midpo_cli.data.builtin import preference_pairs, sft_reference
+    from midpo_cli.tasks.builtin import preference_pairs, sft_reference
     from midpo_cli.config import DatasetConfig, ModelConfig
-    from midpo_cli.models import byte_tokenizer, load_model
+    from midpo_cli.engine.models import byte_tokenizer, load_model
     import torch
 
     task = OmegaConf.structured(DatasetConfig).task

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 import midpo_cli.priors  # noqa: F401
 from midpo_cli.config import register_schemas
-from midpo_cli.models import load_model, load_tokenizer, smollm2_gguf
+from midpo_cli.engine.models import load_model, load_tokenizer, smollm2_gguf
 from midpo_cli.priors import PRIORS, build_prior
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -19,11 +19,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 import midpo_cli.priors  # noqa: F401
-import midpo_cli.verify as verify
+import midpo_cli.verify.checks as verify
 from midpo_cli.config import register_schemas
 from midpo_cli.loss import mi_dpo_logits
 from midpo_cli.priors import PRIORS, PairView, build_prior, register_prior
-from midpo_cli.verify_batches import random_probe, view
+from midpo_cli.verify.batches import random_probe, view
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_schemas()

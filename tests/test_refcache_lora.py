@@ -7,9 +7,9 @@ from midpo_cli.__main__ import main
 from midpo_cli.data.tokenize import collate, encode_pair
 from midpo_cli.engine import refcache
 from midpo_cli.engine.forward import pair_view
-from midpo_cli.models import byte_tokenizer, tiny_model
+from midpo_cli.engine.models import byte_tokenizer, tiny_model
 from midpo_cli.config import ModelConfig
-from midpo_cli.priors import Needs
+from midpo_cli.priors.dpo import DPO
 
 TOK = byte_tokenizer()
 
@@ -26,8 +26,8 @@ def test_cached_values_equal_live_reference(tmp_path):
     info = refcache.attach([ps], ref, ref, TOK, tmp_path, "fp32", "cpu", TOK.pad_token_id)
     assert not info["hit"]
     b = collate(ps, TOK.pad_token_id)
-    live = pair_view({**b, "values": {}}, pol, Needs(reference=True), reference=ref)
-    cached = pair_view(b, pol, Needs(reference=True), reference=None)
+    live = pair_view({**b, "values": {}}, pol, DPO(), reference=ref)
+    cached = pair_view(b, pol, DPO(), reference=None)
     assert torch.allclose(live.ref_logps, cached.ref_logps, atol=1e-5)
     again = pairs()
     assert refcache.attach([again], ref, ref, TOK, tmp_path, "fp32", "cpu", TOK.pad_token_id)["hit"]

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 from hydra.types import RunMode
 
 import midpo_cli.priors  # noqa: F401
-from midpo_cli import tables
+from midpo_cli.report import tables
 from midpo_cli.__main__ import main
 from midpo_cli.config import register_schemas
 from midpo_cli.priors import PRIORS

@@ -2,7 +2,7 @@
 import pytest
 
 from midpo_cli.data.tokenize import collate, encode_pair
-from midpo_cli.models import byte_tokenizer
+from midpo_cli.engine.models import byte_tokenizer
 
 TOK = byte_tokenizer()
 

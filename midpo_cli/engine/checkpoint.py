@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from midpo_cli.cache import config_hash
+from midpo_cli.engine.cache import config_hash
 
 STATE = "trainer_state.json"
 IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model")   # do not change the trajectory

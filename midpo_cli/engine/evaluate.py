@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from midpo_cli.data.builtin import messages, true_reward
+from midpo_cli.tasks.builtin import messages, true_reward
 from midpo_cli.engine.sampling import sample, sequence_logps
 
 

@@ -1,10 +1,11 @@
-"""One concatenated forward for chosen and rejected, then exactly the inputs the prior declared it needs."""
+"""One concatenated forward for chosen and rejected of every model a prior reads, then the view builder."""
 from __future__ import annotations
 
 import torch
 
-from midpo_cli.engine.logps import Head, to_pairs, token_kl, token_logps
-from midpo_cli.priors import Needs, PairView
+from midpo_cli.engine.logps import Head
+from midpo_cli.engine.views import build_view, layer_means, live_reference
+from midpo_cli.priors import PairView
 
 
 def lm_head_weight(model):
@@ -27,38 +28,24 @@ def model_logits(model, batch, hidden: bool = False):
     return src, out
 
 
-def pair_view(batch: dict, policy, needs: Needs, reference=None, snapshot=None, chunk: int = 0) -> PairView:
-    """Build the PairView of a collated batch (on the right device). Only the policy carries gradient.
-    Reference log-probs come from the batch's cached `ref_logps` column when present (engine/refcache.py)."""
-    labels, mask = batch["labels"], batch["mask"]                          # [2B, T]
-    logits, _ = model_logits(policy, batch)                                # [2B, T, V] or Head([2B, T, H])
-    view = PairView(logps=to_pairs(token_logps(logits, labels, chunk) * mask), mask=to_pairs(mask))
+def pair_view(batch: dict, policy, prior, reference=None, snapshot=None, chunk: int = 0) -> PairView:
+    """The PairView of a collated batch (on the right device): forwards of the policy (with gradient), of the
+    reference and snapshot when the prior needs them live (no gradient), and of the prior's own models
+    (with gradient into the prior's parameters). Reference log-probs come from the batch's cached
+    `ref_logps` column when present (engine/refcache.py)."""
+    needs = prior.needs()
     cached = batch["values"].get("ref_logps")
-    if cached is not None:
-        if needs.reference:
-            view.ref_logps = to_pairs(cached * mask)
-        if needs.snapshot == "reference":
-            view.snapshot_logps = to_pairs(cached * mask)
-    live = needs.kl_ref_pi or needs.kl_pi_ref or needs.ref_activations or (needs.reference and cached is None)
-    if live:
+    logits, _ = model_logits(policy, batch)                                # [2B, T, V] or Head([2B, T, H])
+    ref_logits = acts = snap_logits = None
+    if live_reference(needs, cached is not None):
         if reference is None:
             raise RuntimeError("the prior needs the reference model, but none was loaded")
         with torch.no_grad():
             ref_logits, out = model_logits(reference, batch, hidden=needs.ref_activations)
-        if needs.reference and cached is None:
-            view.ref_logps = to_pairs(token_logps(ref_logits, labels, chunk) * mask)
-        if needs.kl_ref_pi:
-            view.kl_ref_pi = to_pairs(token_kl(ref_logits, logits, chunk) * mask)
-        if needs.kl_pi_ref:
-            view.kl_pi_ref = to_pairs(token_kl(logits, ref_logits, chunk) * mask)
-        if needs.ref_activations:                                          # mean activation per layer, at y_t
-            acts = torch.stack([h.float().mean(-1) for h in out.hidden_states[1:]], -1)[:, 1:]
-            view.ref_activations = to_pairs(acts)                          # [2, B, T, L]
-        del out, ref_logits
-    if needs.snapshot and view.snapshot_logps is None:
+            acts = layer_means(out.hidden_states) if needs.ref_activations else None
+    if needs.snapshot and needs.snapshot != "reference":
         with torch.no_grad():
             snap_logits, _ = model_logits(snapshot, batch)
-            view.snapshot_logps = to_pairs(token_logps(snap_logits, labels, chunk) * mask)
-    for name in needs.token_columns:
-        view.token_values[name] = to_pairs(batch["values"][name])
-    return view
+    owned = {name: model_logits(m, batch)[0] for name, m in prior.owned_models().items()}
+    return build_view(needs, batch["labels"], batch["mask"], logits, reference=ref_logits, snapshot=snap_logits,
+                      owned=owned, cached_ref=cached, ref_activations=acts, columns=batch["values"], chunk=chunk)

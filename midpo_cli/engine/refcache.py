@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from midpo_cli.cache import publish
+from midpo_cli.engine.cache import publish
 from midpo_cli.data.tokenize import collate
 from midpo_cli.engine.forward import model_logits
 from midpo_cli.engine.logps import token_logps

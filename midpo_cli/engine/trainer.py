@@ -16,7 +16,7 @@ from midpo_cli.data.tokenize import collate
 from midpo_cli.engine import checkpoint
 from midpo_cli.engine.forward import pair_view
 from midpo_cli.engine.logps import to_pairs
-from midpo_cli.loss import mi_dpo_loss, pair_metrics
+from midpo_cli.loss import preference_loss
 
 log = logging.getLogger("midpo")
 
@@ -48,21 +48,12 @@ def _to(batch: dict, device) -> dict:
 
 
 def step_loss(batch, policy, prior, models, chunk):
-    view = pair_view(batch, policy, prior.needs(), chunk=chunk, **models)
-    seq = view.seq(view.logps)                                             # [2, B]
-    log_prior = prior.log_prior(view)                                      # [2, B]
-    losses = mi_dpo_loss(seq, log_prior, prior.a)                          # [B]
-    penalty = prior.penalty(view)
-    metrics = pair_metrics(seq, log_prior, prior.a, losses)
-    metrics["penalty"] = float(penalty)
-    cached = batch["values"].get("ref_logps")
-    if cached is not None:                                                 # prior-independent yardstick
-        with torch.no_grad():
-            ratio = (seq - view.seq(to_pairs(cached))).float()             # log pi/pi_ref per side [2, B]
-            metrics["logratio/margins"] = (ratio[0] - ratio[1]).mean().item()
-            metrics["logratio/accuracies"] = (ratio[0] > ratio[1]).float().mean().item()
-    metrics["tokens"] = int(batch["attention_mask"].sum())
-    return losses.mean() + penalty, metrics
+    """The loss to differentiate (J + the prior's penalty) and the step's metrics."""
+    view = pair_view(batch, policy, prior, chunk=chunk, **models)
+    cached = batch["values"].get("ref_logps")                              # prior-independent yardstick
+    out = preference_loss(prior, view, None if cached is None else to_pairs(cached * batch["mask"]))
+    out.metrics["tokens"] = int(batch["attention_mask"].sum())
+    return out.total, out.metrics
 
 
 @torch.no_grad()

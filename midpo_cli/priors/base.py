@@ -40,6 +40,7 @@ class PairView:
     ref_activations: Tensor | None = None  # [2, B, T, L]
     snapshot_logps: Tensor | None = None   # [2, B, T]
     token_values: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # name -> [2, B, T]
+    owned_logps: dict[str, Tensor] = dataclasses.field(default_factory=dict)   # prior's own model name -> [2, B, T]
 
     def seq(self, x: Tensor) -> Tensor:
         """Masked sum over completion positions: [2, B, T] -> [2, B]."""
@@ -57,6 +58,13 @@ class PairView:
                              "declare it in the prior's needs() so the engine computes it")
         return value
 
+    def owned(self, name: str) -> Tensor:
+        """Per-token log-probs of a model the prior owns (Prior.owned_models), computed by the view builder."""
+        if name not in self.owned_logps:
+            raise ValueError(f"this prior reads its own model '{name}', which the batch does not carry; "
+                             "return it from owned_models() so the engine runs it")
+        return self.owned_logps[name]
+
     def column(self, name: str) -> Tensor:
         if name not in self.token_values:
             raise ValueError(f"this prior needs the per-token data column '{name}' (chosen_{name} / rejected_{name} "
@@ -69,6 +77,13 @@ class Prior(torch.nn.Module):
 
     Subclasses implement `log_prior` (MI-DPO form) and `original_loss` (the authors' form, written
     independently, used by `midpo verify`), and may override `needs`, `scale`, `penalty`, `warnings`.
+
+    A prior may own trainable parameters and models (a learnable prior). The engine then calls `attach` once
+    the policy and reference exist, runs every module of `owned_models()` on each batch (their per-token
+    log-probs are PairView.owned_logps), gives `parameters()` that require grad their own optimiser
+    (learning rate `lr`, clipping `max_grad_norm`), steps policy and prior as `updates(step)` says, calls
+    `on_step` after each optimiser step, logs `scalars()`, and saves `state_dict()` in checkpoints and
+    beside the final policy. A fixed prior has no parameters and none of this runs.
     """
     name: ClassVar[str] = ""
     options: ClassVar[tuple[dict, ...]] = ({},)  # convention settings `midpo verify` checks, each a dict of overrides
@@ -118,6 +133,32 @@ class Prior(torch.nn.Module):
 
     def hyperparameters(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    # ----- priors that learn (all no-ops for a fixed prior) -----------------------------------------
+
+    lr: ClassVar[float | None] = None             # learning rate of the prior's own optimiser
+    max_grad_norm: ClassVar[float] = 0.0          # gradient clipping of the prior's parameters (0 = off)
+
+    def attach(self, policy, reference) -> None:
+        """Build what the prior owns (adapters, snapshots) once the policy and the reference model exist."""
+
+    def owned_models(self) -> dict[str, torch.nn.Module]:
+        """Models whose per-token log-probs of each batch the prior reads (PairView.owned(name))."""
+        return {}
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def updates(self, step: int) -> tuple[bool, bool]:
+        """(policy, prior): which of the two take an optimiser step at this (1-based) step."""
+        return True, True
+
+    def on_step(self, step: int, policy) -> None:
+        """After each optimiser step (e.g. refresh a lagged snapshot of the policy)."""
+
+    def scalars(self) -> dict[str, float]:
+        """The prior's scalar parameters for the metrics, named `prior/<name>`."""
+        return {}
 
     def forward(self, v: PairView) -> Tensor:
         return self.log_prior(v)

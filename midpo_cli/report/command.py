@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from midpo_cli import console, tables
+from midpo_cli import console
+from midpo_cli.report import tables
 
 READING = """\
 ## Reading the columns
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     agg = tables.aggregate(df)
     agg.to_csv(out / "summary.csv", index=False)
     piv = tables.pivot(agg)
-    from midpo_cli import plots                                        # matplotlib only when reporting
+    from midpo_cli.report import plots                                        # matplotlib only when reporting
     figures = plots.plot_all(df, agg, out)
     md = write_markdown(out, args.dirs, df, agg, piv, figures)
     tables.print_table(piv, f"midpo report: {len(df)} runs, mean±std over seeds")

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from midpo_cli.tables import display_names, metrics_of, same_as  # noqa: E402
+from midpo_cli.report.tables import display_names, metrics_of, same_as  # noqa: E402
 
 DPI = 100
 MARKERS = "osD^vP*Xph<>"

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 class SweepTable(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from midpo_cli import console, tables                         # deferred: single runs never need pandas
+        from midpo_cli import console
+        from midpo_cli.report import tables                        # deferred: single runs never need pandas
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:

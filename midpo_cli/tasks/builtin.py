@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from midpo_cli.cache import config_hash, publish
+from midpo_cli.engine.cache import config_hash, publish
 from midpo_cli.data.tokenize import collate, encode_pair
 from midpo_cli.engine.sampling import sample
 
@@ -76,7 +76,7 @@ def check(task) -> None:
 
 def sft_reference(task, model_cfg, tokenizer, seed: int, cache_root: Path, device) -> Path:
     """Train (or reuse) the SFT reference policy on imperfect demonstrations; returns its directory."""
-    from midpo_cli.models import load_model
+    from midpo_cli.engine.models import load_model
 
     key = config_hash({"model": model_cfg, "task": {k: task[k] for k in task if k.startswith("sft") or k in (
         "kind", "alphabet", "min_len", "max_len", "demo_noise")}, "seed": seed})

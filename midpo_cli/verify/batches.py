@@ -16,47 +16,52 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from midpo_cli.engine.logps import token_kl, token_logps, to_pairs
+from midpo_cli.engine.views import build_view, layer_means
 from midpo_cli.priors import Needs, PairView
 
 F64 = torch.float64
-COLUMNS = ("weights", "mask", "mask_u", "mask_d")   # per-token data columns the priors read
 PAIRS = [("Copy: abc\n", "abc", "abd"), ("Reverse: hello\n", "olleh", "hello there"),
          ("Sort: dcba\n", "abcd", "abdc d"), ("Say hi.\n", "hi!", "Hello, how are you today?")]
 
 
 @dataclass
 class Probe:
-    """Everything a prior may read, plus the tensors gradients are compared on."""
-    full: dict                     # PairView field -> tensor ([2, B, T] or [2, B, T, L]); token_values -> dict
+    """Everything a prior may read, as the engine would get it, plus the tensors gradients are compared on.
+
+    sources: logits [N, T, V] of "policy" (carries the gradient), "reference" and "snapshot", N = 2B rows;
+    labels, mask [N, T]; activations [N, T, L] (reference, per layer); columns: name -> [N, T].
+    `view(probe, needs)` hands them to the engine's view builder, so verify checks the priors on exactly the
+    inputs training computes, and an undeclared input shows up as an error instead of silently being there."""
+    sources: dict
+    labels: Tensor
+    mask: Tensor
+    activations: Tensor
+    columns: dict
     params: list[Tensor]           # leaves: policy logits (random) or model parameters (real)
     label: str = ""
 
-
-def view(p: Probe, needs: Needs, **override) -> PairView:
-    """A PairView carrying only the inputs `needs` declares (plus per-field overrides)."""
-    f = {**p.full, **override}
-    cols = f["token_values"]
-    return PairView(
-        logps=f["logps"], mask=f["mask"],
-        ref_logps=f["ref_logps"] if needs.reference else None,
-        kl_ref_pi=f["kl_ref_pi"] if needs.kl_ref_pi else None,
-        kl_pi_ref=f["kl_pi_ref"] if needs.kl_pi_ref else None,
-        ref_activations=f["ref_activations"] if needs.ref_activations else None,
-        snapshot_logps=f["snapshot_logps"] if needs.snapshot else None,
-        token_values={k: cols[k] for k in needs.token_columns if k in cols})
+    @property
+    def full(self) -> dict:
+        """Every per-token input as [2, B, T] float64 (for checks that build a PairView by hand)."""
+        everything = Needs(reference=True, kl_ref_pi=True, kl_pi_ref=True, ref_activations=True,
+                           snapshot="path", token_columns=tuple(self.columns))
+        v = view(self, everything)
+        return {"logps": v.logps, "mask": v.mask, "ref_logps": v.ref_logps, "kl_ref_pi": v.kl_ref_pi,
+                "kl_pi_ref": v.kl_pi_ref, "snapshot_logps": v.snapshot_logps,
+                "ref_activations": v.ref_activations, "token_values": v.token_values}
 
 
-def _per_token(pol: Tensor, ref: Tensor, snap: Tensor, labels: Tensor, mask: Tensor) -> dict:
-    """Engine log-probs and KLs from [N, T, V] logits (policy carries the gradient), as float64 [2, B, T].
-    token_logps/token_kl compute in fp32 (even from fp64 logits); both loss forms read the same values."""
-    lp = lambda x: to_pairs(token_logps(x, labels)).to(F64) * mask                     # [2, B, T]
-    return {"logps": lp(pol), "ref_logps": lp(ref), "snapshot_logps": lp(snap),
-            "kl_ref_pi": to_pairs(token_kl(ref, pol)).to(F64) * mask,                    # KL_t(pi_ref || pi)
-            "kl_pi_ref": to_pairs(token_kl(pol, ref)).to(F64) * mask, "mask": mask}      # KL_t(pi || pi_ref)
+def view(p: Probe, needs: Needs, owned: dict | None = None, **override) -> PairView:
+    """The PairView the engine would build for a prior with these needs (plus per-field overrides)."""
+    v = build_view(needs, p.labels, p.mask, p.sources["policy"], reference=p.sources["reference"],
+                   snapshot=p.sources["snapshot"], owned=owned, ref_activations=p.activations, columns=p.columns)
+    for k, x in override.items():
+        setattr(v, k, {**v.token_values, **x} if k == "token_values" else x)
+    return v
 
 
 def _columns(mask: Tensor, g: torch.Generator) -> dict:
+    """Per-token data columns [N, T] (weights in [0.7, 1.3], masks in [0, 1]), zero on padding."""
     u = lambda lo, hi: (lo + (hi - lo) * torch.rand(mask.shape, generator=g, dtype=F64)) * mask
     return {"weights": u(0.7, 1.3), "mask": u(0.0, 1.0), "mask_u": u(0.0, 1.0), "mask_d": u(0.0, 1.0)}
 
@@ -66,15 +71,11 @@ def random_probe(seed: int, B: int = 4, T: int = 7, V: int = 11, L: int = 3) -> 
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64)
     lens = torch.tensor([[7, 4, 5, 2], [3, 6, 7, 5]])[:, :B]                           # [2, B], max = T
-    mask = (torch.arange(T)[None, None] < lens[..., None]).to(F64)                    # [2, B, T]
-    theta = rnd(2, B, T, V).requires_grad_()                                          # [2, B, T, V] policy logits
-    ref, snap = rnd(2, B, T, V), rnd(2, B, T, V)
-    toks = torch.randint(0, V, (2, B, T), generator=g)
-    flat = lambda x: x.reshape(2 * B, T, *x.shape[3:])
-    full = _per_token(flat(theta), flat(ref), flat(snap), flat(toks), mask)
-    full["ref_activations"] = rnd(2, B, T, L) * mask[..., None]                       # [2, B, T, L]
-    full["token_values"] = _columns(mask, g)
-    return Probe(full, [theta], f"random B={B} T={T} V={V}")
+    mask = (torch.arange(T)[None, None] < lens[..., None]).to(F64).reshape(2 * B, T)  # [N, T]
+    theta = rnd(2 * B, T, V).requires_grad_()                                         # [N, T, V] policy logits
+    sources = {"policy": theta, "reference": rnd(2 * B, T, V), "snapshot": rnd(2 * B, T, V)}
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    return Probe(sources, labels, mask, rnd(2 * B, T, L), _columns(mask, g), [theta], f"random B={B} T={T} V={V}")
 
 
 def _encode(tok, pairs) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,21 +99,17 @@ def _encode(tok, pairs) -> tuple[Tensor, Tensor, Tensor]:
 def _model_probe(policy, ref_fn, snap_fn, tok, seed: int, label: str, params, pairs=PAIRS) -> Probe:
     ids, att, comp = _encode(tok, pairs)
     out = policy(input_ids=ids, attention_mask=att, output_hidden_states=True)
-    pol = out.logits[:, :-1]                                                          # [2B, S-1, V]
     with torch.no_grad():
         ref, snap = ref_fn(ids, att, out), snap_fn(ids, att, out)
-        acts = torch.stack([h.mean(-1) for h in out.hidden_states[1:]], -1)[:, :-1]    # [2B, S-1, L]
-    mask = to_pairs(comp)                                                             # [2, B, S-1]
-    full = _per_token(pol, ref, snap, ids[:, 1:], mask)
-    full["ref_activations"] = to_pairs(acts.detach().to(F64)) * mask[..., None]
-    full["token_values"] = _columns(mask, torch.Generator().manual_seed(seed))
-    return Probe(full, params, label)
+        acts = layer_means(out.hidden_states).to(F64)                                  # [2B, S-1, L]
+    sources = {"policy": out.logits[:, :-1], "reference": ref, "snapshot": snap}       # [2B, S-1, V]
+    return Probe(sources, ids[:, 1:], comp, acts, _columns(comp, torch.Generator().manual_seed(seed)), params, label)
 
 
 def tiny_probe(seed: int) -> Probe:
     """The tiny Llama (float64), a real byte-tokenised batch; reference and snapshot: other seeds."""
     from midpo_cli.config import ModelConfig
-    from midpo_cli.models import byte_tokenizer, tiny_model
+    from midpo_cli.engine.models import byte_tokenizer, tiny_model
 
     tok = byte_tokenizer()
     cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
@@ -132,7 +129,7 @@ def smollm2_probe(seed: int) -> Probe:
     gradient w.r.t. its last block and final norm (cheap). Reference / snapshot: the same forward at
     temperature 1.25 / 1.6 (distinct distributions without a second model)."""
     from midpo_cli.config import ModelConfig
-    from midpo_cli.models import load_model, load_tokenizer
+    from midpo_cli.engine.models import load_model, load_tokenizer
 
     cfg = ModelConfig(source="smollm2", dtype="float32")
     tok = load_tokenizer(cfg)

@@ -19,16 +19,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from midpo_cli import console
-from midpo_cli.loss import mi_dpo_logits, mi_dpo_loss
+from midpo_cli.loss import mi_dpo_logits, mi_dpo_loss, preference_loss
 from midpo_cli.priors import PRIORS, PairView, Prior, build_prior, prior_class
-from midpo_cli.verify_batches import Probe, random_probe, view
+from midpo_cli.verify.batches import Probe, random_probe, view
 
 DIFFERS = 1e-8      # a change smaller than this counts as "no change" (knobs, stop-gradients, y-shifts)
 
 
 def unified(prior: Prior, v: PairView) -> torch.Tensor:
-    """J_MI-DPO with the prior's log zeta, batch mean."""
-    return mi_dpo_loss(v.seq(v.logps), prior.log_prior(v), prior.a).mean()
+    """J_MI-DPO with the prior's log zeta, batch mean: the engine's own loss function."""
+    return preference_loss(prior, v).loss
 
 
 def original(prior: Prior, v: PairView) -> torch.Tensor:
@@ -170,13 +170,13 @@ def knobs(rows: Rows, p: Probe, names) -> None:
     for name, opt, prior in settings(names):
         for knob in prior.knobs():
             pert = build_prior({"name": name, **opt, knob: getattr(prior, knob) * 1.37 + 0.05})
-            loss = lambda q: lambda: unified(q, view(p, q.needs())) + q.penalty(view(p, q.needs()))
+            loss = lambda q: lambda: preference_loss(q, view(p, q.needs())).total
             rows.check(name, option_text(opt), f"knob {knob} changes loss or grad",
                        lambda: max(gaps(loss(prior), loss(pert), p.params)), differs=True)
 
 
 def trl_checks(rows: Rows, p: Probe, names, atol: float) -> None:
-    from midpo_cli.verify_batches import trl_dpo_loss, trl_simpo_loss
+    from midpo_cli.verify.batches import trl_dpo_loss, trl_simpo_loss
     if "dpo" in names:
         d = build_prior({"name": "dpo"})
         rows.check("dpo", "default", "== trl DPOTrainer._compute_loss, sigmoid (value, grad)",
@@ -200,7 +200,7 @@ def collect(cfg: DictConfig) -> Rows:
     probe = random_probe(cfg.seed)
     equivalence(rows, probe, names, atol)
     if cfg.real_model:
-        from midpo_cli.verify_batches import tiny_probe
+        from midpo_cli.verify.batches import tiny_probe
         equivalence(rows, tiny_probe(cfg.seed), names, atol)
     else:
         rows.skip("*", "", "tiny model forward", "real_model=false")
@@ -209,8 +209,8 @@ def collect(cfg: DictConfig) -> Rows:
         rows.skip("*", "", smol, "smollm2=false: set smollm2=true to add it (~40 s)" if cfg.real_model
                   else "real_model=false")
     else:
-        from midpo_cli.models import smollm2_gguf
-        from midpo_cli.verify_batches import smollm2_probe
+        from midpo_cli.engine.models import smollm2_gguf
+        from midpo_cli.verify.batches import smollm2_probe
         try:
             smollm2_gguf()
         except RuntimeError as e:

@@ -1,0 +1,71 @@
+"""The one view builder: from logits (or chunked LM-head sources) to the PairView a prior reads.
+
+The engine (engine/forward.py: from a batch and the models), the Python API (from the caller's logits) and
+`midpo verify` (from probe logits) all build their views here, so a prior sees the same inputs everywhere.
+Exactly what the prior's `needs()` declares is computed; an undeclared input stays None and reading it is
+an error (PairView.require). N = 2B rows (chosen rows, then rejected), T label positions, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from midpo_cli.engine.logps import Head, to_pairs, token_kl, token_logps
+from midpo_cli.priors import Needs, PairView
+
+Source = Tensor | Head            # logits [N, T, V] aligned with labels, or final hidden states + LM head
+
+
+def build_view(needs: Needs, labels: Tensor, mask: Tensor, policy: Source, *, reference: Source | None = None,
+               snapshot: Source | None = None, owned: dict[str, Source] | None = None,
+               cached_ref: Tensor | None = None, ref_activations: Tensor | None = None,
+               columns: dict[str, Tensor] | None = None, chunk: int = 0) -> PairView:
+    """labels, mask [N, T]; policy/reference/snapshot/owned: logits sources over the same rows and positions;
+    cached_ref [N, T] per-token reference log-probs (replaces the reference's gathered log-probs);
+    ref_activations [N, T, L]; columns: name -> [N, T] per-token data values. Returns [2, B, ...] fields."""
+    pairs = lambda x: to_pairs(x * mask)                                   # [N, T] -> [2, B, T], zero on padding
+    view = PairView(logps=pairs(token_logps(policy, labels, chunk)), mask=to_pairs(mask))
+    want_ref = needs.reference or needs.snapshot == "reference"
+    if want_ref and cached_ref is not None:
+        ref_logps = pairs(cached_ref)
+    elif want_ref:
+        ref_logps = pairs(token_logps(_required(reference, "reference"), labels, chunk))
+    if needs.reference:
+        view.ref_logps = ref_logps
+    if needs.snapshot == "reference":
+        view.snapshot_logps = ref_logps
+    elif needs.snapshot:
+        view.snapshot_logps = pairs(token_logps(_required(snapshot, "snapshot"), labels, chunk))
+    if needs.kl_ref_pi:
+        view.kl_ref_pi = pairs(token_kl(_required(reference, "reference"), policy, chunk))
+    if needs.kl_pi_ref:
+        view.kl_pi_ref = pairs(token_kl(policy, _required(reference, "reference"), chunk))
+    if needs.ref_activations:
+        view.ref_activations = to_pairs(_required(ref_activations, "reference activations") * mask[..., None])
+    for name in needs.token_columns:
+        if columns is None or name not in columns:
+            raise ValueError(f"this prior needs the per-token data column '{name}' (chosen_{name} / "
+                             f"rejected_{name}); the batch carries {sorted(columns or {}) or 'none'}")
+        view.token_values[name] = pairs(columns[name])
+    for name, source in (owned or {}).items():
+        view.owned_logps[name] = pairs(token_logps(source, labels, chunk))
+    return view
+
+
+def _required(x, what: str):
+    if x is None:
+        raise ValueError(f"the prior needs the {what} model's outputs, but none were given")
+    return x
+
+
+def live_reference(needs: Needs, cached: bool) -> bool:
+    """Whether the reference model must run on each batch (full-vocabulary or activation inputs, or no cache)."""
+    return needs.kl_ref_pi or needs.kl_pi_ref or needs.ref_activations or (
+        (needs.reference or needs.snapshot == "reference") and not cached)
+
+
+@torch.no_grad()
+def layer_means(hidden_states: tuple[Tensor, ...]) -> Tensor:
+    """Mean activation per layer at each label position: hidden states [N, S, H] per layer -> [N, S-1, L]
+    (position t+1, the token y_t itself, as MaPO's hooks see it)."""
+    return torch.stack([h.float().mean(-1) for h in hidden_states[1:]], -1)[:, 1:]

@@ -1,0 +1,1 @@
+"""`midpo verify`: each prior, in MI-DPO form, against its variant's original loss (checks.py) on probe batches (batches.py)."""
