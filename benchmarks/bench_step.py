@@ -16,7 +16,9 @@ import time
 import torch
 
 from midpo_cli.data.tokenize import EncodedPair, collate
-from midpo_cli.engine.trainer import _to, step_loss
+from accelerate.utils import send_to_device
+
+from midpo_cli.engine.trainer import step_loss
 from midpo_cli.priors import build_prior
 
 BS, PROMPT, COMP = int(os.environ.get("BS", 8)), int(os.environ.get("PROMPT", 128)), int(os.environ.get("COMP", 384))
@@ -76,9 +78,9 @@ def bench(name: str):
     if not SMOKE:
         torch.cuda.reset_peak_memory_stats()
     for pairs, ntok in batches:
-        b = _to(collate(pairs, VOCAB - 3), DEV)
+        b = send_to_device(collate(pairs, VOCAB - 3), DEV)
         sync(); t = time.perf_counter()
-        loss, _ = step_loss(b, policy, prior, models, CHUNK)
+        loss, _, _ = step_loss(b, policy, prior, models, CHUNK)
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         sync(); times.append(time.perf_counter() - t); toks.append(ntok)
     st = sorted(times[WARM:])[len(times[WARM:]) // 2]

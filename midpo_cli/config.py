@@ -37,28 +37,8 @@ class ModelConfig:
 
 
 @dataclass
-class TaskConfig:
-    """The built-in task (dataset=builtin): copy a string; quality = 1 - normalised edit distance."""
-    kind: str = "copy"                  # copy | reverse | sort: what the response must do to the prompt's string
-    alphabet: str = "abcdefgh"          # characters of the prompt strings
-    min_len: int = 4                    # shortest prompt string
-    max_len: int = 9                    # longest prompt string
-    demo_noise: float = 0.3             # per-character corruption rate of the SFT demonstrations
-    sft_examples: int = 4000            # SFT demonstrations (imperfect)
-    sft_steps: int = 400                # SFT optimisation steps for the reference policy
-    sft_lr: float = 3e-3                # SFT learning rate
-    sft_batch_size: int = 64            # SFT batch size
-    train_prompts: int = 640            # prompts sampled for preference pairs
-    eval_prompts: int = 128             # held-out prompts for evaluation
-    samples_per_prompt: int = 4         # reference samples ranked per prompt (best = chosen, worst = rejected)
-    temperature: float = 1.0            # sampling temperature (pairs and evaluation)
-    length_bias: float = 0.0            # annotator bias per character: >0 prefers longer, <0 shorter chosen
-    eval_pairs_fraction: float = 0.1    # pairs held out for the preference metrics during training
-
-
-@dataclass
 class DatasetConfig:
-    source: str = "builtin"               # builtin | local | hub
+    source: str = "builtin"               # the task (midpo_cli/tasks/): builtin | local | hub | ...
     path: Optional[str] = None            # local file (jsonl/json/parquet/csv) or hub dataset id
     split: str = "train"                  # split to train on
     eval_split: Optional[str] = None      # split to evaluate on; None = carve eval_fraction from train
@@ -70,7 +50,7 @@ class DatasetConfig:
     prompt_column: str = "prompt"         # the data's column holding the prompt
     chosen_column: str = "chosen"         # ... the preferred response
     rejected_column: str = "rejected"     # ... the dispreferred response
-    task: TaskConfig = field(default_factory=TaskConfig)  # the built-in task's settings
+    task: Any = None                      # the task's own settings, typed by schema/task/<source> (if it has any)
 
 
 @dataclass
@@ -80,7 +60,8 @@ class TrainerConfig:
     grad_accum: int = 1                   # micro-batches per optimiser step
     eval_every: int = 50                  # held-out preference metrics every N steps (0 = only at the end)
     save_every: int = 0                   # checkpoint every N steps (0 = only the final model)
-    resume: Optional[str] = None          # "latest" or a checkpoint path to continue from
+    resume: Optional[str] = "auto"        # auto | latest | never | a checkpoint or run directory path
+    on_nonfinite: str = "stop"            # stop | skip: a non-finite loss or gradient stops the run, or skips the step
     precision: str = "fp32"               # fp32 | bf16 | fp16 (mixed precision through accelerate)
     max_grad_norm: float = 1.0            # gradient clipping (0 = off)
     warmup_steps: int = 0                 # linear learning-rate warm-up
@@ -145,6 +126,9 @@ class VerifyRoot:
 
 
 def register_schemas() -> None:
+    import midpo_cli.priors  # noqa: F401  (each prior stores its schema: schema/prior/<name>)
+    import midpo_cli.tasks  # noqa: F401   (each task stores its settings' schema: schema/task/<name>)
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRoot)
     cs.store(name="verify_schema", node=VerifyRoot)

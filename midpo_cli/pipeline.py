@@ -1,57 +1,89 @@
-"""Set-up of one run: tokenizer, policy, reference (a frozen copy, or the LoRA policy with adapters off),
-snapshot, and the train/eval rows (the built-in task's cached SFT reference and pairs, or a dataset)."""
+"""Set-up of one run: the task's reference policy and pairs, the policy, the reference (a frozen copy, or the
+LoRA policy with adapters off), the snapshot, the prior's own models, the tokenised pairs and the reference
+log-prob cache. The task is picked by `dataset.source`; nothing here knows which task it is.
+
+In a multi-process run the task's expensive, cached work (SFT, sampled pairs, the reference cache) is done by
+the main process first; the other processes then read the same cache entries.
+"""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from midpo_cli.tasks import builtin
-from midpo_cli.data.sources import load_rows
+from midpo_cli.data.prepare import build_pairs, save_report
+from midpo_cli.engine import refcache
 from midpo_cli.engine.lora import AdapterOff, add_lora
 from midpo_cli.engine.models import frozen, load_model, load_tokenizer
+from midpo_cli.engine.views import live_reference
+from midpo_cli.tasks import Context, Task, build_task
+
+log = logging.getLogger("midpo")
 
 
 @dataclass
 class Setup:
+    task: Task
+    ctx: Context
     tokenizer: object
     policy: object
     reference: object | None          # what computes pi_ref live (None when nothing needs it)
-    snapshot: object | None
-    train_rows: list
-    eval_rows: list
-    task: object | None = None        # the built-in task's settings, when dataset=builtin
-    eval_strings: list = field(default_factory=list)
+    snapshot: object | None           # a frozen earlier policy (DICE), when the prior needs one
+    train_pairs: list
+    eval_pairs: list
+    data: dict                        # counts for results.json
+    ref_cache: dict | None            # {"hit", "key", "path"} of the reference log-prob cache
 
 
 def _reference_of(policy, cfg, device):
     return AdapterOff(policy) if cfg.model.lora.r > 0 else frozen(copy.deepcopy(policy)).to(device)
 
 
-def prepare(cfg, needs, device) -> Setup:
+def prepare(cfg, prior, acc, run_dir: Path) -> Setup:
+    from midpo_cli.engine.trainer import seed_everything
+
+    needs, device = prior.needs(), acc.device
+    task = build_task(cfg.dataset)
     tokenizer = load_tokenizer(cfg.model)
-    cache_root = Path(cfg.cache_dir)
-    task = cfg.dataset.task if cfg.dataset.source == "builtin" else None
-    path = None
-    if task is not None:
-        builtin.check(task)
-        path = str(builtin.sft_reference(task, cfg.model, tokenizer, cfg.seed, cache_root, device))
+    ctx = Context(tokenizer, cfg.model, cfg.seed, Path(cfg.cache_dir), device)
+    seed_everything(cfg.seed)
+    with acc.main_process_first():                                         # e.g. SFT, cached for the others
+        path = task.reference_weights(ctx)
     policy = load_model(cfg.model, tokenizer, path=path)
     if cfg.model.lora.r > 0:
         policy = add_lora(policy, cfg.model.lora)
     policy.to(device)
-    wants_reference = needs.reference_model or needs.snapshot == "reference" or task is not None
+    wants_reference = needs.reference_model or needs.snapshot == "reference" or task.evaluates_reference \
+        or bool(prior.trainable())
     reference = _reference_of(policy, cfg, device) if wants_reference else None
-    eval_strings = []
-    if task is not None:
-        data = builtin.preference_pairs(task, reference, tokenizer, Path(path).name, cfg.seed, cache_root, device)
-        rows = data["pairs"]
-        n_eval = int(len(rows) * task.eval_pairs_fraction)
-        eval_rows, train_rows, eval_strings = rows[:n_eval], rows[n_eval:], data["eval_strings"]
-    else:
-        train_rows, eval_rows = load_rows(cfg.dataset)
+    with acc.main_process_first():                                         # e.g. sampled pairs, cached
+        train_rows, eval_rows = task.pairs(ctx, reference)
     snapshot = None
     if needs.snapshot:
         snapshot = reference if needs.snapshot == "reference" else \
             frozen(load_model(cfg.model, tokenizer, path=needs.snapshot)).to(device)
-    return Setup(tokenizer, policy, reference, snapshot, train_rows, eval_rows, task, eval_strings)
+    seed_everything(cfg.seed)
+    train_pairs, train_report = build_pairs(train_rows, tokenizer, cfg.dataset, needs.token_columns, "train")
+    eval_pairs, eval_report = build_pairs(eval_rows, tokenizer, cfg.dataset, needs.token_columns, "eval")
+    if acc.is_main_process:
+        save_report([train_report, eval_report], run_dir)
+    if not train_pairs:
+        raise ValueError("no training pairs left (see the data report above: data_report.json)")
+    data = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+            "truncated": train_report["truncated"] + eval_report["truncated"],
+            "dropped": train_report["dropped"] + eval_report["dropped"]}
+    ref_cache = None
+    if cfg.trainer.ref_cache and reference is not None:                   # also gives the logratio/* yardstick
+        base = policy.get_base_model() if cfg.model.lora.r > 0 else reference
+        with acc.main_process_first():
+            ref_cache = refcache.attach([train_pairs, eval_pairs], reference, base, tokenizer, Path(cfg.cache_dir),
+                                        cfg.trainer.precision, device, tokenizer.pad_token_id)
+    prior.attach(policy, reference)
+    prior.to(device)
+    keep = live_reference(needs, cached=ref_cache is not None) or task.evaluates_reference \
+        or cfg.model.lora.r > 0 or reference is None
+    if not keep:                                                           # the cache replaces the reference copy
+        reference = None
+        snapshot = None if needs.snapshot == "reference" else snapshot
+    return Setup(task, ctx, tokenizer, policy, reference, snapshot, train_pairs, eval_pairs, data, ref_cache)

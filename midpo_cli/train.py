@@ -1,8 +1,12 @@
-"""`midpo train`: one run = data -> policy/reference -> MI-DPO training with the prior -> evaluation -> results."""
+"""`midpo train`: one run = task -> policy/reference -> MI-DPO training with the prior -> evaluation -> results.
+
+One process or many (`accelerate launch` / `torchrun`): the main process claims the run directory and is the
+only one that writes; every process trains on its own shard of each batch.
+"""
 from __future__ import annotations
 
-import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,30 +14,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from midpo_cli import console
-from midpo_cli.engine import checkpoint
+from midpo_cli.engine import checkpoint, rundir
 from midpo_cli.priors import build_prior
 
 log = logging.getLogger("midpo")
-RUN_FILES = ("results.json", "metrics.jsonl", "config.yaml")
 CHOICES = {"trainer.precision": ("fp32", "bf16", "fp16"), "trainer.lr_schedule": ("constant", "linear", "cosine"),
-           "dataset.truncation": ("keep_end", "drop")}
-
-
-def run_dir_of() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-def claim(run_dir: Path, resuming: bool) -> None:
-    """Refuse a directory that already holds a run: nothing written by an earlier run is ever overwritten.
-    Resuming may continue an unfinished run (no results.json) in its own directory."""
-    taken = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if resuming and taken and not (run_dir / "results.json").exists():
-        return
-    if taken:
-        raise ValueError(f"run directory {run_dir} already holds a run ({', '.join(taken)}); "
-                         "pick a new hydra.run.dir / hydra.sweep.dir (nothing was changed)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+           "dataset.truncation": ("keep_end", "drop"), "trainer.on_nonfinite": ("stop", "skip")}
+RESUME = ("auto", "latest", "never")
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -51,44 +38,111 @@ def in_sweep() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+    return list(HydraConfig.get().overrides.task)
+
+
+def _default_name() -> bool:
+    """Whether the run directory is Hydra's default time-stamped one (then a taken name moves on to a fresh one)."""
+    from hydra.core.hydra_config import HydraConfig
+    hc = HydraConfig.get()
+    return not in_sweep() and not any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in hc.overrides.hydra)
+
+
 def record_failure(run_dir: Path, exc: BaseException) -> None:
-    """A failed sweep job leaves error.json (its row in the sweep table) and lets the sweep go on."""
+    """A failed run leaves error.json (its row in the sweep table, status failed)."""
     import traceback
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "error.json").write_text(json.dumps({
+    rundir.write_json(run_dir / "error.json", {
         "status": "failed", "error": f"{type(exc).__name__}: {exc}", "overrides": _overrides(),
-        "traceback": "".join(traceback.format_exception(exc))}, indent=2))
+        "traceback": "".join(traceback.format_exception(exc))})
 
 
-def run(cfg: DictConfig) -> None:
+def claim_directory(cfg, state) -> rundir.Claim | None:
+    """The main process claims the run directory; every process learns its path (None on the others)."""
+    from hydra.core.hydra_config import HydraConfig
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume = cfg.trainer.resume or "never"
+    if resume not in RESUME and not Path(resume).expanduser().exists():
+        raise ValueError(f"trainer.resume={resume}: not one of {RESUME} and no such checkpoint or run directory")
+    claim = None
+    if state.is_main_process:
+        claim = rundir.claim(hydra_dir, checkpoint.run_hash(cfg), "auto" if resume == "auto" else "never"
+                             if resume == "never" else "fresh", _default_name())
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        box = broadcast_object_list([None if claim is None else (str(claim.path), claim.state)], from_process=0)
+        path, st = box[0]
+        if claim is None:
+            if Path(path) != hydra_dir:                                    # this process's own time-stamped dir
+                try:
+                    hydra_dir.rmdir()
+                except OSError:
+                    pass
+            claim = rundir.Claim(Path(path), st, -1)
+    return claim
+
+
+def run(cfg: DictConfig):
     """Hydra task. Bad input exits 1 with one message and no traceback; in a sweep, a failing job is
     recorded (error.json) and the sweep continues."""
-    run_dir = run_dir_of()
+    from accelerate import PartialState
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    claim = None
     try:
-        claim(run_dir, bool(cfg.trainer.resume))
-        console.setup_logging(run_dir / "train.log")
         check_settings(cfg)
-        prior = build_prior(cfg.prior)
-        resume_from = checkpoint.find(cfg.trainer.resume, run_dir, cfg) if cfg.trainer.resume else None
-        for w in prior.warnings():
-            log.warning(w)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        results = train(cfg, prior, run_dir, resume_from)
+        claim = claim_directory(cfg, state)
+        run_dir = claim.path
+        console.setup_logging(run_dir / "train.log" if state.is_main_process else None)
+        if claim.state == "finished":
+            results = reuse(run_dir)
+        else:
+            prior = build_prior(cfg.prior)
+            resume = cfg.trainer.resume or "never"
+            resume_from = None
+            if claim.state == "resume" or resume not in ("auto", "never"):
+                resume_from = checkpoint.find(resume, run_dir, cfg)
+            for w in prior.warnings():
+                log.warning(w)
+            if state.is_main_process:
+                rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            results = train(cfg, prior, run_dir, resume_from)
     except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         console.error(f"{type(e).__name__}: {msg}")
+        if claim is not None and state.is_main_process:
+            record_failure(claim.path, e)
         if in_sweep():
-            record_failure(run_dir, e)
-            return
+            return None
         sys.exit(1)
     except Exception as e:                                                 # a crash: keep the sweep going
         if not in_sweep():
             raise
         console.error(f"job failed: {type(e).__name__}: {e}")
-        record_failure(run_dir, e)
-        return
-    console.final_table(results)
-    log.info("run directory: %s", run_dir)
+        if claim is not None and state.is_main_process:
+            record_failure(claim.path, e)
+        return None
+    finally:
+        if claim is not None:
+            claim.release()
+    if state.is_main_process:
+        console.final_table(results)
+        log.info("run directory: %s", run_dir)
+    return results
+
+
+def reuse(run_dir: Path) -> dict:
+    """A finished run of the same config: its results stand; nothing is retrained."""
+    results = rundir.read_json(run_dir / "results.json")
+    if results is None:
+        raise ValueError(f"{run_dir / 'results.json'} is unreadable; move the run directory away to rerun it")
+    rundir.write_json(run_dir / "reused.json", {"reused_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    console.console.print(f"{run_dir}: this config already finished here; its results are reused (reused.json)",
+                          highlight=False)
+    return results
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -103,70 +157,52 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-    return list(HydraConfig.get().overrides.task)
-
-
 def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None) -> dict:
     import torch
     from accelerate import Accelerator
-    from hydra.utils import instantiate
+    from accelerate.utils import GradientAccumulationPlugin
 
-    from midpo_cli.data.prepare import build_pairs, save_report
-    from midpo_cli.engine import refcache
-    from midpo_cli.engine.evaluate import task_evaluation
-    from midpo_cli.engine.trainer import seed_everything, train_loop
     from midpo_cli.engine.lora import merged_for_saving
+    from midpo_cli.engine.optim import finite_parameters
+    from midpo_cli.engine.trainer import NonFinite, seed_everything, train_loop
     from midpo_cli.pipeline import prepare
 
     t_start = time.perf_counter()
-    needs = prior.needs()
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.trainer.precision]
     trackers = list(cfg.trainer.trackers)
-    acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.trainer.grad_accum,
-                      cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(run_dir))
-    if trackers:
+    acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), log_with=trackers or None,
+                      project_dir=str(run_dir), step_scheduler_with_optimizer=False,
+                      gradient_accumulation_plugin=GradientAccumulationPlugin(
+                          num_steps=cfg.trainer.grad_accum, sync_with_dataloader=False))
+    if trackers and acc.is_main_process:
         acc.init_trackers("tracking", config=flatten(OmegaConf.to_container(cfg, resolve=True)))
-    seed_everything(cfg.seed)
-    s = prepare(cfg, needs, acc.device)
-    seed_everything(cfg.seed)
-    train_pairs, train_report = build_pairs(s.train_rows, s.tokenizer, cfg.dataset, needs.token_columns, "train")
-    eval_pairs, eval_report = build_pairs(s.eval_rows, s.tokenizer, cfg.dataset, needs.token_columns, "eval")
-    save_report([train_report, eval_report], run_dir)
-    if not train_pairs:
-        raise ValueError("no training pairs left (see the data report above: data_report.json)")
-    report = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-              "truncated": train_report["truncated"] + eval_report["truncated"],
-              "dropped": train_report["dropped"] + eval_report["dropped"]}
-    ref_cache = None
-    if cfg.trainer.ref_cache and s.reference is not None:                  # also gives the logratio/* yardstick
-        base = s.policy.get_base_model() if cfg.model.lora.r > 0 else s.reference
-        ref_cache = refcache.attach([train_pairs, eval_pairs], s.reference, base, s.tokenizer, Path(cfg.cache_dir),
-                                    cfg.trainer.precision, acc.device, s.tokenizer.pad_token_id)
-        live = needs.kl_ref_pi or needs.kl_pi_ref or needs.ref_activations
-        if not live and s.task is None and cfg.model.lora.r == 0:         # the cache replaces the reference copy
-            s.reference = None
-            s.snapshot = None if needs.snapshot == "reference" else s.snapshot
-    optimizer = instantiate(cfg.optimizer)([p for p in s.policy.parameters() if p.requires_grad])
+    s = prepare(cfg, prior, acc, run_dir)
     models = {"reference": s.reference, "snapshot": s.snapshot}
-    out = train_loop(acc, cfg, s.policy, prior, models, optimizer, train_pairs, eval_pairs,
+    out = train_loop(acc, cfg, s.policy, prior, models, s.train_pairs, s.eval_pairs,
                      s.tokenizer.pad_token_id, run_dir, resume_from)
     policy = out.pop("policy")
     results = {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": _overrides(),
-               "prior": prior.name, "seed": cfg.seed, "data": report, "ref_cache": ref_cache,
+               "prior": prior.name, "seed": cfg.seed, "data": s.data, "ref_cache": s.ref_cache,
                "resumed_from": str(resume_from) if resume_from else None, **out}
-    if s.task is not None:
-        log.info("evaluating: sampling %d held-out prompts from policy and reference", len(s.eval_strings))
+    if acc.is_main_process:
         seed_everything(cfg.seed + 3)
-        results["eval"] = task_evaluation(policy, s.reference, s.tokenizer, s.task, s.eval_strings, acc.device)
-    if cfg.trainer.save_model and acc.is_main_process:
+        ev = s.task.evaluate(s.ctx, policy, s.reference)
+        if ev:
+            results["eval"], results["eval_title"] = ev, s.task.title
+    if not finite_parameters(policy, prior):
+        raise NonFinite("the trained weights are not finite; nothing was saved. Lower optimizer.lr")
+    if cfg.trainer.save_model:
         saved = merged_for_saving(policy) if cfg.model.lora.r > 0 else policy
-        saved.save_pretrained(run_dir / "model", safe_serialization=True)
-        s.tokenizer.save_pretrained(run_dir / "model")
+        saved.save_pretrained(run_dir / "model", safe_serialization=True, is_main_process=acc.is_main_process,
+                              state_dict=None if acc.num_processes == 1 else acc.get_state_dict(saved))
+        if acc.is_main_process:
+            s.tokenizer.save_pretrained(run_dir / "model")
+    if acc.is_main_process and prior.state_dict():
+        prior.save(run_dir / "prior")
     if trackers:
         acc.end_training()
     results["wall_time_s"] = time.perf_counter() - t_start
     if acc.is_main_process:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+        rundir.write_json(run_dir / "results.json", results)
+    acc.wait_for_everyone()
     return results

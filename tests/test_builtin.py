@@ -40,12 +40,12 @@ def test_default_task_improves_over_reference(tmp_path):
 def test_length_bias_shapes_pairs(tmp_path, fast):
     """With a strong annotator length bias the chosen responses are longer on average."""
     from omegaconf import OmegaConf
-    from midpo_cli.tasks.builtin import preference_pairs, sft_reference
-    from midpo_cli.config import DatasetConfig, ModelConfig
+    from midpo_cli.tasks.builtin import BuiltinSettings, preference_pairs, sft_reference
+    from midpo_cli.config import ModelConfig
     from midpo_cli.engine.models import byte_tokenizer, load_model
     import torch
 
-    task = OmegaConf.structured(DatasetConfig).task
+    task = OmegaConf.structured(BuiltinSettings)
     task.sft_steps, task.sft_examples, task.train_prompts, task.eval_prompts = 60, 500, 64, 4
     model_cfg = OmegaConf.structured(ModelConfig)
     tok = byte_tokenizer()

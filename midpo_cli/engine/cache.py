@@ -38,3 +38,23 @@ def publish(path: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+
+
+def readable_model(path: Path) -> bool:
+    """Whether a cached save_pretrained directory is whole: config.json parses and every safetensors file's
+    header and size agree (a truncated or half-copied entry is rebuilt instead of failing every later run)."""
+    try:
+        json.loads((path / "config.json").read_text())
+        files = list(path.glob("*.safetensors"))
+        if not files:
+            return False
+        for f in files:
+            with f.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size != 8 + n + end:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

@@ -1,9 +1,15 @@
-"""Checkpoints (full state: model, optimizer, scheduler, RNG states, data position) and resume.
+"""Checkpoints (full state: policy, optimisers, schedules, RNG states, data position, the prior's own state) and resume.
 
-A checkpoint is <run>/checkpoints/step-N/ written by accelerate's save_state plus trainer_state.json
-(step, config hash). `trainer.resume=latest` continues the newest checkpoint of a run with the same
-config (this run directory first, then sibling runs under the same outputs root); a path names a
-checkpoint or a run directory. A mismatching config is refused, never silently mixed.
+A checkpoint is <run>/checkpoints/step-N/: accelerate's save_state (safetensors weights; optimiser, schedule
+and RNG states loaded back with torch.load(weights_only=True), so a planted pickle is refused, never run),
+`prior.safetensors` for a prior with state, `trainer_state.json` (step, config hash) and `manifest.json`
+(size and xxh3-128 hash of every file). It is written under a temporary name and renamed when complete;
+a damaged file (truncated, changed) is found by the manifest before anything is loaded.
+
+`trainer.resume`: auto (default) continues this run directory's latest checkpoint when it holds the same
+config (engine/rundir.py decides); latest = the newest checkpoint of a run with this config (this directory
+first, then sibling runs under the same outputs root); a path names a checkpoint or a run directory.
+A mismatching config is refused, never silently mixed.
 """
 from __future__ import annotations
 
@@ -14,19 +20,33 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from midpo_cli.engine.cache import config_hash
+from midpo_cli.engine.rundir import read_json
 
-STATE = "trainer_state.json"
-IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model")   # do not change the trajectory
+STATE, MANIFEST, PRIOR = "trainer_state.json", "manifest.json", "prior.safetensors"
+IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers")
+CHUNK = 1 << 22
 
 
 def run_hash(cfg) -> str:
+    """The config hash of a run: every setting that changes its trajectory (not where or how often it logs)."""
     c = OmegaConf.to_container(cfg, resolve=True)
     for k in IGNORED:
         c["trainer"].pop(k, None)
+    c.pop("cache_dir", None)
     return config_hash(c)
 
 
-def save(acc, run_dir: Path, step: int, cfg) -> Path:
+def file_hash(path: Path) -> str:
+    import xxhash
+    h = xxhash.xxh3_128()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(acc, run_dir: Path, step: int, cfg, prior) -> Path:
+    """Write the checkpoint of `step` (every process takes part; the main process publishes it)."""
     path = run_dir / "checkpoints" / f"step-{step}"
     tmp = path.with_name(f".{path.name}.partial")
     if acc.is_main_process and tmp.exists():
@@ -34,37 +54,119 @@ def save(acc, run_dir: Path, step: int, cfg) -> Path:
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     if acc.is_main_process:
+        state = prior.state_dict()
+        if state:
+            from safetensors.torch import save_file
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / PRIOR))
         (tmp / STATE).write_text(json.dumps({"step": step, "config_hash": run_hash(cfg)}))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): [p.stat().st_size, file_hash(p)] for p in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if path.exists():                                                  # a re-run of this step: replace it
+            shutil.rmtree(path)
         tmp.rename(path)                                                   # complete checkpoints only
     acc.wait_for_everyone()
     return path
 
 
-def _newest(run_dir: Path) -> Path | None:
+def damage(ckpt: Path) -> str | None:
+    """Why a checkpoint directory is not a complete, intact checkpoint (None when it is)."""
+    manifest = read_json(ckpt / MANIFEST)
+    if manifest is None:
+        return f"{ckpt / MANIFEST} is missing or unreadable"
+    for name, (size, digest) in manifest.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} is truncated or changed ({f.stat().st_size} bytes, {size} written)"
+        if file_hash(f) != digest:
+            return f"{f} does not match what was written (hash differs)"
+    return None
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories (step-N with a trainer state), newest first."""
     found = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / STATE).exists()]
-    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return sorted(found, key=step_of, reverse=True)
 
 
-def find(resume: str, run_dir: Path, cfg) -> Path:
-    """The checkpoint to continue from; raises ValueError saying what was looked at."""
+def _previous_good(ckpt: Path) -> str:
+    for p in complete(ckpt.parent.parent):
+        if step_of(p) < step_of(ckpt) and damage(p) is None:
+            return f"the previous good checkpoint is {p} (step {step_of(p)}): trainer.resume={p}"
+    return "no earlier intact checkpoint exists"
+
+
+def verify(ckpt: Path) -> None:
+    """Raise ValueError (one line: the damaged file and the previous good step) unless the checkpoint is intact."""
+    why = damage(ckpt)
+    if why is not None:
+        raise ValueError(f"checkpoint {ckpt} is damaged: {why}; {_previous_good(ckpt)}")
+
+
+def load(acc, ckpt: Path, prior) -> int:
+    """Restore every state from an intact checkpoint; returns its step. Pickled objects are refused."""
+    import pickle
+
+    verify(ckpt)
+    try:
+        acc.load_state(str(ckpt))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {ckpt}: a file is not a plain tensor/state file, refused without running it "
+                         f"({type(e).__name__}: {first})") from None
+    _check_rng_files(ckpt)
+    if (ckpt / PRIOR).exists():
+        from safetensors.torch import load_file
+        prior.load_state_dict(load_file(str(ckpt / PRIOR)))
+    return step_of(ckpt)
+
+
+def _check_rng_files(ckpt: Path) -> None:
+    """accelerate skips RNG files it cannot load without a word; loading them here (weights_only) makes a
+    refused or broken RNG state an error instead of a silently inexact resume."""
+    import torch
+    from accelerate.utils.other import load
+
+    for f in sorted(ckpt.glob("random_states_*.pkl")):
+        try:
+            load(f, weights_only=True)
+        except Exception as e:                                             # noqa: BLE001 (any refusal)
+            raise ValueError(f"checkpoint {ckpt}: {f.name} is not a plain RNG state file, refused without running "
+                             f"it ({type(e).__name__})") from None
+    del torch
+
+
+def find(resume: str, run_dir: Path, cfg) -> Path | None:
+    """The checkpoint to continue from (None for a fresh start under resume=auto); raises ValueError saying
+    what was looked at."""
     want = run_hash(cfg)
+    if resume == "auto":
+        found = complete(run_dir)
+        return found[0] if found else None
     if resume != "latest":
         p = Path(resume).expanduser()
-        ckpt = p if (p / STATE).exists() else _newest(p)
+        ckpt = p if (p / STATE).exists() else next(iter(complete(p)), None)
         if ckpt is None:
             raise ValueError(f"trainer.resume={resume}: no checkpoint there (expected a step-N directory "
                              f"holding {STATE}, or a run directory with checkpoints/)")
-        got = json.loads((ckpt / STATE).read_text())["config_hash"]
-        if got != want:
+        if _hash_of(ckpt) != want:
             raise ValueError(f"trainer.resume={resume}: that checkpoint was trained with a different config "
                              f"(see its run's config.yaml); resume with the same overrides")
         return ckpt
-    candidates = [c for c in [_newest(run_dir)] + [_newest(d) for d in _siblings(run_dir)] if c is not None]
-    candidates = [c for c in candidates if json.loads((c / STATE).read_text())["config_hash"] == want]
+    candidates = [c for d in [run_dir, *_siblings(run_dir)] for c in complete(d)[:1]]
+    candidates = [c for c in candidates if _hash_of(c) == want]
     if not candidates:
         raise ValueError(f"trainer.resume=latest: no checkpoint of a run with this config under "
                          f"{run_dir.parent.parent}; checkpoints are written every trainer.save_every steps")
     return max(candidates, key=lambda c: (c / STATE).stat().st_mtime)
+
+
+def _hash_of(ckpt: Path) -> str | None:
+    return (read_json(ckpt / STATE) or {}).get("config_hash")
 
 
 def _siblings(run_dir: Path) -> list[Path]:
@@ -73,4 +175,4 @@ def _siblings(run_dir: Path) -> list[Path]:
 
 
 def step_of(ckpt: Path) -> int:
-    return int(json.loads((ckpt / STATE).read_text())["step"])
+    return int((read_json(ckpt / STATE) or {"step": ckpt.name.split("-")[-1]})["step"])

@@ -60,22 +60,67 @@ def compute(reference, pairs: list, pad_id: int, device, batch_size: int = 16, c
     return out
 
 
+def _save(values: list, path: Path) -> None:
+    """One flat float32 tensor + per-row lengths (safetensors), and its content hash in the metadata."""
+    from safetensors.torch import save_file
+    flat = [x for pair in values for side in pair for x in side]
+    lens = [len(side) for pair in values for side in pair]
+    tensors = {"values": torch.tensor(flat, dtype=torch.float32), "lengths": torch.tensor(lens, dtype=torch.int64)}
+    save_file(tensors, str(path), metadata={"checksum": _checksum(tensors)})
+
+
+def _checksum(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load(path: Path, n_pairs: int) -> list:
+    """The cached values, or ValueError saying why the entry cannot be trusted."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in ("values", "lengths")}
+    except Exception as e:                                                 # noqa: BLE001 (truncated, not safetensors...)
+        raise ValueError(f"unreadable ({type(e).__name__})") from None
+    if meta.get("checksum") != _checksum(tensors):
+        raise ValueError("checksum mismatch")
+    lens = tensors["lengths"].tolist()
+    if len(lens) != 2 * n_pairs or sum(lens) != tensors["values"].numel():
+        raise ValueError("wrong number of values")
+    flat, out, i = tensors["values"].tolist(), [], 0
+    for j in range(0, len(lens), 2):
+        a, b = lens[j], lens[j + 1]
+        out.append((flat[i:i + a], flat[i + a:i + a + b]))
+        i += a + b
+    return out
+
+
 def attach(pair_sets: list[list], reference, ref_model, tokenizer, cache_root: Path, precision: str, device,
            pad_id: int) -> dict:
     """Put cached (or freshly computed) reference log-probs on every pair as the per-token column
-    `ref_logps`; returns {"hit", "key", "path"} for the run's results."""
+    `ref_logps`; returns {"hit", "key", "path"} for the run's results. A damaged entry (truncated, changed,
+    unreadable) is recomputed with a warning and replaced."""
     flat = [p for s in pair_sets for p in s]
     key = key_of(ref_model, tokenizer, flat, precision, device)
-    path = cache_root / "ref_logps" / f"{key}.pt"
-    hit = path.exists()
+    path = cache_root / "ref_logps" / f"{key}.safetensors"
+    values, hit = None, path.exists()
     if hit:
-        values = torch.load(path)
-        log.info("reference log-probs: cache hit %s", path)
-    else:
+        try:
+            values = _load(path, len(flat))
+            log.info("reference log-probs: cache hit %s", path)
+        except ValueError as e:
+            log.warning("reference log-prob cache entry %s is damaged (%s): recomputing it", path, e)
+            path.unlink(missing_ok=True)
+            hit = False
+    if values is None:
         log.info("reference log-probs: computing for %d pairs (cached at %s)", len(flat), path)
         values = compute(reference, flat, pad_id, device)
         with publish(path) as tmp:
-            torch.save(values, tmp)
+            _save(values, tmp)
     for p, v in zip(flat, values):
         p.values[COLUMN] = v
     return {"hit": hit, "key": key, "path": str(path)}

@@ -1,80 +1,149 @@
-"""The preference-training loop (accelerate): MI-DPO loss with the configured prior, metrics, checkpoints."""
+"""The preference-training loop (accelerate): MI-DPO loss with the configured prior, metrics, checkpoints.
+
+One process or many (DDP, FSDP, DeepSpeed through `accelerate launch` / `torchrun`): the training pairs go
+through a DataLoader prepared by accelerate (each process its own shard of every global batch, resumable
+by position), `trainer.batch_size` pairs per process and micro-batch, metrics averaged over processes
+before they are logged, and only the main process writes. A prior with parameters gets its own optimiser
+and schedule, steps as the prior's `updates(step)` says, and is saved in every checkpoint.
+
+Nothing non-finite is ever trained on or written: a non-finite loss or gradient stops the run
+(`trainer.on_nonfinite=stop`, naming the step, the term that went non-finite and the last good checkpoint)
+or skips the step (`skip`, counted and reported); weights are checked before every checkpoint and save.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import math
 import random
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from midpo_cli.data.tokenize import collate
 from midpo_cli.engine import checkpoint
 from midpo_cli.engine.forward import pair_view
 from midpo_cli.engine.logps import to_pairs
+from midpo_cli.engine.optim import finite_parameters, grad_norm, schedule
+from midpo_cli.engine.rundir import clean
 from midpo_cli.loss import preference_loss
 
 log = logging.getLogger("midpo")
+STOP_SIGNALS = ("SIGUSR2", "SIGTERM")   # SLURM/submitit's pre-timeout and preemption signals: checkpoint, then exit
 
 
-def batches(pairs: list, batch_size: int, seed: int, pad_id: int, skip: int = 0):
-    """Endless shuffled micro-batches; epoch e uses permutation seed+e, so a position can be replayed."""
-    per_epoch = max(1, len(pairs) // batch_size)
-    epoch, start = divmod(skip, per_epoch)
+class NonFinite(FloatingPointError):
+    """Training met a non-finite value; the message names the step, the term and the last good checkpoint."""
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from seed + epoch: the same order for any number of processes."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def data_loader(pairs: list, batch_size: int, seed: int, pad_id: int):
+    """Shuffled micro-batches of `batch_size` pairs (incomplete last batch dropped), collated on the fly."""
+    from functools import partial
+    return torch.utils.data.DataLoader(pairs, batch_size=batch_size, sampler=EpochShuffle(len(pairs), seed),
+                                       drop_last=True, collate_fn=partial(collate, pad_id=pad_id))
+
+
+def endless(acc, loader, position: int):
+    """Micro-batches forever, starting `position` micro-batches in (epoch e uses permutation seed + e).
+    The epoch is set on the prepared loader (accelerate re-sets its sampler's epoch from it at every pass)."""
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise ValueError("fewer training pairs than one global batch (trainer.batch_size x processes); "
+                         "lower trainer.batch_size or add data")
+    epoch, skip = divmod(position, per_epoch)
     while True:
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for i in range(start, per_epoch):
-            yield collate([pairs[j] for j in order[i * batch_size:(i + 1) * batch_size]], pad_id)
-        epoch, start = epoch + 1, 0
-
-
-def lr_lambda(cfg):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[cfg.lr_schedule]
-    return f
-
-
-def _to(batch: dict, device) -> dict:
-    out = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-    out["values"] = {k: v.to(device) for k, v in batch["values"].items()}
-    return out
+        part = acc.skip_first_batches(loader, skip) if skip else loader
+        part.set_epoch(epoch)
+        yield from part
+        epoch, skip = epoch + 1, 0
 
 
 def step_loss(batch, policy, prior, models, chunk):
-    """The loss to differentiate (J + the prior's penalty) and the step's metrics."""
+    """The loss to differentiate (J + the prior's penalty), the step's metrics, and the view (for diagnosis)."""
     view = pair_view(batch, policy, prior, chunk=chunk, **models)
     cached = batch["values"].get("ref_logps")                              # prior-independent yardstick
     out = preference_loss(prior, view, None if cached is None else to_pairs(cached * batch["mask"]))
     out.metrics["tokens"] = int(batch["attention_mask"].sum())
-    return out.total, out.metrics
+    return out.total, out.metrics, view
+
+
+def diagnose(view, prior) -> str:
+    """Which input of the loss went non-finite first: policy log-probs, reference, prior, or the loss itself."""
+    bad = lambda t: t is not None and not bool(torch.isfinite(t).all())
+    if bad(view.logps):
+        return "the policy's log-probs (the model's weights or activations overflowed)"
+    refs = [view.ref_logps, view.kl_ref_pi, view.kl_pi_ref, view.snapshot_logps, *view.owned_logps.values()]
+    if any(bad(t) for t in refs):
+        return "the reference/snapshot inputs (reference log-probs, KL terms or the prior's own model)"
+    with torch.no_grad():
+        if bad(prior.log_prior(view)):
+            return "the prior's log zeta"
+    return "the loss (the implied reward overflowed: lower optimizer.lr or the prior's scale)"
+
+
+def _reduce(acc, values: dict, keys: list[str], op: str = "mean") -> dict:
+    """Average (or sum) a dict of floats over processes in one collective; non-finite values stay non-finite."""
+    if acc.num_processes == 1:
+        return values
+    t = torch.tensor([float(values.get(k, float("nan"))) for k in keys], dtype=torch.float64, device=acc.device)
+    t = acc.reduce(t, reduction=op)
+    return dict(zip(keys, t.tolist()))
 
 
 @torch.no_grad()
-def evaluate_pairs(policy, prior, models, eval_pairs, cfg, pad_id, device) -> dict:
-    if not eval_pairs:
-        return {}
+def evaluate_pairs(acc, policy, prior, models, eval_pairs, cfg, pad_id) -> dict:
+    """Held-out preference metrics: each process scores its share of the pairs; sums are reduced."""
+    mine = eval_pairs[acc.process_index::acc.num_processes]
+    was = policy.training
     policy.eval()
-    sums, n = {}, 0
-    for i in range(0, len(eval_pairs), cfg.eval_batch_size):
-        chunk = eval_pairs[i:i + cfg.eval_batch_size]
-        _, m = step_loss(_to(collate(chunk, pad_id), device), policy, prior, models, cfg.kl_chunk)
+    sums, keys = {}, None
+    for i in range(0, len(mine), cfg.eval_batch_size):
+        chunk = mine[i:i + cfg.eval_batch_size]
+        batch = send_to_device(collate(chunk, pad_id), acc.device)
+        with acc.autocast():
+            _, m, _ = step_loss(batch, policy, prior, models, cfg.kl_chunk)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v * len(chunk)
-        n += len(chunk)
-    policy.train()
-    return {f"eval/{k}": v / n for k, v in sums.items() if k != "tokens"}
+        keys = sorted(m)
+    policy.train(was)
+    if keys is None and acc.num_processes == 1:
+        return {}
+    keys = _agree(acc, keys)
+    if not keys:
+        return {}
+    n = _reduce(acc, {"n": float(len(mine))}, ["n"], "sum")["n"]
+    total = _reduce(acc, {k: sums.get(k, 0.0) for k in keys}, keys, "sum")
+    return {f"eval/{k}": v / n for k, v in total.items() if k != "tokens"}
 
 
-def _mean(rows: list[dict]) -> dict:
-    keys = rows[0].keys()
-    return {k: (sum(r[k] for r in rows) if k == "tokens" else sum(r[k] for r in rows) / len(rows)) for k in keys}
+def _agree(acc, keys):
+    """The metric names of a process that had eval pairs (a process with none gets them from the main one)."""
+    if acc.num_processes == 1:
+        return keys
+    from accelerate.utils import broadcast_object_list
+    box = [keys]
+    return broadcast_object_list(box, from_process=0)[0]
 
 
 def peak_memory_mb(device) -> float:
@@ -84,77 +153,187 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _metrics_upto(run_dir: Path, source: Path, step: int) -> None:
-    """Start this run's metrics.jsonl with the resumed run's lines up to `step` (none past it)."""
+def metrics_upto(run_dir: Path, source: Path, step: int) -> None:
+    """Start this run's metrics.jsonl with `source`'s lines up to `step` (none past it)."""
+    from midpo_cli.engine.rundir import write_text
     src = source / "metrics.jsonl"
     lines = src.read_text().splitlines() if src.exists() else []
-    kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= step]
-    (run_dir / "metrics.jsonl").write_text("".join(x + "\n" for x in kept))
+    kept = []
+    for x in lines:
+        try:
+            if x.strip() and json.loads(x)["step"] <= step:
+                kept.append(x)
+        except (ValueError, KeyError):                                     # a torn last line from a kill
+            continue
+    write_text(run_dir / "metrics.jsonl", "".join(x + "\n" for x in kept))
 
 
-def train_loop(acc, cfg, policy, prior, models, optimizer, train_pairs, eval_pairs, pad_id, run_dir: Path,
+class Signals:
+    """Remember STOP_SIGNALS instead of dying mid-step; the loop checkpoints, then hands the signal on."""
+
+    def __init__(self):
+        self.got, self.previous = 0, {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self.previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.got = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def hand_on(self) -> None:
+        """Let the signal do what it would have done (submitit: requeue the job and exit)."""
+        handler = self.previous.get(self.got)
+        self.__exit__()
+        if callable(handler):
+            handler(self.got, None)
+        raise SystemExit(128 + self.got)
+
+
+def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id, run_dir: Path,
                resume_from: Path | None = None) -> dict:
     """Run cfg.trainer.max_steps optimiser steps; returns final train metrics, eval metrics and throughput."""
+    from hydra.utils import instantiate
+
     tc = cfg.trainer
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-    policy, optimizer = acc.prepare(policy, optimizer)                     # the schedule counts optimiser steps
-    acc.register_for_checkpointing(sched)
+    optimizer = instantiate(cfg.optimizer)([p for p in policy.parameters() if p.requires_grad])
+    sched = schedule(optimizer, tc.lr_schedule, tc.warmup_steps, tc.max_steps)
+    loader = data_loader(train_pairs, tc.batch_size, cfg.seed, pad_id)
+    prior_params = prior.trainable()
+    extra = []
+    if prior_params:                                                       # a learnable prior: its own optimiser
+        prior_opt = instantiate(cfg.optimizer, lr=prior.lr)(prior_params)
+        extra = [prior_opt, schedule(prior_opt, tc.lr_schedule, tc.warmup_steps, tc.max_steps)]
+    policy, optimizer, sched, loader, *extra = acc.prepare(policy, optimizer, sched, loader, *extra)
+    prior_opt, prior_sched = extra if extra else (None, None)
     device = acc.device
     start_step = 0
     if resume_from is not None:
-        acc.load_state(str(resume_from))                                   # weights, optimiser, schedule, RNG
-        start_step = checkpoint.step_of(resume_from)
-        _metrics_upto(run_dir, resume_from.parent.parent, start_step)
+        start_step = checkpoint.load(acc, resume_from, prior)              # weights, optimisers, schedules, RNG
+        metrics_upto(run_dir, resume_from.parent.parent, start_step) if acc.is_main_process else None
         log.info("resumed from %s at step %d", resume_from, start_step)
-    it = batches(train_pairs, tc.batch_size, cfg.seed, pad_id, skip=start_step * tc.grad_accum)
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
-    window, history, tokens, t0 = [], {}, 0, time.perf_counter()
+    elif acc.is_main_process:
+        (run_dir / "metrics.jsonl").write_text("")                         # a restart without checkpoint
+    it = endless(acc, loader, start_step * tc.grad_accum)
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if acc.is_main_process else None
+    window, history, tokens, skipped, warnings, t0 = [], {}, 0, 0, [], time.perf_counter()
+    last_ckpt = str(resume_from) if resume_from else None
     policy.train()
     progress = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
-    with progress:
+    with progress, Signals() as signals:
         bar = progress.add_task("train", total=tc.max_steps, completed=start_step, info="")
         for step in range(start_step + 1, tc.max_steps + 1):
-            micro = []
+            policy_on, prior_on = prior.updates(step)
+            micro, views = [], []
             for _ in range(tc.grad_accum):
-                batch = _to(next(it), device)
+                batch = next(it)
                 with acc.accumulate(policy), acc.autocast():
-                    loss, m = step_loss(batch, policy, prior, models, tc.kl_chunk)
+                    loss, m, view = step_loss(batch, policy, prior, models, tc.kl_chunk)
                     acc.backward(loss)
-                    if acc.sync_gradients and tc.max_grad_norm > 0:
-                        m["grad_norm"] = float(acc.clip_grad_norm_(policy.parameters(), tc.max_grad_norm))
-                    optimizer.step()
-                    if acc.sync_gradients:
-                        sched.step()
-                    optimizer.zero_grad(set_to_none=True)
                 micro.append(m)
-            if not all(math.isfinite(x["loss"]) for x in micro):
-                raise FloatingPointError(f"non-finite loss at step {step}: lower optimizer.lr or check the data "
-                                         "(empty completions?); metrics so far are in metrics.jsonl")
-            m = _mean([{k: v for k, v in x.items() if k != "grad_norm"} for x in micro])
-            m["grad_norm"] = micro[-1].get("grad_norm", float("nan"))
+                views.append(view)
+            if prior_params and acc.num_processes > 1:                     # the prior is not DDP-wrapped
+                for p in prior_params:
+                    if p.grad is not None:
+                        p.grad = acc.reduce(p.grad, reduction="mean")
+            m = {k: sum(x[k] for x in micro) / len(micro) for k in micro[0] if k != "tokens"}
+            m["tokens"] = float(sum(x["tokens"] for x in micro))
+            m["_bad"] = float(not all(math.isfinite(x["loss"]) for x in micro))
+            m["_signal"] = float(signals.got > 0)
+            m = _reduce(acc, m, sorted(m))                                 # one collective: means over processes
+            m["tokens"] *= acc.num_processes
+            bad, stop = m.pop("_bad") > 0, m.pop("_signal") > 0
+            m["grad_norm"] = grad_norm(policy.parameters()) if tc.max_grad_norm <= 0 else \
+                float(acc.clip_grad_norm_(policy.parameters(), tc.max_grad_norm))
+            if prior_params:
+                m["prior/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(prior_params, prior.max_grad_norm)) \
+                    if prior.max_grad_norm > 0 else grad_norm(prior_params)
+            finite = not bad and math.isfinite(m["grad_norm"]) and math.isfinite(m.get("prior/grad_norm", 0))
+            if not finite:
+                where = next((diagnose(v, prior) for v, x in zip(views, micro) if not math.isfinite(x["loss"])),
+                             "the gradients (finite loss, non-finite gradient norm)")
+                weights_ok = finite_parameters(acc.unwrap_model(policy), prior)
+                if tc.on_nonfinite == "stop" or not weights_ok:
+                    optimizer.zero_grad(set_to_none=True)
+                    raise NonFinite(f"non-finite values at step {step}, in {where}; "
+                                    + ("the weights themselves are no longer finite; " if not weights_ok else "")
+                                    + "nothing was trained on them and no non-finite weights were written; "
+                                    + (f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written")
+                                    + ". Lower optimizer.lr, check the data, or trainer.on_nonfinite=skip")
+                skipped += 1
+                log.warning("step %d skipped (trainer.on_nonfinite=skip): non-finite values in %s", step, where)
+                optimizer.zero_grad(set_to_none=True)
+                if prior_opt is not None:
+                    prior_opt.zero_grad(set_to_none=True)
+            else:
+                if policy_on:
+                    optimizer.step()
+                    sched.step()
+                if prior_opt is not None and prior_on:
+                    prior_opt.step()
+                    prior_sched.step()
+                optimizer.zero_grad(set_to_none=True)
+                if prior_opt is not None:
+                    prior_opt.zero_grad(set_to_none=True)
+                prior.on_step(step, acc.unwrap_model(policy))
             m["lr"] = sched.get_last_lr()[0]
+            m["skipped_steps"] = skipped
             tokens += m["tokens"]
             window.append(m)
             progress.update(bar, advance=1, info=f"loss {m['loss']:.4f}  acc {m['rewards/accuracies']:.2f}")
             row = None
             if step % tc.log_every == 0 or step == tc.max_steps:
-                row = {"step": step, **_mean(window)}
+                row = {"step": step, **{k: sum(w[k] for w in window) / len(window) if k != "tokens"
+                                        else sum(w[k] for w in window) for k in window[-1]}}
                 window = []
             if tc.eval_every and step % tc.eval_every == 0 or step == tc.max_steps:
-                row = (row or {"step": step}) | evaluate_pairs(policy, prior, models, eval_pairs, tc, pad_id, device)
+                ev = evaluate_pairs(acc, policy, prior, models, eval_pairs, tc, pad_id)
+                if not all(math.isfinite(v) for v in ev.values()):
+                    raise NonFinite(f"non-finite held-out metrics at step {step} ({', '.join(k for k, v in ev.items() if not math.isfinite(v))}); "
+                                    + (f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written")
+                                    + ". Lower optimizer.lr or check the eval data")
+                row = (row or {"step": step}) | ev
+            if row:
+                for w in prior.monitor(row):
+                    if acc.is_main_process:
+                        log.warning("step %d: %s", step, w)
+                    warnings.append({"step": step, "warning": w})
             if row and acc.is_main_process:
-                metrics_file.write(json.dumps(row) + "\n"); metrics_file.flush()
+                metrics_file.write(json.dumps(clean(row), allow_nan=False) + "\n")
+                metrics_file.flush()
                 if acc.trackers:
-                    acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
+                    acc.log({k: v for k, v in clean(row).items() if k != "step" and v is not None}, step=step)
                 history.update(row)
-            if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
-                checkpoint.save(acc, run_dir, step, cfg)
-    metrics_file.close()
+            if (tc.save_every and step % tc.save_every == 0 and step < tc.max_steps) or (stop and step < tc.max_steps):
+                if not finite_parameters(acc.unwrap_model(policy), prior):
+                    raise NonFinite(f"the weights are not finite at step {step}; no checkpoint was written"
+                                    + (f"; last good checkpoint: {last_ckpt}" if last_ckpt else ""))
+                last_ckpt = str(checkpoint.save(acc, run_dir, step, cfg, prior))
+            if stop:
+                log.warning("stopped by signal %d at step %d; checkpoint %s. The same command continues it "
+                            "(trainer.resume=auto).", int(signals.got or 0), step, last_ckpt)
+                if metrics_file:
+                    metrics_file.close()
+                signals.hand_on()
+    if metrics_file:
+        metrics_file.close()
     wall = time.perf_counter() - t0
     return {"final": history, "train_wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
-            "peak_memory_mb": peak_memory_mb(device), "policy": acc.unwrap_model(policy)}
+            "skipped_steps": skipped, "warnings": warnings, "peak_memory_mb": peak_memory_mb(device), "policy": acc.unwrap_model(policy),
+            "world_size": acc.num_processes}
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -160,6 +160,22 @@ class Prior(torch.nn.Module):
         """The prior's scalar parameters for the metrics, named `prior/<name>`."""
         return {}
 
+    def monitor(self, row: dict) -> list[str]:
+        """Warnings from the logged metrics (one metrics.jsonl row at a time), e.g. a learnable prior's
+        collapse signature; the engine prints each and lists them in results.json."""
+        return []
+
+    def save(self, directory) -> None:
+        """The learned prior beside the policy: prior.safetensors (state_dict) and prior.json (settings)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / "prior.safetensors"))
+        (out / "prior.json").write_text(json.dumps({"name": self.name, **self.hyperparameters()}, indent=2))
+
     def forward(self, v: PairView) -> Tensor:
         return self.log_prior(v)
 

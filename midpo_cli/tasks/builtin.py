@@ -1,26 +1,48 @@
 """The built-in task: transform a short string (copy, reverse or sort); its quality is computed exactly.
 
-Run as real alignment pipelines run: (a) SFT of the tiny model on imperfect demonstrations gives the
-reference policy; (b) reference samples are ranked by the true reward into preference pairs (optionally
-by a length-biased annotator); (c) preference training (the engine); (d) evaluation by sampling
-held-out prompts from policy and reference (engine/evaluate.py). (a) and (b) are cached by config hash.
+Run as real alignment pipelines run: (a) SFT of the model on imperfect demonstrations gives the
+reference policy (tasks/sft.py); (b) reference samples are ranked by the true reward into preference
+pairs (optionally by a length-biased annotator); (c) preference training (the engine); (d) evaluation by
+sampling held-out prompts from policy and reference. (a) and (b) are cached by config hash.
 """
 from __future__ import annotations
 
 import json
 import logging
 import random
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from midpo_cli.engine.cache import config_hash, publish
-from midpo_cli.data.tokenize import collate, encode_pair
-from midpo_cli.engine.sampling import sample
+from midpo_cli.engine.cache import config_hash, publish, readable_model
+from midpo_cli.engine.sampling import sample, sequence_logps
+from midpo_cli.tasks.base import Context, Task, register_task
+from midpo_cli.tasks.sft import supervised_finetune
 
 log = logging.getLogger("midpo")
 KINDS = ("copy", "reverse", "sort")
 
+
+@dataclass
+class BuiltinSettings:
+    """dataset.task for dataset=builtin: copy a string; quality = 1 - normalised edit distance."""
+    kind: str = "copy"                  # copy | reverse | sort: what the response must do to the prompt's string
+    alphabet: str = "abcdefgh"          # characters of the prompt strings
+    min_len: int = 4                    # shortest prompt string
+    max_len: int = 9                    # longest prompt string
+    demo_noise: float = 0.3             # per-character corruption rate of the SFT demonstrations
+    sft_examples: int = 4000            # SFT demonstrations (imperfect)
+    sft_steps: int = 400                # SFT optimisation steps for the reference policy
+    sft_lr: float = 3e-3                # SFT learning rate
+    sft_batch_size: int = 64            # SFT batch size
+    train_prompts: int = 640            # prompts sampled for preference pairs
+    eval_prompts: int = 128             # held-out prompts for evaluation
+    samples_per_prompt: int = 4         # reference samples ranked per prompt (best = chosen, worst = rejected)
+    temperature: float = 1.0            # sampling temperature (pairs and evaluation)
+    length_bias: float = 0.0            # annotator bias per character: >0 prefers longer, <0 shorter chosen
+    eval_pairs_fraction: float = 0.1    # pairs held out for the preference metrics during training
 
 def target(kind: str, s: str) -> str:
     return {"copy": s, "reverse": s[::-1], "sort": "".join(sorted(s))}[kind]
@@ -81,36 +103,20 @@ def sft_reference(task, model_cfg, tokenizer, seed: int, cache_root: Path, devic
     key = config_hash({"model": model_cfg, "task": {k: task[k] for k in task if k.startswith("sft") or k in (
         "kind", "alphabet", "min_len", "max_len", "demo_noise")}, "seed": seed})
     path = cache_root / f"sft-{key}"
-    if (path / "config.json").exists():
-        log.info("SFT reference: cache hit %s", path)
-        return path
+    if path.exists():
+        if readable_model(path):
+            log.info("SFT reference: cache hit %s", path)
+            return path
+        log.warning("SFT reference cache entry %s is damaged: training it again", path)
+        shutil.rmtree(path, ignore_errors=True)
     log.info("SFT reference: training %d steps on %d imperfect demonstrations", task.sft_steps, task.sft_examples)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    rows = []
-    for s in random_strings(rng, task.sft_examples, task):
-        demo = corrupt(rng, target(task.kind, s), task.demo_noise, task.alphabet)
-        rows.append({"prompt": messages(task.kind, s), "chosen": demo, "rejected": demo})
-    pairs = [encode_pair(tokenizer, r, 10_000, 10_000) for r in rows]
-    model = load_model(model_cfg, tokenizer).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=task.sft_lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * max(0.05, 1 - i / task.sft_steps))
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(task.sft_steps):
-        idx = torch.randint(len(pairs), (task.sft_batch_size,), generator=gen).tolist()
-        b = collate([pairs[i] for i in idx], tokenizer.pad_token_id)
-        half = len(idx)                                                    # chosen rows only
-        logits = model(input_ids=b["input_ids"][:half].to(device),
-                       attention_mask=b["attention_mask"][:half].to(device)).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), b["labels"][:half].to(device),
-                                                reduction="none")
-        m = b["mask"][:half].to(device)
-        loss = (nll * m).sum() / m.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == task.sft_steps - 1:
-            log.info("  sft step %d/%d  nll %.3f", step + 1, task.sft_steps, loss.item())
+    demos = [(messages(task.kind, s), corrupt(rng, target(task.kind, s), task.demo_noise, task.alphabet))
+             for s in random_strings(rng, task.sft_examples, task)]
+    model = load_model(model_cfg, tokenizer).to(device)
+    supervised_finetune(model, tokenizer, demos, steps=task.sft_steps, lr=task.sft_lr,
+                        batch_size=task.sft_batch_size, seed=seed, device=device)
     with publish(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -122,8 +128,13 @@ def preference_pairs(task, reference, tokenizer, sft_key: str, seed: int, cache_
     key = config_hash({"sft": sft_key, "task": task, "seed": seed})
     path = cache_root / f"pairs-{key}.json"
     if path.exists():
-        log.info("preference pairs: cache hit %s", path)
-        return json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+            log.info("preference pairs: cache hit %s", path)
+            return data
+        except (OSError, ValueError):
+            log.warning("preference-pair cache entry %s is damaged: sampling the pairs again", path)
+            path.unlink(missing_ok=True)
     rng = random.Random(seed + 1)
     strings = random_strings(rng, task.train_prompts + task.eval_prompts, task)
     train_s, eval_s = strings[:task.train_prompts], strings[task.train_prompts:]
@@ -149,3 +160,57 @@ def preference_pairs(task, reference, tokenizer, sft_key: str, seed: int, cache_
         tmp.write_text(json.dumps(data))
     log.info("preference pairs: %d pairs (%d prompts dropped: all samples tied)", len(rows), ties)
     return data
+
+
+@torch.no_grad()
+def evaluation(policy, reference, tokenizer, task, strings: list[str], device) -> dict:
+    """Sample each held-out prompt once from the policy and once from the reference.
+
+    Returns mean true reward of each, win-rate of policy over reference (ties count 1/2), an estimate
+    of KL(pi || pi_ref) = E_{y~pi}[log pi(y|x) - log pi_ref(y|x)], and mean response lengths (characters).
+    """
+    prompts = [messages(task.kind, s) for s in strings]
+    max_new = task.max_len * 2 + 2
+    pol = sample(policy, tokenizer, prompts, task.temperature, max_new, device)
+    ref = sample(reference, tokenizer, prompts, task.temperature, max_new, device)
+    r_pol = torch.tensor([true_reward(task.kind, s, y) for s, y in zip(strings, pol)])
+    r_ref = torch.tensor([true_reward(task.kind, s, y) for s, y in zip(strings, ref)])
+    kl = sequence_logps(policy, tokenizer, prompts, pol, device) - sequence_logps(reference, tokenizer, prompts, pol, device)
+    return {
+        "true_reward/policy": r_pol.mean().item(),
+        "true_reward/reference": r_ref.mean().item(),
+        "win_rate": ((r_pol > r_ref).float() + 0.5 * (r_pol == r_ref).float()).mean().item(),
+        "kl/policy_ref": kl.mean().item(),
+        "length/policy": sum(map(len, pol)) / len(pol),
+        "length/reference": sum(map(len, ref)) / len(ref),
+        "exact/policy": (r_pol == 1.0).float().mean().item(),
+        "exact/reference": (r_ref == 1.0).float().mean().item(),
+        "samples": [{"prompt": s, "policy": a, "reference": b} for s, a, b in list(zip(strings, pol, ref))[:8]],
+    }
+
+
+@register_task("builtin")
+class BuiltinTask(Task):
+    """copy / reverse / sort a string; SFT reference on imperfect demos, pairs ranked by the exact reward."""
+    settings = BuiltinSettings
+    title = "built-in task: held-out evaluation (sampled)"
+    evaluates_reference = True
+
+    def check(self) -> None:
+        check(self.task)
+
+    def reference_weights(self, ctx: Context) -> str:
+        self._sft = sft_reference(self.task, ctx.model_cfg, ctx.tokenizer, ctx.seed, ctx.cache_root, ctx.device)
+        return str(self._sft)
+
+    def pairs(self, ctx: Context, reference) -> tuple[list[dict], list[dict]]:
+        data = preference_pairs(self.task, reference, ctx.tokenizer, self._sft.name, ctx.seed, ctx.cache_root,
+                                ctx.device)
+        rows = data["pairs"]
+        n_eval = int(len(rows) * self.task.eval_pairs_fraction)
+        self._eval_strings = data["eval_strings"]
+        return rows[n_eval:], rows[:n_eval]
+
+    def evaluate(self, ctx: Context, policy, reference) -> dict:
+        log.info("evaluating: sampling %d held-out prompts from policy and reference", len(self._eval_strings))
+        return evaluation(policy, reference, ctx.tokenizer, self.task, self._eval_strings, ctx.device)

@@ -1,0 +1,47 @@
+"""Optimisers, schedules and the optimiser step shared by preference training and task SFT."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}   # ours -> transformers'
+
+
+def schedule(optimizer, name: str, warmup_steps: int, total_steps: int):
+    """The learning-rate schedule (transformers.get_scheduler): linear warm-up, then constant/linear/cosine."""
+    from transformers import get_scheduler
+    return get_scheduler(SCHEDULES[name], optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def grad_norm(params) -> float:
+    """Total L2 norm of the gradients (inf/nan if any gradient is not finite)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def clip_and_step(params, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip (when max_grad_norm > 0), step optimiser and schedule, clear gradients; returns the gradient norm."""
+    params = list(params)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm > 0 else grad_norm(params)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def finite_parameters(*modules) -> bool:
+    """Whether every parameter and buffer of the modules is finite (checked before anything is saved)."""
+    for m in modules:
+        if m is None:
+            continue
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return False
+    return True
+
+
+def is_finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,127 @@
+"""Run directories: a run owns its directory for its whole life and never shares it with another run.
+
+Claiming is atomic: an exclusive lock (fcntl.flock on `.midpo.lock`, released by the OS when the process
+ends, SIGKILL included) plus `run.json` recording the config hash. What a claim finds decides what the run does:
+
+    empty / new directory                      -> a new run
+    locked by a live process                   -> in use: the default time-stamped name moves on to a fresh
+                                                  name (`<time>-1`, ...); an explicit directory is an error
+    same config, unfinished (trainer.resume=auto) -> continue from its latest complete checkpoint (or start
+                                                  over when it has none): a requeued or restarted job
+    same config, finished (trainer.resume=auto)  -> reused: not retrained, `reused.json` records it
+    another config, or files of another run    -> an error (a default-named directory moves on instead)
+
+Files are written atomically (temp file + rename) and JSON strictly (no NaN literals).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LOCK, RUN = ".midpo.lock", "run.json"
+FOREIGN = ("results.json", "metrics.jsonl", "config.yaml", "error.json", "checkpoints")
+
+
+@dataclass
+class Claim:
+    path: Path
+    state: str          # "new" | "resume" | "finished"
+    fd: int             # the open lock file; closing it releases the directory
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class InUse(ValueError):
+    pass
+
+
+def _lock(path: Path) -> int:
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InUse(f"run directory {path} is in use by another running midpo process")
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _inspect(path: Path, want: str, resume: str | None) -> str:
+    """What the (locked) directory holds, as the claim state; raises ValueError for another run's files."""
+    record = read_json(path / RUN)
+    if record is None:
+        found = [f for f in FOREIGN if (path / f).exists()]
+        if found:
+            raise ValueError(f"run directory {path} already holds a run written without a run.json "
+                             f"({', '.join(found)}); pick a new hydra.run.dir / hydra.sweep.dir (nothing was changed)")
+        write_json(path / RUN, {"config_hash": want, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                "pid": os.getpid()})
+        return "new"
+    if record.get("config_hash") != want:
+        raise ValueError(f"run directory {path} holds a run with a different config (see its config.yaml); "
+                         "use the same overrides to continue it, or pick a new hydra.run.dir / hydra.sweep.dir")
+    if resume != "auto":
+        raise ValueError(f"run directory {path} already holds this run; trainer.resume=auto continues or reuses "
+                         f"it, or pick a new hydra.run.dir (trainer.resume={resume})")
+    return "finished" if (path / "results.json").exists() else "resume"
+
+
+def claim(path: Path, want: str, resume: str | None, default_name: bool) -> Claim:
+    """Claim `path` (or, for a default time-stamped name, the first free `<name>-k`)."""
+    for k in range(1000):
+        p = path if k == 0 else path.with_name(f"{path.name}-{k}")
+        try:
+            fd = _lock(p)
+        except InUse:
+            if default_name:
+                continue
+            raise
+        try:
+            if default_name and any((p / f).exists() for f in (RUN, *FOREIGN)):
+                raise InUse(f"{p} is taken")
+            return Claim(p, _inspect(p, want, resume), fd)
+        except InUse:
+            os.close(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+    raise ValueError(f"no free run directory next to {path}")
+
+
+def clean(value):
+    """JSON-safe copy: non-finite floats become None (strict JSON has no NaN/Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically: a reader sees the old file or the whole new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(clean(obj), indent=2, allow_nan=False, default=float))
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

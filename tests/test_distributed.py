@@ -1,0 +1,43 @@
+"""Two processes through torchrun on CPU (gloo): each rank trains on its own shard of every batch.
+
+A 2-process run with trainer.batch_size=4 must follow the 1-process run with trainer.batch_size=8 step for
+step (the same 8 pairs per step, gradients averaged over the ranks), write one run directory, and record
+its world size."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+STEPS = 4
+
+
+def losses(run):
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_global_batch(tmp_path, fast):
+    args = [*[a for a in fast if not a.startswith("trainer.batch_size")], f"trainer.max_steps={STEPS}",
+            "trainer.save_model=false", "trainer.eval_every=2", "optimizer.lr=3e-4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    one = tmp_path / "one"
+    r = subprocess.run([sys.executable, "-m", "midpo_cli", "train", *args, "trainer.batch_size=8",
+                        f"hydra.run.dir={one}"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "midpo_cli", "train", *args, "trainer.batch_size=4", f"hydra.run.dir={two}"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == STEPS
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    res = json.loads((two / "results.json").read_text())
+    assert res["world_size"] == 2 and json.loads((one / "results.json").read_text())["world_size"] == 1
+    one_eval = json.loads((one / "metrics.jsonl").read_text().splitlines()[-1])["eval/loss"]
+    assert abs(res["final"]["eval/loss"] - one_eval) < 1e-4
+    assert res["final"]["tokens"] == json.loads((one / "metrics.jsonl").read_text().splitlines()[-1])["tokens"]
+    siblings = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in siblings) == ["one", "two"]                  # one run directory per run

@@ -1,0 +1,226 @@
+"""Runs as an adversarial user drives them: two at once, driven to NaN, killed and restarted, resumed from
+files someone else wrote, caches damaged on disk. Each ends in a clear one-line error or a counted skip,
+never a traceback, non-finite values on disk or a silent wrong answer."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from midpo_cli.__main__ import main
+
+MIDPO = [sys.executable, "-m", "midpo_cli", "train"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def strict_json(path: Path):
+    """json.loads that refuses NaN/Infinity literals (what other tools' strict parsers do)."""
+    def no_constants(name):
+        raise ValueError(f"non-strict JSON constant {name} in {path}")
+    text = path.read_text()
+    return [json.loads(x, parse_constant=no_constants) for x in text.splitlines() if x.strip()] \
+        if path.suffix == ".jsonl" else json.loads(text, parse_constant=no_constants)
+
+
+def finite_safetensors(directory: Path) -> bool:
+    from safetensors.torch import load_file
+    return all(bool(torch.isfinite(t).all()) for f in directory.rglob("*.safetensors")
+               for t in load_file(str(f)).values() if t.is_floating_point())
+
+
+def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path, fast):
+    """Default time-stamped run directories: two runs started together never share one."""
+    args = [*fast, "trainer.max_steps=2", "trainer.save_model=false"]
+    procs = [subprocess.Popen([*MIDPO, *args, f"prior={p}"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for p in ("dpo", "simpo")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    runs = sorted(p.parent for p in tmp_path.glob("outputs/*/*/results.json"))
+    assert len(runs) == 2
+    for run in runs:                                                       # each directory is one consistent run
+        res = strict_json(run / "results.json")
+        cfg = (run / "config.yaml").read_text()
+        assert f"name: {res['prior']}" in cfg
+        steps = [m["step"] for m in strict_json(run / "metrics.jsonl")]
+        assert steps == [1, 2]
+    assert {strict_json(r / "results.json")["prior"] for r in runs} == {"dpo", "simpo"}
+
+
+def test_explicit_directory_in_use_is_refused(tmp_path, fast):
+    """An explicit run directory held by a live run: the second run stops with one line, touching nothing."""
+    from midpo_cli.engine import rundir
+    run = tmp_path / "busy"
+    held = rundir.claim(run, "x", "auto", default_name=False)
+    try:
+        r = subprocess.run([*MIDPO, *fast, "trainer.max_steps=2", f"hydra.run.dir={run}"], env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        held.release()
+    assert r.returncode == 1 and "in use" in r.stderr and "Traceback" not in r.stderr
+    assert not (run / "results.json").exists() and not (run / "config.yaml").exists()
+
+
+def test_run_driven_to_nan_stops_and_writes_nothing_non_finite(tmp_path, fast, capsys):
+    run = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        main(["train", *fast, "trainer.max_steps=6", "trainer.save_every=1", "optimizer.lr=1e6",
+              "trainer.max_grad_norm=0", f"hydra.run.dir={run}"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "step" in err and "Traceback" not in err
+    assert not (run / "model").exists() and not (run / "results.json").exists()
+    assert strict_json(run / "error.json")["status"] == "failed"
+    strict_json(run / "metrics.jsonl")                                     # valid strict JSON lines
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        assert finite_safetensors(ckpt), f"{ckpt} holds non-finite weights"
+
+
+def test_skip_counts_non_finite_steps(tmp_path, fast, monkeypatch):
+    """trainer.on_nonfinite=skip: a step whose loss is NaN changes nothing and is counted."""
+    import midpo_cli.engine.trainer as trainer
+    real, calls = trainer.preference_loss, {"n": 0}
+
+    def sometimes_nan(prior, view, yardstick=None):
+        out = real(prior, view, yardstick)
+        calls["n"] += 1
+        if calls["n"] == 2:                                                # the second training micro-batch
+            out.loss = out.loss * float("nan")
+            out.metrics["loss"] = float("nan")
+        return out
+    monkeypatch.setattr(trainer, "preference_loss", sometimes_nan)
+    run = tmp_path / "skip"
+    main(["train", *fast, "trainer.max_steps=3", "trainer.on_nonfinite=skip", "trainer.save_model=false",
+          f"hydra.run.dir={run}"])
+    res = strict_json(run / "results.json")
+    assert res["skipped_steps"] == 1
+    rows = strict_json(run / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1] and rows[1]["loss"] is None
+
+
+def _kill_after_first_checkpoint(args, run):
+    proc = subprocess.Popen([*MIDPO, *args, f"hydra.run.dir={run}"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(run.glob("checkpoints/step-*/manifest.json")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "results.json").exists(), "the run finished before it could be killed"
+
+
+@pytest.mark.slow
+def test_resume_auto_same_command_same_directory(tmp_path, fast):
+    """Killed after its first checkpoint, the identical command (resume=auto, the default) continues the run
+    and ends where the uninterrupted run ends; the same directory with another prior is refused."""
+    args = [*fast, "trainer.max_steps=30", "trainer.save_every=5", "trainer.save_model=false", "optimizer.lr=3e-4"]
+    full = tmp_path / "full"
+    main(["train", *args, f"hydra.run.dir={full}"])
+    run = tmp_path / "job"
+    _kill_after_first_checkpoint(args, run)
+    main(["train", *args, f"hydra.run.dir={run}"])
+    a, b = strict_json(full / "results.json"), strict_json(run / "results.json")
+    assert b["resumed_from"] and abs(a["final"]["loss"] - b["final"]["loss"]) <= 1e-6
+    steps = [m["step"] for m in strict_json(run / "metrics.jsonl")]
+    assert steps == list(range(1, 31))
+    r = subprocess.run([*MIDPO, *args, "prior=simpo", f"hydra.run.dir={run}"], env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "different config" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_finished_run_is_reused_not_retrained(tmp_path, fast, capsys):
+    run = tmp_path / "done"
+    args = [*fast, "trainer.max_steps=2", "trainer.save_model=false", f"hydra.run.dir={run}"]
+    main(["train", *args])
+    before = (run / "results.json").read_text()
+    main(["train", *args])
+    assert "reused" in capsys.readouterr().out
+    assert (run / "results.json").read_text() == before and (run / "reused.json").exists()
+
+
+def test_sigterm_writes_a_checkpoint_and_the_rerun_continues(tmp_path, fast):
+    run = tmp_path / "term"
+    args = [*fast, "trainer.max_steps=400", "trainer.save_model=false", "trainer.eval_every=0"]
+    proc = subprocess.Popen([*MIDPO, *args, f"hydra.run.dir={run}"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    ckpts = list(run.glob("checkpoints/step-*/manifest.json"))
+    assert len(ckpts) == 1 and not (run / "results.json").exists()
+    step = int(ckpts[0].parent.name.split("-")[1])
+    assert 0 < step < 400
+
+
+def _checkpointed_run(tmp_path, fast, name="ckpt"):
+    run = tmp_path / name
+    main(["train", *fast, "trainer.max_steps=4", "trainer.save_every=2", "trainer.save_model=false",
+          f"hydra.run.dir={run}"])
+    return run, run / "checkpoints" / "step-2"
+
+
+def _rewrite_manifest(ckpt: Path):
+    from midpo_cli.engine.checkpoint import file_hash
+    files = [p for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"]
+    (ckpt / "manifest.json").write_text(json.dumps({str(p.relative_to(ckpt)): [p.stat().st_size, file_hash(p)]
+                                                    for p in files}))
+
+
+class Planted:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARK}",))
+
+
+MARK = "/tmp/midpo-planted-pickle-ran"
+
+
+@pytest.mark.parametrize("victim", ["optimizer.bin", "random_states_0.pkl", "scheduler.bin"])
+def test_planted_pickle_in_a_checkpoint_is_refused_never_run(tmp_path, fast, capsys, victim):
+    import pickle
+    Path(MARK).unlink(missing_ok=True)
+    run, ckpt = _checkpointed_run(tmp_path, fast)
+    (ckpt / victim).write_bytes(pickle.dumps({"state": Planted()}))
+    _rewrite_manifest(ckpt)                                                # a consistent but hostile checkpoint
+    with pytest.raises(SystemExit) as e:
+        main(["train", *fast, "trainer.max_steps=4", "trainer.save_model=false", f"trainer.resume={ckpt}",
+              f"hydra.run.dir={tmp_path / 'resumed'}"])
+    assert e.value.code == 1 and not Path(MARK).exists()
+    err = capsys.readouterr().err
+    assert "refused" in err and "Traceback" not in err
+
+
+def test_truncated_checkpoint_names_the_file_and_the_previous_good_step(tmp_path, fast, capsys):
+    run = tmp_path / "trunc"
+    main(["train", *fast, "trainer.max_steps=6", "trainer.save_every=2", "trainer.save_model=false",
+          f"hydra.run.dir={run}"])
+    victim = run / "checkpoints" / "step-4" / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(SystemExit):
+        main(["train", *fast, "trainer.max_steps=6", "trainer.save_model=false",
+              f"trainer.resume={run / 'checkpoints' / 'step-4'}", f"hydra.run.dir={tmp_path / 'r2'}"])
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "step-2" in err and "Traceback" not in err
+
+
+def test_damaged_reference_cache_entry_is_recomputed(tmp_path, fast, caplog):
+    cache = tmp_path / "cache"
+    args = [*[a for a in fast if not a.startswith("cache_dir")], f"cache_dir={cache}", "trainer.max_steps=2",
+            "trainer.save_model=false"]
+    main(["train", *args, f"hydra.run.dir={tmp_path / 'a'}"])
+    (entry,) = (cache / "ref_logps").glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:-50])                           # truncated on disk
+    main(["train", *args, f"hydra.run.dir={tmp_path / 'b'}"])
+    res = strict_json(tmp_path / "b" / "results.json")
+    assert res["ref_cache"]["hit"] is False
+    assert strict_json(tmp_path / "a" / "results.json")["final"]["loss"] == res["final"]["loss"]
+    main(["train", *args, f"hydra.run.dir={tmp_path / 'c'}"])              # repaired: a hit again
+    assert strict_json(tmp_path / "c" / "results.json")["ref_cache"]["hit"] is True
