@@ -175,13 +175,13 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
                       gradient_accumulation_plugin=GradientAccumulationPlugin(
                           num_steps=cfg.trainer.grad_accum, sync_with_dataloader=False))
     if trackers and acc.is_main_process:
-        acc.init_trackers("tracking", config=flatten(OmegaConf.to_container(cfg, resolve=True)))
+        acc.init_trackers("tracking", config=flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
     s = prepare(cfg, prior, acc, run_dir)
     models = {"reference": s.reference, "snapshot": s.snapshot}
     out = train_loop(acc, cfg, s.policy, prior, models, s.train_pairs, s.eval_pairs,
                      s.tokenizer.pad_token_id, run_dir, resume_from)
     policy = out.pop("policy")
-    results = {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": _overrides(),
+    results = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "overrides": _overrides(),
                "prior": prior.name, "seed": cfg.seed, "data": s.data, "ref_cache": s.ref_cache,
                "resumed_from": str(resume_from) if resume_from else None, **out}
     if acc.is_main_process:

@@ -190,8 +190,9 @@ def test_prior_yaml_composes_and_builds(name):
         cfg = compose("train", overrides=[f"prior={name}"])
     prior = build_prior(cfg.prior)
     assert type(prior) is PRIORS[name]
-    values = OmegaConf.to_container(cfg.prior)
-    assert values == {"name": name, **prior.hyperparameters()}
+    values = OmegaConf.to_container(cfg.prior, enum_to_str=True)
+    assert values == {"name": name, **{k: str(v) if isinstance(v, int) and not isinstance(v, bool) and k == "variant"
+                                       else v for k, v in prior.hyperparameters().items()}}
     assert prior.hyperparameters() == PRIORS[name]().hyperparameters()               # YAML keeps the defaults
     text = (CONF / "prior" / f"{name}.yaml").read_text().splitlines()
     keys = [ln for ln in text if ln and not ln.startswith((" ", "#", "-", "defaults"))]
@@ -201,22 +202,37 @@ def test_prior_yaml_composes_and_builds(name):
 # ----- a prior added from outside: registry, ConfigStore, YAML and verify pick it up -------------
 
 def test_throwaway_prior_is_picked_up(tmp_path):
+    """Two files' worth of prior (a class and a YAML), with a new per-token data column, a Literal option and a
+    declared reduction: the registry, Hydra's ConfigStore (typed enum), compose and every verify check find it
+    by themselves, with no other file touched."""
+    import typing
+
     import torch.nn.functional as F
 
     @register_prior("throwaway_test")
     class Throwaway(midpo_cli.priors.Prior):
-        """DPO with another default beta."""
+        """DPO with per-token salience weights s_t on the log-ratio (a made-up variant):
+        log zeta = sum_t [(1 - s_t) log pi + s_t log pi_ref]; s = 1 is DPO."""
         beta: float = 0.2
+        mode: typing.Literal["plain", "scaled"] = "plain"
+
+        reductions = (midpo_cli.priors.Reduction({"beta": 0.1}, {"name": "dpo", "beta": 0.1},
+                                                 columns={"salience": 1.0}),)
+
+        @property
+        def a(self):
+            return self.beta * (2.0 if self.mode == "scaled" else 1.0)
 
         def needs(self):
-            return midpo_cli.priors.Needs(reference=True)
+            return midpo_cli.priors.Needs(reference=True, token_columns=("salience",))
 
         def log_prior(self, v):
-            return v.seq(v.require("ref_logps"))
+            s = v.column("salience")
+            return v.seq((1 - s) * v.logps + s * v.require("ref_logps"))
 
         def original_loss(self, v):
-            d = v.seq(v.logps - v.ref_logps)
-            return -F.logsigmoid(self.beta * (d[0] - d[1]))
+            d = v.seq(v.column("salience") * (v.logps - v.ref_logps))
+            return -F.logsigmoid(self.a * (d[0] - d[1]))
 
     try:
         assert PRIORS["throwaway_test"] is Throwaway
@@ -226,17 +242,63 @@ def test_throwaway_prior_is_picked_up(tmp_path):
             {"defaults": ["/schema/prior/throwaway_test@_here_", "_self_"], "name": "throwaway_test", "beta": 0.3}))
         (tmp_path / "root.yaml").write_text(yaml.safe_dump({"defaults": [{"prior": "throwaway_test"}, "_self_"]}))
         with initialize_config_dir(version_base="1.3", config_dir=str(tmp_path)):
-            cfg = compose("root")
-        built = build_prior(cfg.prior)
-        assert type(built) is Throwaway and built.beta == 0.3
-        # verify's checks take the registry as it is: no list to edit
+            cfg = compose("root", overrides=["prior.mode=scaled"])
+            built = build_prior(cfg.prior)
+            assert type(built) is Throwaway and built.beta == 0.3 and built.mode == "scaled"
+            with pytest.raises(Exception) as e:
+                compose("root", overrides=["prior.mode=bogus"])                # typed enum, at compose time
+            assert "expected one of [plain, scaled]" in chain(e.value)
+        with pytest.raises(ValueError, match="not one of"):
+            build_prior({"name": "throwaway_test", "mode": "bogus"})          # and in the Python API
+        # verify's checks take the registry as it is: no list to edit, the new column is generated
         rows = verify.collect(OmegaConf.create({"seed": 0, "priors": [], "real_model": False, "smollm2": False,
                                                 "trl": False, "atol": 1e-10}))
         mine = [r for r in rows if r["prior"] == "throwaway_test"]
         checks = {r["check"] for r in mine}
         assert any(c.startswith("MI-DPO == original") for c in checks) and "knob beta changes loss or grad" in checks
-        assert all(r["passed"] for r in mine)
+        assert "reduction: == dpo (beta=0.1)" in checks
+        assert all(r["passed"] for r in mine), [r for r in mine if not r["passed"]]
     finally:
-        PRIORS.pop("throwaway_test", None)
-        ConfigStore.instance().repo["schema"]["prior"].pop("throwaway_test.yaml", None)
+        midpo_cli.priors.unregister_prior("throwaway_test")
     assert "throwaway_test" not in PRIORS
+
+
+def test_a_wrong_declared_reduction_fails_verify():
+    """The reduction check can fail: TIS-DPO's weights at 0.5 are not DPO."""
+    from midpo_cli.priors.tisdpo import TISDPO
+    from midpo_cli.verify.checks import Rows, reductions
+    old = TISDPO.reductions
+    TISDPO.reductions = (midpo_cli.priors.Reduction({"weights": "given"}, {"name": "dpo"}, columns={"weights": 0.5}),)
+    try:
+        rows = Rows()
+        reductions(rows, random_probe(0), ["tisdpo"], 1e-10)
+    finally:
+        TISDPO.reductions = old
+    assert rows and not any(r["passed"] for r in rows)
+
+
+def test_duplicate_prior_name_is_an_error():
+    with pytest.raises(ValueError, match="registered twice"):
+        @register_prior("dpo")
+        class AnotherDPO(midpo_cli.priors.Prior):
+            beta: float = 0.1
+    assert PRIORS["dpo"].__module__ == "midpo_cli.priors.dpo"
+
+
+@pytest.mark.parametrize("override, words", [("prior=hdpo prior.form=fixd", "fixed, policy"),
+                                             ("prior=tdpo prior.variant=3", "1, 2"),
+                                             ("prior=rdpo prior.sign=*", "+, -")])
+def test_prior_options_are_checked_when_composing(override, words):
+    with initialize_config_module(version_base="1.3", config_module="midpo_cli.conf"):
+        with pytest.raises(Exception) as e:
+            compose("train", overrides=override.split())
+    assert f"expected one of [{words}]" in chain(e.value)
+
+
+def chain(exc) -> str:
+    """The messages of an exception and its causes (Hydra wraps OmegaConf's validation error)."""
+    out = []
+    while exc is not None:
+        out.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return " | ".join(out)

@@ -116,7 +116,18 @@ def test_experiment_presets_compose_into_sweeps_of_known_priors():
             cfg = compose("train", overrides=[f"+experiment={name}"], return_hydra_config=True)
         params = cfg.hydra.sweeper.params
         assert cfg.hydra.mode == RunMode.MULTIRUN and "seed" in params, name
-        priors = str(params.get("prior", cfg.prior.name)).split(",")
+        priors = sweep_values(f"prior={params.get('prior', cfg.prior.name)}", options)
         assert set(priors) <= options, (name, set(priors) - options)
-        if name == "all_priors":
-            assert set(priors) == set(PRIORS)
+        if name == "all_priors":                                   # every fixed prior, by glob: none to list by hand
+            assert set(priors) == {p for p in PRIORS if not p.startswith("learned_")}
+
+
+def sweep_values(override: str, options: set) -> list[str]:
+    """The values a sweep override expands to (a glob over the group's options included), as Hydra does."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+    ov = OverridesParser.create().parse_override(override)
+    value = ov.value()
+    if isinstance(value, Glob):
+        return value.filter(sorted(options))
+    return list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [str(value)]

@@ -26,7 +26,7 @@ def test_verify_passes_and_writes_results(tmp_path, capsys):
     assert not (rows.passed == False).any()                                         # noqa: E712 (NaN = skipped)
     checks = set(rows.check)
     for needle in ("tiny model forward", "no stop-gradient on D_w: gradient differs", "zeta detached: gradient differs",
-                   "reduction: == TDPO1", "x-only shift", "knob alpha", "trl DPOTrainer", "trl CPOTrainer simpo"):
+                   "reduction: == tdpo (variant=1)", "x-only shift", "knob alpha", "trl DPOTrainer", "trl CPOTrainer simpo"):
         assert any(needle in c for c in checks), needle
     smol = rows[rows.check.str.startswith("SmolLM2")]
     assert len(smol) and smol.note.str.startswith("skipped").all()                  # off by default (smollm2=false)

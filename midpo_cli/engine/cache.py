@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 def config_hash(obj) -> str:
     def plain(x):
         if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
+            return OmegaConf.to_container(x, resolve=True, enum_to_str=True)
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
         return x

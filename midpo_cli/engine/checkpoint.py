@@ -29,7 +29,7 @@ CHUNK = 1 << 22
 
 def run_hash(cfg) -> str:
     """The config hash of a run: every setting that changes its trajectory (not where or how often it logs)."""
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for k in IGNORED:
         c["trainer"].pop(k, None)
     c.pop("cache_dir", None)

@@ -1,6 +1,8 @@
 """Prior registry: every module in this folder registers its prior by name; nothing else lists them.
 
-Adding a prior = one file here (a `@register_prior("name")` class) + `conf/prior/<name>.yaml`.
+Adding a prior = one file here (a `@register_prior("name")` class) + `conf/prior/<name>.yaml`. Its fields
+are its options; a `Literal[...]` field becomes a typed enum of the config schema, so a wrong value fails
+when Hydra composes the config (and in `build_prior`, for the Python API), naming the valid choices.
 """
 from __future__ import annotations
 
@@ -9,28 +11,67 @@ import difflib
 import importlib
 import pkgutil
 import typing
+from enum import Enum
 
 from hydra.core.config_store import ConfigStore
 
-from midpo_cli.priors.base import Needs, PairView, Prior
+from midpo_cli.priors.base import Needs, PairView, Prior, Reduction
 
 PRIORS: dict[str, type[Prior]] = {}
 SCHEMA_GROUP = "schema/prior"   # ConfigStore group holding each prior's typed schema
 
 
+def choices(hint) -> tuple | None:
+    """The allowed values of a `Literal[...]` option, else None."""
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+
+
+def _schema_type(name: str, hint):
+    """A Literal option becomes an Enum (member names = the values as text) for OmegaConf's compose-time check."""
+    values = choices(hint)
+    if values is None:
+        return hint, None
+    enum = Enum(name, {str(v): v for v in values})
+    return enum, enum
+
+
 def register_prior(name: str):
-    """Class decorator: make the class a dataclass, register it, and store its typed config schema."""
+    """Class decorator: make the class a dataclass, register it, and store its typed config schema.
+    A second prior under a taken name is an error (it would silently replace the first)."""
     def wrap(cls):
+        if name in PRIORS:
+            raise ValueError(f"prior '{name}' is registered twice ({PRIORS[name].__module__}.{PRIORS[name].__name__} "
+                             f"and {cls.__module__}.{cls.__qualname__}); pick another name")
         cls = dataclasses.dataclass(eq=False, repr=False)(cls)
         cls.name = name
-        PRIORS[name] = cls
         hints = typing.get_type_hints(cls)
-        fields = [("name", str, dataclasses.field(default=name))] + [
-            (f.name, hints[f.name], dataclasses.field(default=f.default)) for f in dataclasses.fields(cls)]
+        fields = [("name", str, dataclasses.field(default=name))]
+        for f in dataclasses.fields(cls):
+            typ, enum = _schema_type(f"{cls.__name__}_{f.name}", hints[f.name])
+            fields.append((f.name, typ, dataclasses.field(default=enum[str(f.default)] if enum else f.default)))
         schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
         ConfigStore.instance().store(group=SCHEMA_GROUP, name=name, node=schema)
+        PRIORS[name] = cls
         return cls
     return wrap
+
+
+def unregister_prior(name: str) -> None:
+    """Remove a prior and its schema (tests that register throwaway priors clean up with this)."""
+    PRIORS.pop(name, None)
+    ConfigStore.instance().repo.get("schema", {}).get("prior", {}).pop(f"{name}.yaml", None)
+
+
+def _coerce(cls, key: str, value):
+    """A config value as the prior's field expects it: enum members back to their plain value, checked."""
+    allowed = choices(typing.get_type_hints(cls)[key])
+    if allowed is None:
+        return value
+    value = value.value if isinstance(value, Enum) else value
+    for v in allowed:                                   # "2" (from a YAML or the command line) matches 2
+        if value == v or str(value) == str(v):
+            return v
+    raise ValueError(f"prior.{key}={value!r} is not one of {list(allowed)} (prior '{cls.name}')")
 
 
 def _import_all() -> None:
@@ -55,7 +96,7 @@ def build_prior(cfg) -> Prior:
     unknown = set(items) - known
     if unknown:
         raise ValueError(f"prior '{cls.name}' has no option(s) {sorted(unknown)}; valid: {sorted(known)}")
-    prior = cls(**items)
+    prior = cls(**{k: _coerce(cls, k, v) for k, v in items.items()})
     prior.check_scale()
     prior.validate()
     return prior
@@ -63,4 +104,5 @@ def build_prior(cfg) -> Prior:
 
 _import_all()
 
-__all__ = ["Needs", "PairView", "Prior", "PRIORS", "register_prior", "prior_class", "build_prior"]
+__all__ = ["Needs", "PairView", "Prior", "Reduction", "PRIORS", "register_prior", "unregister_prior", "prior_class",
+           "build_prior"]

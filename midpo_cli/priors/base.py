@@ -72,6 +72,25 @@ class PairView:
         return self.token_values[name]
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """A declared special case, checked by `midpo verify` in value and gradient (both forms of both sides):
+    this prior with `settings` (and per-token data `columns` held at a constant) equals the prior `equals`.
+    `other_view` names how the other side reads the same batch: "" (as is) or "length_averaged_reference_free"
+    (log-probs divided by |y|, zero reference log-probs: SimPO's gamma = 0 case)."""
+    settings: dict                                 # this prior's options, e.g. {"alpha": 0.0}
+    equals: dict                                   # {"name": other prior, **its options}
+    columns: dict = dataclasses.field(default_factory=dict)   # data column -> constant on completion tokens
+    other_view: str = ""
+    note: str = ""                                 # shown in verify's table
+
+    @property
+    def text(self) -> str:
+        other = self.equals["name"]
+        opts = ", ".join(f"{k}={v}" for k, v in self.equals.items() if k != "name")
+        return f"== {other}" + (f" ({opts})" if opts else "") + (f" {self.note}" if self.note else "")
+
+
 class Prior(torch.nn.Module):
     """Base class. A subclass is also a dataclass holding its hyperparameters (the YAML's keys).
 
@@ -87,6 +106,7 @@ class Prior(torch.nn.Module):
     """
     name: ClassVar[str] = ""
     options: ClassVar[tuple[dict, ...]] = ({},)  # convention settings `midpo verify` checks, each a dict of overrides
+    reductions: ClassVar[tuple[Reduction, ...]] = ()   # declared special cases (e.g. "alpha = 0 is DPO")
     typical_beta: ClassVar[tuple[float, float]] = (0.005, 1.0)   # beta outside this range earns a warning
 
     def __post_init__(self):
@@ -111,7 +131,14 @@ class Prior(torch.nn.Module):
         return v.logps.new_zeros(())
 
     def validate(self) -> None:
-        """Raise ValueError naming the option and its valid values when the settings are inconsistent."""
+        """Raise ValueError naming the options when settings are inconsistent with each other (single options
+        with a fixed set of values are `Literal[...]` fields, checked when the config is composed)."""
+
+    def stop_gradient_variants(self) -> dict:
+        """{description: log_prior variant} with a stop-gradient added or removed (e.g. TDPO2 without its
+        sg on the winner). `midpo verify` checks that each keeps the value and changes the gradient, so its
+        equivalence check provably sees gradients flowing through the prior."""
+        return {}
 
     def check_scale(self) -> None:
         if getattr(self, "beta", 1.0) <= 0:

@@ -1,10 +1,10 @@
 """cEntropy / H-DPO (Omura et al., arXiv:2411.07595): DPO with a controllable entropy weight."""
+from typing import Literal
+
 import torch.nn.functional as F
 from torch import Tensor
 
-from midpo_cli.priors import Needs, PairView, Prior, register_prior
-
-FORMS = ("fixed", "policy")
+from midpo_cli.priors import Needs, PairView, Prior, Reduction, register_prior
 
 
 @register_prior("hdpo")
@@ -16,17 +16,16 @@ class HDPO(Prior):
     """
     beta: float = 0.1      # DPO-like scale
     alpha: float = 0.9     # entropy weight alpha_H; 1.0 = DPO (no official code; paper uses < 1)
-    form: str = "fixed"    # which exact prior expresses it: "fixed" or "policy"
+    form: Literal["fixed", "policy"] = "fixed"    # which exact prior expresses it
 
     options = ({"form": "fixed"}, {"form": "policy"})
+    reductions = tuple(Reduction({"alpha": 1.0, "form": f}, {"name": "dpo", "beta": 0.1}) for f in ("fixed", "policy"))
 
     @property
     def a(self) -> float:
         return self.alpha * self.beta if self.form == "fixed" else self.beta
 
     def validate(self) -> None:
-        if self.form not in FORMS:
-            raise ValueError(f"prior.form='{self.form}' is not one of {FORMS}")
         if self.alpha <= 0:
             raise ValueError(f"prior.alpha={self.alpha} must be > 0")
 

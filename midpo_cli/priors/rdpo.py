@@ -1,10 +1,10 @@
 """R-DPO (Park, Rafailov, Ermon, Finn, Findings ACL 2024, arXiv:2403.19159): DPO with a length term."""
+from typing import Literal
+
 import torch.nn.functional as F
 from torch import Tensor
 
-from midpo_cli.priors import Needs, PairView, Prior, register_prior
-
-SIGNS = ("+", "-")
+from midpo_cli.priors import Needs, PairView, Prior, Reduction, register_prior
 
 
 @register_prior("rdpo")
@@ -15,17 +15,14 @@ class RDPO(Prior):
     """
     beta: float = 0.1      # DPO-like scale
     alpha: float = 0.01    # length coefficient per token (no official code; tune per dataset)
-    sign: str = "+"        # sign convention of the length term, spec Section 6
+    sign: Literal["+", "-"] = "+"   # sign convention of the length term, spec Section 6
 
     options = ({"sign": "+"}, {"sign": "-"})
+    reductions = tuple(Reduction({"alpha": 0.0, "sign": s}, {"name": "dpo", "beta": 0.1}) for s in ("+", "-"))
 
     @property
     def s(self) -> float:
         return 1.0 if self.sign == "+" else -1.0
-
-    def validate(self) -> None:
-        if self.sign not in SIGNS:
-            raise ValueError(f"prior.sign='{self.sign}' is not one of {SIGNS}")
 
     def needs(self) -> Needs:
         return Needs(reference=True)

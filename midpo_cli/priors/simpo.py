@@ -1,11 +1,11 @@
 """SimPO (Meng, Xia, Chen, NeurIPS 2024, arXiv:2405.14734): reference-free, length-normalised, margin."""
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from midpo_cli.priors import PairView, Prior, register_prior
-
-CONVENTIONS = ("ratio", "absolute")
+from midpo_cli.priors import PairView, Prior, Reduction, register_prior
 
 
 @register_prior("simpo")
@@ -19,23 +19,25 @@ class SimPO(Prior):
     """
     beta: float = 2.0                  # SimPO code default 2.0 (paper 2.0-2.5; 10 for later Llama-3/Gemma-2)
     gamma: float = 0.25                # margin, read per gamma_convention; code default gamma_beta_ratio 0.25
-    gamma_convention: str = "ratio"    # "ratio" (SimPO repo) or "absolute" (TRL simpo_gamma)
+    gamma_convention: Literal["ratio", "absolute"] = "ratio"   # SimPO repo's gamma_beta_ratio | TRL's simpo_gamma
 
     options = ({"gamma_convention": "ratio"}, {"gamma_convention": "absolute"})
+    reductions = (Reduction({"gamma": 0.0, "beta": 2.0}, {"name": "dpo", "beta": 2.0},
+                            other_view="length_averaged_reference_free",
+                            note="reference-free, on length-averaged log-probs"),)
     typical_beta = (1.0, 20.0)
 
     @property
     def gamma_abs(self) -> float:
         return self.beta * self.gamma if self.gamma_convention == "ratio" else self.gamma
 
-    def validate(self) -> None:
-        if self.gamma_convention not in CONVENTIONS:
-            raise ValueError(f"prior.gamma_convention='{self.gamma_convention}' is not one of {CONVENTIONS}")
-
     def log_prior(self, v: PairView) -> Tensor:
         seq = v.seq(v.logps)                                               # [2, B]
         margin = torch.tensor([self.gamma_abs / self.beta, 0.0], dtype=seq.dtype, device=seq.device)
         return (1 - 1 / v.lengths) * seq + margin[:, None]
+
+    def stop_gradient_variants(self) -> dict:
+        return {"zeta detached": lambda v: self.log_prior(v).detach()}   # the gradient must flow through pi in zeta
 
     def original_loss(self, v: PairView) -> Tensor:
         avg = v.seq(v.logps) / v.mask.sum(-1)                              # get_batch_logps(average_log_prob=True)

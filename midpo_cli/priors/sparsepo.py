@@ -1,11 +1,11 @@
 """SparsePO (Christopoulou et al., arXiv:2410.05102): token masks on the reward and on the KL."""
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from midpo_cli.priors import Needs, PairView, Prior, register_prior
-
-SOURCES = ("given", "activation")
+from midpo_cli.priors import Needs, PairView, Prior, Reduction, register_prior
 
 
 def zn_rescale(x: Tensor, mask: Tensor) -> Tensor:
@@ -31,7 +31,7 @@ class SparsePO(Prior):
     masks="activation": MaPO's masks from the reference's activations (zn_rescale, mean over layers; common).
     """
     beta: float = 0.1          # README: 0.1 (HH), 0.8 (IMDB, TL;DR)
-    masks: str = "activation"  # "activation" (MaPO, no learning) or "given" (data columns)
+    masks: Literal["activation", "given"] = "activation"  # MaPO masks (no learning) | data columns
     common: bool = True        # one mask for reward and KL (rw_kl_independent=False)
     l1_u: float = 0.0          # L1 coefficient on reward masks (code default 0; 0.001 for HH-common)
     l1_d: float = 0.0          # L1 coefficient on KL masks
@@ -39,10 +39,12 @@ class SparsePO(Prior):
     options = ({"masks": "given", "common": True, "l1_u": 0.001, "l1_d": 0.001},
                {"masks": "given", "common": False, "l1_u": 0.001, "l1_d": 0.002},
                {"masks": "activation", "common": True})
+    reductions = (Reduction({"masks": "given", "common": False}, {"name": "tdpo", "variant": 1},
+                            columns={"mask_u": 1.0, "mask_d": 1.0}, note="(m_u = m_d = 1)"),
+                  Reduction({"masks": "given", "common": False}, {"name": "dpo", "beta": 0.1},
+                            columns={"mask_u": 1.0, "mask_d": 0.0}, note="(m_u = 1, m_d = 0)"))
 
     def validate(self) -> None:
-        if self.masks not in SOURCES:
-            raise ValueError(f"prior.masks='{self.masks}' is not one of {SOURCES}")
         if self.masks == "activation" and not self.common:
             raise ValueError("prior.masks=activation gives one common mask; set prior.common=true "
                              "or use prior.masks=given with mask_u/mask_d columns")

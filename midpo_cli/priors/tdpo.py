@@ -1,9 +1,11 @@
 """TDPO (Zeng et al., ICML 2024, arXiv:2404.11999): token-level DPO with a sequential forward KL."""
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from midpo_cli.priors import Needs, PairView, Prior, register_prior
+from midpo_cli.priors import Needs, PairView, Prior, Reduction, register_prior
 
 
 @register_prior("tdpo")
@@ -16,13 +18,9 @@ class TDPO(Prior):
     """
     beta: float = 0.1     # authors' config/loss/tdpo.yaml
     alpha: float = 0.5    # weight of the KL term in TDPO2 (unused by TDPO1)
-    variant: int = 1      # 1 or 2; the authors' yaml default is TDPO1 (their README recommends TDPO2)
+    variant: Literal[1, 2] = 1   # the authors' yaml default is TDPO1 (their README recommends TDPO2)
 
     options = ({"variant": 1}, {"variant": 2})
-
-    def validate(self) -> None:
-        if self.variant not in (1, 2):
-            raise ValueError(f"prior.variant={self.variant} is not one of (1, 2)")
 
     def knobs(self) -> tuple[str, ...]:
         return ("beta",) if self.variant == 1 else ("beta", "alpha")
@@ -35,6 +33,12 @@ class TDPO(Prior):
         if self.variant == 1:
             return ref - kl
         return ref - self.alpha * torch.stack([kl[0].detach(), kl[1]])
+
+    def stop_gradient_variants(self) -> dict:
+        if self.variant == 1:
+            return {}
+        no_sg = lambda v: v.seq(v.require("ref_logps")) - self.alpha * v.seq(v.require("kl_ref_pi"))
+        return {"no stop-gradient on D_w": no_sg}
 
     def original_loss(self, v: PairView) -> Tensor:
         margin = v.seq(v.logps - v.ref_logps)                              # tdpo_loss: chosen/rejected margins

@@ -1,11 +1,11 @@
 """TIS-DPO (Liu et al., ICLR 2025, arXiv:2410.04350): DPO with per-token importance weights."""
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from midpo_cli.priors import Needs, PairView, Prior, register_prior
-
-WEIGHTS = ("uniform", "given")
+from midpo_cli.priors import Needs, PairView, Prior, Reduction, register_prior
 
 
 @register_prior("tisdpo")
@@ -19,13 +19,12 @@ class TISDPO(Prior):
     beta: float = 0.1            # authors' config/loss/tisdpo.yaml
     alpha: float = 0.5           # weight of the token-level KL term (used only if token_level)
     token_level: bool = False    # authors' default: no KL term
-    weights: str = "uniform"     # "uniform" (w = 1) or "given": the data's chosen_weights/rejected_weights
+    weights: Literal["uniform", "given"] = "uniform"   # w = 1 | the data's chosen_weights/rejected_weights
 
     options = ({"token_level": False, "weights": "given"}, {"token_level": True, "weights": "given"})
-
-    def validate(self) -> None:
-        if self.weights not in WEIGHTS:
-            raise ValueError(f"prior.weights='{self.weights}' is not one of {WEIGHTS}")
+    reductions = (Reduction({"weights": "given"}, {"name": "dpo", "beta": 0.1}, columns={"weights": 1.0},
+                            note="(weights w = 1)"),
+                  Reduction({}, {"name": "dpo", "beta": 0.1}, note="(default: uniform weights)"))
 
     def knobs(self) -> tuple[str, ...]:
         return ("beta", "alpha") if self.token_level else ("beta",)

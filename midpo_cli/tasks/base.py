@@ -14,7 +14,6 @@ settings dataclass (its YAML keys under `dataset.task`). Adding a task is a file
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,11 +85,3 @@ def build_task(dataset_cfg) -> Task:
     task = TASKS[name](dataset_cfg)
     task.check()
     return task
-
-
-def settings_dict(settings) -> dict:
-    """A task's settings as a plain dict (for cache keys)."""
-    from omegaconf import OmegaConf
-    if dataclasses.is_dataclass(settings):
-        return dataclasses.asdict(settings)
-    return OmegaConf.to_container(settings, resolve=True)

@@ -8,6 +8,7 @@ needs() declares, so an undeclared input shows up as an error instead of silentl
 from __future__ import annotations
 
 import math
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -51,19 +52,29 @@ class Probe:
                 "ref_activations": v.ref_activations, "token_values": v.token_values}
 
 
-def view(p: Probe, needs: Needs, owned: dict | None = None, **override) -> PairView:
-    """The PairView the engine would build for a prior with these needs (plus per-field overrides)."""
+def view(p: Probe, needs: Needs, owned: dict | None = None, columns: dict | None = None, **override) -> PairView:
+    """The PairView the engine would build for a prior with these needs (per-token data columns: whatever the
+    prior declares, generated on demand; `columns` replaces some; plus per-field overrides)."""
+    cols = {name: (columns or {}).get(name, p.columns[name]) for name in needs.token_columns}
     v = build_view(needs, p.labels, p.mask, p.sources["policy"], reference=p.sources["reference"],
-                   snapshot=p.sources["snapshot"], owned=owned, ref_activations=p.activations, columns=p.columns)
+                   snapshot=p.sources["snapshot"], owned=owned, ref_activations=p.activations, columns=cols)
     for k, x in override.items():
         setattr(v, k, {**v.token_values, **x} if k == "token_values" else x)
     return v
 
 
-def _columns(mask: Tensor, g: torch.Generator) -> dict:
-    """Per-token data columns [N, T] (weights in [0.7, 1.3], masks in [0, 1]), zero on padding."""
-    u = lambda lo, hi: (lo + (hi - lo) * torch.rand(mask.shape, generator=g, dtype=F64)) * mask
-    return {"weights": u(0.7, 1.3), "mask": u(0.0, 1.0), "mask_u": u(0.0, 1.0), "mask_d": u(0.0, 1.0)}
+class Columns(dict):
+    """Per-token data columns [N, T] for whatever names the priors declare (Needs.token_columns), made on first
+    use: uniform in [0.1, 1.3] on completion tokens, 0 on padding, reproducible per (seed, name)."""
+
+    def __init__(self, mask: Tensor, seed: int):
+        super().__init__()
+        self.mask, self.seed = mask, seed
+
+    def __missing__(self, name: str) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 7919 + zlib.crc32(name.encode()))
+        self[name] = (0.1 + 1.2 * torch.rand(self.mask.shape, generator=g, dtype=F64)) * self.mask
+        return self[name]
 
 
 def random_probe(seed: int, B: int = 4, T: int = 7, V: int = 11, L: int = 3) -> Probe:
@@ -75,7 +86,7 @@ def random_probe(seed: int, B: int = 4, T: int = 7, V: int = 11, L: int = 3) -> 
     theta = rnd(2 * B, T, V).requires_grad_()                                         # [N, T, V] policy logits
     sources = {"policy": theta, "reference": rnd(2 * B, T, V), "snapshot": rnd(2 * B, T, V)}
     labels = torch.randint(0, V, (2 * B, T), generator=g)
-    return Probe(sources, labels, mask, rnd(2 * B, T, L), _columns(mask, g), [theta], f"random B={B} T={T} V={V}")
+    return Probe(sources, labels, mask, rnd(2 * B, T, L), Columns(mask, seed), [theta], f"random B={B} T={T} V={V}")
 
 
 def _encode(tok, pairs) -> tuple[Tensor, Tensor, Tensor]:
@@ -103,7 +114,7 @@ def _model_probe(policy, ref_fn, snap_fn, tok, seed: int, label: str, params, pa
         ref, snap = ref_fn(ids, att, out), snap_fn(ids, att, out)
         acts = layer_means(out.hidden_states).to(F64)                                  # [2B, S-1, L]
     sources = {"policy": out.logits[:, :-1], "reference": ref, "snapshot": snap}       # [2B, S-1, V]
-    return Probe(sources, ids[:, 1:], comp, acts, _columns(comp, torch.Generator().manual_seed(seed)), params, label)
+    return Probe(sources, ids[:, 1:], comp, acts, Columns(comp, seed), params, label)
 
 
 def tiny_probe(seed: int) -> Probe:

@@ -111,56 +111,38 @@ def generic(rows: Rows, p: Probe, names, atol: float) -> None:
 
 
 def stop_gradients(rows: Rows, p: Probe, names, atol: float) -> None:
-    """Section 15: dropping TDPO2's stop-gradient, or adding one to SimPO's zeta, keeps the value and
-    must change the gradient (so the equivalence check really sees gradients through the prior)."""
-    cases = []
-    if "tdpo" in names:
-        t = build_prior({"name": "tdpo", "variant": 2})
-        v = lambda: view(p, t.needs())
-        no_sg = lambda: mi_dpo_loss(v().seq(v().logps), v().seq(v().ref_logps) - t.alpha * v().seq(v().kl_ref_pi),
-                                    t.a).mean()
-        cases.append(("tdpo", "variant=2", "no stop-gradient on D_w", no_sg, lambda: original(t, v())))
-    if "simpo" in names:
-        s = build_prior({"name": "simpo"})
-        v2 = lambda: view(p, s.needs())
-        sg = lambda: mi_dpo_loss(v2().seq(v2().logps), s.log_prior(v2()).detach(), s.a).mean()
-        cases.append(("simpo", "default", "zeta detached", sg, lambda: original(s, v2())))
-    for name, opt, what, f, g in cases:
-        rows.check(name, opt, f"{what}: value matches", lambda: gaps(f, g, p.params)[0], atol)
-        rows.check(name, opt, f"{what}: gradient differs", lambda: gaps(f, g, p.params)[1], differs=True)
+    """Spec Section 15: each declared stop-gradient variant (e.g. TDPO2 without its sg, SimPO with zeta detached)
+    keeps the value and must change the gradient, so the equivalence check really sees gradients through the prior."""
+    for name, opt, prior in settings(names):
+        for what, variant in prior.stop_gradient_variants().items():
+            v = lambda: view(p, prior.needs())
+            f = lambda: mi_dpo_loss(v().seq(v().logps), variant(v()), prior.a).mean()
+            g = lambda: original(prior, v())
+            rows.check(name, option_text(opt), f"{what}: value matches", lambda: gaps(f, g, p.params)[0], atol)
+            rows.check(name, option_text(opt), f"{what}: gradient differs", lambda: gaps(f, g, p.params)[1],
+                       differs=True)
+
+
+OTHER_VIEWS = {   # how the other side of a declared reduction reads the probe (Reduction.other_view)
+    "length_averaged_reference_free": lambda v: PairView(logps=v.logps / v.lengths[..., None], mask=v.mask,
+                                                         ref_logps=torch.zeros_like(v.logps)),
+}
 
 
 def reductions(rows: Rows, p: Probe, names, atol: float) -> None:
-    """Spec Section 15 reductions: both forms of the special case equal both forms of the simpler prior."""
-    ones, zeros = torch.ones_like(p.full["mask"]) * p.full["mask"], torch.zeros_like(p.full["mask"])
-
-    def same(a: dict, b: dict, a_cols=None, b_view=None):
-        pa, pb = build_prior(a), build_prior(b)
-        va = lambda: view(p, pa.needs(), **({"token_values": a_cols} if a_cols else {}))
-        vb = b_view or (lambda: view(p, pb.needs()))
-        return lambda: max(max(gaps(lambda: f(pa, va()), lambda: g(pb, vb()), p.params))
+    """Every prior's declared reductions (Prior.reductions): both forms of the special case equal both forms of
+    the simpler prior, in value and gradient."""
+    for name in names:
+        for red in prior_class(name).reductions:
+            def fn(red=red):
+                pa, pb = build_prior({"name": name, **red.settings}), build_prior(red.equals)
+                cols = {c: value * torch.ones_like(p.mask) for c, value in red.columns.items()}
+                va = lambda: view(p, pa.needs(), columns=cols)
+                vb = lambda: OTHER_VIEWS[red.other_view](view(p, pb.needs())) if red.other_view else view(p, pb.needs())
+                return max(max(gaps(lambda: f(pa, va()), lambda: g(pb, vb()), p.params))
                            for f in (unified, original) for g in (unified, original))
-
-    dpo = {"name": "dpo", "beta": 0.1}
-    cases = [("tisdpo", "weights=given, w=1", "== DPO", same({"name": "tisdpo", "weights": "given"}, dpo,
-                                                              {"weights": ones})),
-             ("tisdpo", "default (uniform weights)", "== DPO", same({"name": "tisdpo"}, dpo)),
-             ("sparsepo", "given, common=False, m_u=m_d=1", "== TDPO1",
-              same({"name": "sparsepo", "masks": "given", "common": False}, {"name": "tdpo", "variant": 1},
-                   {"mask_u": ones, "mask_d": ones})),
-             ("sparsepo", "given, common=False, m_u=1, m_d=0", "== DPO",
-              same({"name": "sparsepo", "masks": "given", "common": False}, dpo, {"mask_u": ones, "mask_d": zeros}))]
-    cases += [("hdpo", f"alpha=1, form={f}", "== DPO", same({"name": "hdpo", "alpha": 1.0, "form": f}, dpo))
-              for f in ("fixed", "policy")]
-    cases += [("rdpo", f"alpha=0, sign={s}", "== DPO", same({"name": "rdpo", "alpha": 0.0, "sign": s}, dpo))
-              for s in ("+", "-")]
-    m = p.full["mask"]
-    avg = lambda: PairView(logps=p.full["logps"] / m.sum(-1, keepdim=True), mask=m, ref_logps=zeros)
-    cases.append(("simpo", "gamma=0", "== reference-free DPO on length-averaged log-probs",
-                  same({"name": "simpo", "gamma": 0.0, "beta": 2.0}, {"name": "dpo", "beta": 2.0}, b_view=avg)))
-    for name, opt, what, fn in cases:
-        if name in names:
-            rows.check(name, opt, f"reduction: {what}", fn, atol)
+            rows.check(name, option_text(red.settings) + "".join(f", {c}={v}" for c, v in red.columns.items()),
+                       f"reduction: {red.text}", fn, atol)
 
 
 # ----- (iv) knobs, (v) TRL -------------------------------------------------------------------------
