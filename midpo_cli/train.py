@@ -128,6 +128,10 @@ def run(cfg: DictConfig):
     finally:
         if claim is not None:
             claim.release()
+        if state.num_processes == 1:                                       # sweep jobs in one process may change
+            from accelerate.state import AcceleratorState, GradientState   # precision: start each from a clean state
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
     if state.is_main_process:
         console.final_table(results)
         log.info("run directory: %s", run_dir)
