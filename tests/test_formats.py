@@ -41,14 +41,18 @@ def test_report_counts_dropped_and_truncated(tmp_path):
     rows = [{"prompt": "p" * 10, "chosen": "a", "rejected": "b"} for _ in range(10)]
     rows += [{"prompt": "same", "chosen": "x", "rejected": "x"}] * 5                 # identical: dropped
     rows += [{"prompt": "q" * 100, "chosen": "c" * 80, "rejected": "r"}] * 5        # too long
+    # 5 of 20 rows bad is over the default max_bad_fraction=0.1: allow it here
     train, ev = train_on(tmp_path, write(tmp_path / "mixed.jsonl", rows), "dataset.max_length=60",
-                         "dataset.max_prompt_length=40", "dataset.eval_fraction=0.0")
+                         "dataset.max_prompt_length=40", "dataset.eval_fraction=0.0", "dataset.max_bad_fraction=0.3")
     assert train["rows_read"] == 20 and train["kept"] == 15 and train["dropped"] == 5
-    assert train["dropped_reasons"] == {"chosen identical to rejected": 5}
+    assert train["dropped_reasons"] == {"chosen identical to rejected": 5} and train["bad"] == 5
+    assert train["dropped_examples"]["chosen identical to rejected"][0].endswith("mixed.jsonl:11")
     assert train["truncated"] == 5 and train["truncated_reasons"] == {"prompt+completion truncated to fit": 5}
     train, _ = train_on(tmp_path / "drop", write(tmp_path / "mixed2.jsonl", rows), "dataset.max_length=60",
-                        "dataset.max_prompt_length=40", "dataset.eval_fraction=0.0", "dataset.truncation=drop")
+                        "dataset.max_prompt_length=40", "dataset.eval_fraction=0.0", "dataset.truncation=drop",
+                        "dataset.max_bad_fraction=0.3")
     assert train["kept"] == 10 and train["dropped"] == 10 and train["truncated"] == 0
+    assert train["bad"] == 5                      # pairs truncation=drop skips are a policy, not bad data
 
 
 def test_column_mapping(tmp_path):

@@ -1,8 +1,14 @@
-"""From raw rows to tokenised pairs, with a data report: formats detected, rows kept, dropped, truncated.
+"""From raw rows to tokenised pairs, with a data report: formats, rows read, kept, dropped (per reason, with
+example locations) and truncated.
 
-Formats (TRL's, detected per dataset): standard (prompt/chosen/rejected strings), conversational
-(lists of role/content messages, rendered with the chat template) and implicit prompt (only chosen and
-rejected, sharing a prefix: the shared part becomes the prompt).
+Each row is checked on its own (rows.check_row), so a file may mix TRL's formats. Bad rows are lines that
+could not be read, missing / null / empty / non-text fields, and pairs whose chosen equals rejected before
+or after truncation. dataset.on_bad_rows=drop (the default) drops them and counts each reason with
+up to three locations (FILE:LINE) in data_report.json; dataset.on_bad_rows=error stops at the first one,
+naming its file, line and column. Under drop, more than dataset.max_bad_fraction bad rows (train and eval
+together) fail the run once the report is written: that many is a systematic problem (a wrong column
+mapping, a broken export), and training on the rest would be a different experiment. Pairs skipped by
+dataset.truncation=drop are counted too, but they are a chosen policy, not bad data.
 """
 from __future__ import annotations
 
@@ -11,84 +17,139 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from midpo_cli.data.tokenize import Dropped, _is_messages, encode_pair
+from midpo_cli.data.rows import BadRow, BadRowError, check_row, split_implicit, where_of  # noqa: F401
+from midpo_cli.data.sources import check_settings
+from midpo_cli.data.tokenize import Dropped, char_limit, encode_pair
 
 log = logging.getLogger("midpo")
+EXAMPLES = 3                                                               # locations kept per reason
 
 
-def split_implicit(chosen, rejected):
-    """(prompt, chosen, rejected) from two responses that share their beginning (TRL's implicit prompt)."""
-    if _is_messages(chosen) and _is_messages(rejected):
-        n = 0
-        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-            n += 1
-        return chosen[:n], chosen[n:], rejected[n:]
-    a, b = str(chosen), str(rejected)
-    i = 0
-    while i < min(len(a), len(b)) and a[i] == b[i]:
-        i += 1
-    if 0 < i and a[i - 1] == " ":                                          # keep the space with the answer
-        i -= 1
-    return a[:i], a[i:], b[i:]
+class TooManyBadRows(ValueError):
+    """More than dataset.max_bad_fraction of the rows are bad."""
 
 
-def detect_format(row: dict) -> str:
-    if "prompt" not in row:
-        return "implicit prompt"
-    return "conversational" if _is_messages(row["prompt"]) else "standard"
+class Tally:
+    """Counts per reason, with the first few locations of each in file order."""
+
+    def __init__(self):
+        self.counts, self._first = Counter(), {}
+
+    def add(self, reason: str, example: str, order: int) -> None:
+        self.counts[reason] += 1
+        first = self._first.setdefault(reason, [])
+        if len(first) < EXAMPLES or order < first[-1][0]:
+            first.append((order, example))
+            first.sort(key=lambda x: x[0])
+            del first[EXAMPLES:]
+
+    @property
+    def examples(self) -> dict:
+        return {k: [e for _, e in v] for k, v in self._first.items()}
+
+    def total(self) -> int:
+        return sum(self.counts.values())
 
 
-def normalise(row: dict, cfg) -> dict:
-    """Apply the column mapping and the implicit-prompt split; returns a prompt/chosen/rejected row."""
-    names = {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column, "rejected": cfg.rejected_column}
-    out = {k: v for k, v in row.items() if k not in names.values()}
-    for ours, theirs in names.items():
-        if theirs in row:
-            out[ours] = row[theirs]
-    if "prompt" not in out and "chosen" in out and "rejected" in out:
-        out["prompt"], out["chosen"], out["rejected"] = split_implicit(out["chosen"], out["rejected"])
-    return out
+def _identical(p, cfg) -> BadRow:
+    if p.truncated:
+        return BadRow("chosen identical to rejected after truncation", f"max_length={cfg.max_length}, "
+                      f"max_prompt_length={cfg.max_prompt_length}", "they differ only in what truncation cut: "
+                      "raise dataset.max_length / max_prompt_length, or let such pairs be dropped")
+    return BadRow("chosen and rejected tokenise identically", hint="they differ only in what the tokenizer or "
+                  "chat template does not keep (e.g. trailing spaces): fix or delete the row")
 
 
 def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "train"):
-    """(pairs, report) for one split. Rows that cannot train are dropped with a reason, never silently."""
-    pairs, dropped, truncated = [], Counter(), Counter()
+    """(pairs, report) for one split. Rows that cannot train are dropped and counted, never silently
+    (or, under dataset.on_bad_rows=error, the first one stops the run)."""
+    check_settings(cfg)
+    strict = getattr(cfg, "on_bad_rows", "drop") == "error"
+    limit = char_limit(tokenizer, cfg.max_length)
+    pairs, formats, bad, policy, truncated, hints, first_bad = [], Tally(), Tally(), Tally(), Tally(), {}, None
     for i, raw in enumerate(rows):
-        row = normalise(raw, cfg)
-        missing = [c for c in ("prompt", "chosen", "rejected") if c not in row]
-        if missing:
-            raise ValueError(f"{split} row {i}: missing column(s) {missing}; found {sorted(raw)}. Map yours with "
-                             "dataset.prompt_column= / chosen_column= / rejected_column=")
-        if row["chosen"] == row["rejected"]:
-            dropped["chosen identical to rejected"] += 1
-            continue
-        if isinstance(row["prompt"], (str, list)) and not row["prompt"]:
-            dropped["empty prompt (implicit prompt: no shared beginning)"] += 1
-            continue
+        where, order = where_of(raw, split, i), getattr(raw, "index", i)
         try:
-            p = encode_pair(tokenizer, row, cfg.max_length, cfg.max_prompt_length, columns, cfg.truncation)
-        except Dropped as e:
-            dropped[str(e)] += 1
+            fmt, row = check_row(raw, cfg, tuple(columns))
+            formats.add(fmt, where, order)
+            p = encode_pair(tokenizer, row, cfg.max_length, cfg.max_prompt_length, columns, cfg.truncation, limit)
+            if p.chosen == p.rejected:
+                raise _identical(p, cfg)
+        except BadRow as e:
+            if strict and (first_bad is None or order < first_bad[0]):
+                first_bad = (order, where, e)                                  # refused below: the first in file order
+            bad.add(e.reason, f"{where} ({e.detail})" if e.detail else where, order)
+            hints.setdefault(e.reason, e.hint)
             continue
+        except Dropped as e:
+            policy.add(str(e), where, order)
+            continue
+        except ValueError as e:                                            # a run-level problem met on this row
+            raise ValueError(f"{where}: {e}") from None
         if p.truncated:
-            truncated[f"{p.truncated} truncated to fit"] += 1
+            truncated.add(f"{p.truncated} truncated to fit", where, order)
         pairs.append(p)
-    report = {"split": split, "format": detect_format(rows[0]) if rows else "empty", "rows_read": len(rows),
-              "kept": len(pairs), "dropped": sum(dropped.values()), "dropped_reasons": dict(dropped),
-              "truncated": sum(truncated.values()), "truncated_reasons": dict(truncated)}
+    if first_bad is not None:
+        raise BadRowError(first_bad[1], first_bad[2])
+    kinds = dict(formats.counts)
+    if len(kinds) > 1:
+        log.warning("%s: rows in %d formats (%s); each row is read in its own format. First rows of each: %s",
+                    split, len(kinds), ", ".join(f"{k} {v}" for k, v in kinds.items()),
+                    "; ".join(f"{k}: {', '.join(formats.examples[k])}" for k in kinds))
+    report = {"split": split, "source": getattr(cfg, "path", None) or getattr(cfg, "source", "builtin"),
+              "format": next(iter(kinds)) if len(kinds) == 1 else ("mixed" if kinds else "none"),
+              "formats": kinds, "format_examples": formats.examples,
+              "rows_read": len(rows), "kept": len(pairs), "dropped": bad.total() + policy.total(),
+              "bad": bad.total(), "dropped_reasons": {**bad.counts, **policy.counts},
+              "dropped_examples": {**bad.examples, **policy.examples}, "hints": hints,
+              "truncated": truncated.total(), "truncated_reasons": dict(truncated.counts),
+              "truncated_examples": truncated.examples,
+              "on_bad_rows": getattr(cfg, "on_bad_rows", "drop"), "max_bad_fraction": getattr(cfg, "max_bad_fraction", 1.0)}
     return pairs, report
 
 
+def _summary(reports: list[dict], n: int = 3) -> str:
+    counts, first = Counter(), {}
+    for r in reports:
+        for reason, k in r["dropped_reasons"].items():
+            if reason in r.get("hints", {}):
+                counts[reason] += k
+                first.setdefault(reason, r["dropped_examples"][reason][0])
+    return "; ".join(f"{reason}: {k} (first: {first[reason]})" for reason, k in counts.most_common(n))
+
+
+def check_bad_fraction(reports: list[dict], where: str = "data_report.json") -> None:
+    """Under dataset.on_bad_rows=drop: warn about dropped bad rows, or fail when there are too many."""
+    read, bad = sum(r["rows_read"] for r in reports), sum(r.get("bad", 0) for r in reports)
+    if not bad:
+        return
+    limit = min(r.get("max_bad_fraction", 1.0) for r in reports)
+    top = max(((k, r["hints"][reason]) for r in reports for reason, k in r["dropped_reasons"].items()
+               if reason in r.get("hints", {})), default=(0, ""))[1]
+    text = f"{bad} of {read} rows are bad ({bad / read:.1%}): {_summary(reports)}"
+    if bad / read > limit:
+        raise TooManyBadRows(f"{text}. More than dataset.max_bad_fraction={limit} is a systematic problem, not "
+                             f"noise: {top}. Fix the data, or raise dataset.max_bad_fraction to train on the "
+                             f"rest (every row and reason: {where})")
+    log.warning("dropped %s; counted in %s", text, where)
+
+
 def save_report(reports: list[dict], run_dir: Path) -> None:
+    """Write data_report.json, print the table; then fail if more than max_bad_fraction of rows are bad."""
     from rich.table import Table
     from midpo_cli.console import console
 
     (run_dir / "data_report.json").write_text(json.dumps(reports, indent=2))
     t = Table(title="data report")
-    for c in ("split", "format", "rows read", "kept", "dropped", "truncated", "reasons"):
+    for c in ("split", "format", "rows read", "kept", "dropped", "truncated"):
         t.add_column(c)
+    t.add_column("reasons (first location)", overflow="fold")
     for r in reports:
-        reasons = "; ".join(f"{k}: {v}" for k, v in {**r["dropped_reasons"], **r["truncated_reasons"]}.items())
-        t.add_row(r["split"], r["format"], str(r["rows_read"]), str(r["kept"]), str(r["dropped"]),
+        fmt = r["format"] if r["format"] != "mixed" else ", ".join(f"{k} {v}" for k, v in r["formats"].items())
+        examples = {**r.get("dropped_examples", {}), **r.get("truncated_examples", {})}
+        counts = sorted({**r["dropped_reasons"], **r["truncated_reasons"]}.items(), key=lambda kv: -kv[1])
+        reasons = "\n".join(f"{k}: {v}" + (f", first {examples[k][0]}" if examples.get(k) else "") for k, v in counts)
+        t.add_row(r["split"], fmt, str(r["rows_read"]), str(r["kept"]), str(r["dropped"]),
                   str(r["truncated"]), reasons or "-")
     console.print(t)
+    check_bad_fraction(reports, str(run_dir / "data_report.json"))
