@@ -108,6 +108,7 @@ def run(cfg: DictConfig):
             for w in prior.warnings():
                 log.warning(w)
             if state.is_main_process:
+                (run_dir / "error.json").unlink(missing_ok=True)               # an earlier attempt's failure
                 rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             results = train(cfg, prior, run_dir, resume_from)
     except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:

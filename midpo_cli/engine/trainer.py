@@ -146,6 +146,14 @@ def _agree(acc, keys):
     return broadcast_object_list(box, from_process=0)[0]
 
 
+def window_row(window: list[dict]) -> dict:
+    """One metrics.jsonl row from the steps since the last one: means, but tokens summed and running
+    values (learning rate, skipped-step count) as they are now."""
+    last = window[-1]
+    return {k: sum(w[k] for w in window) if k == "tokens" else last[k] if k in ("lr", "skipped_steps")
+            else sum(w[k] for w in window) / len(window) for k in last}
+
+
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -293,8 +301,7 @@ def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id,
             progress.update(bar, advance=1, info=f"loss {m['loss']:.4f}  acc {m['rewards/accuracies']:.2f}")
             row = None
             if step % tc.log_every == 0 or step == tc.max_steps:
-                row = {"step": step, **{k: sum(w[k] for w in window) / len(window) if k != "tokens"
-                                        else sum(w[k] for w in window) for k in window[-1]}}
+                row = {"step": step, **window_row(window)}
                 window = []
             if tc.eval_every and step % tc.eval_every == 0 or step == tc.max_steps:
                 ev = evaluate_pairs(acc, policy, prior, models, eval_pairs, tc, pad_id)
