@@ -1,10 +1,13 @@
 """Typed schemas for every config group (Hydra ConfigStore), so bad input fails before any model loads.
 
 Each YAML under conf/ names its schema in its defaults list (e.g. `/schema/model@_here_`); a wrong
-type, an unknown key or an unknown group option is then a Hydra error naming the key.
+type, an unknown key or an unknown group option is then a Hydra error naming the key (and, on the command
+line, a one-line error with a did-you-mean: midpo_cli/overrides.py). `check(cfg)` adds the value checks a
+type cannot express (ranges, choices), run by `midpo train` before anything loads.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,11 +31,12 @@ class ModelConfig:
     dtype: str = "float32"                # float32 | bfloat16 | float16: weights' dtype when loaded
     attn_implementation: Optional[str] = None   # eager | sdpa | flash_attention_2; None = library default
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    trust_remote_code: bool = False       # run Python code shipped with a hub model (only for repos you trust)
     hidden_size: int = 128                # tiny only: width
     num_layers: int = 2                   # tiny only: transformer blocks
     num_heads: int = 4                    # tiny only: attention heads
     intermediate_size: int = 256          # tiny only: MLP width
-    max_position_embeddings: int = 256    # tiny only: context length
+    max_position_embeddings: int = 1024   # tiny only: context length (>= dataset.max_length)
     lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA adapters (reference = adapters off)
 
 
@@ -142,6 +146,40 @@ class VerifyRoot:
     smollm2: bool = True                  # ... and of SmolLM2 when the package is installed
     trl: bool = True                      # cross-check DPO / SimPO against TRL when installed
     atol: float = 1e-10                   # float64 tolerance (value and gradient)
+
+
+CHOICES = {                               # keys typed str whose value must be one of these
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "trainer.precision": ("fp32", "bf16", "fp16"),
+    "trainer.lr_schedule": ("constant", "linear", "cosine"),
+    "dataset.truncation": ("keep_end", "drop"),
+}
+AT_LEAST_ONE = ("trainer.max_steps", "trainer.batch_size", "trainer.grad_accum", "trainer.eval_batch_size",
+                "trainer.log_every", "dataset.max_length", "dataset.max_prompt_length")
+NON_NEGATIVE = ("trainer.eval_every", "trainer.save_every", "trainer.warmup_steps", "trainer.kl_chunk",
+                "trainer.max_grad_norm", "optimizer.weight_decay")
+POSITIVE = ("optimizer.lr",)              # lr=0 would train a no-op without a word
+BELOW_ONE = ("dataset.eval_fraction",)    # a fraction in [0, 1)
+
+
+def check(cfg) -> None:
+    """Value checks of a train config, run before anything loads: a ValueError naming the key, its value and
+    what is allowed. Every number must be finite; the bounds are those above."""
+    from omegaconf import OmegaConf
+
+    def value(key):
+        return OmegaConf.select(cfg, key)
+
+    for key, valid in CHOICES.items():
+        if value(key) not in valid:
+            raise ValueError(f"{key}='{value(key)}' is not one of {', '.join(valid)}")
+    for keys, ok, rule in ((AT_LEAST_ONE, lambda v: v >= 1, ">= 1"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+                           (POSITIVE, lambda v: v > 0, "> 0"), (BELOW_ONE, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for key in keys:
+            v = value(key)
+            if not math.isfinite(v) or not ok(v):
+                extra = " (0 leaves the policy unchanged; a negative lr climbs the loss)" if key == "optimizer.lr" else ""
+                raise ValueError(f"{key}={v} must be a finite number {rule}{extra}")
 
 
 def register_schemas() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from midpo_cli.tasks import builtin
 from midpo_cli.data.sources import load_rows
 from midpo_cli.engine.lora import AdapterOff, add_lora
-from midpo_cli.engine.models import frozen, load_model, load_tokenizer
+from midpo_cli.engine.models import check_lengths, frozen, load_model, load_tokenizer
 
 
 @dataclass
@@ -37,6 +37,7 @@ def prepare(cfg, needs, device) -> Setup:
         builtin.check(task)
         path = str(builtin.sft_reference(task, cfg.model, tokenizer, cfg.seed, cache_root, device))
     policy = load_model(cfg.model, tokenizer, path=path)
+    check_lengths(cfg.dataset, policy)
     if cfg.model.lora.r > 0:
         policy = add_lora(policy, cfg.model.lora)
     policy.to(device)

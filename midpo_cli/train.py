@@ -10,13 +10,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from midpo_cli import console
+from midpo_cli.config import check as check_config
 from midpo_cli.engine import checkpoint
 from midpo_cli.priors import build_prior
 
 log = logging.getLogger("midpo")
 RUN_FILES = ("results.json", "metrics.jsonl", "config.yaml")
-CHOICES = {"trainer.precision": ("fp32", "bf16", "fp16"), "trainer.lr_schedule": ("constant", "linear", "cosine"),
-           "dataset.truncation": ("keep_end", "drop")}
 
 
 def run_dir_of() -> Path:
@@ -34,15 +33,6 @@ def claim(run_dir: Path, resuming: bool) -> None:
         raise ValueError(f"run directory {run_dir} already holds a run ({', '.join(taken)}); "
                          "pick a new hydra.run.dir / hydra.sweep.dir (nothing was changed)")
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def check_settings(cfg: DictConfig) -> None:
-    for key, valid in CHOICES.items():
-        if OmegaConf.select(cfg, key) not in valid:
-            raise ValueError(f"{key}='{OmegaConf.select(cfg, key)}' is not one of {valid}")
-    for key in ("max_steps", "batch_size", "grad_accum"):
-        if cfg.trainer[key] < 1:
-            raise ValueError(f"trainer.{key}={cfg.trainer[key]} must be >= 1")
 
 
 def in_sweep() -> bool:
@@ -67,7 +57,7 @@ def run(cfg: DictConfig) -> None:
     try:
         claim(run_dir, bool(cfg.trainer.resume))
         console.setup_logging(run_dir / "train.log")
-        check_settings(cfg)
+        check_config(cfg)
         prior = build_prior(cfg.prior)
         resume_from = checkpoint.find(cfg.trainer.resume, run_dir, cfg) if cfg.trainer.resume else None
         for w in prior.warnings():
