@@ -172,7 +172,8 @@ def load_model(cfg, tokenizer, path: str | None = None):
     return model
 
 
-POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length",
+                   "seq_length")        # the names configs give their context length (GPT-2, MPT, ChatGLM, ...)
 
 
 def context_length(model) -> tuple[int, str] | None:
@@ -186,7 +187,7 @@ def context_length(model) -> tuple[int, str] | None:
             return None
     for field in POSITION_LIMITS:
         limit = getattr(conf, field, None)
-        if isinstance(limit, int) and limit > 0:
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
             return limit, field
     return None
 
