@@ -25,14 +25,30 @@ def config_path() -> str:
     return str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def _app(command: str):
-    """Build the Hydra app of a command (imports are deferred so `midpo --help` stays instant)."""
-    import hydra
-
+def _register() -> None:
+    """Put every typed schema in Hydra's ConfigStore (imports deferred so `midpo --help` stays instant)."""
     from midpo_cli.config import register_schemas
     import midpo_cli.priors  # noqa: F401  (registers every prior's schema)
 
     register_schemas()
+
+
+def _check(command: str, args: list[str]) -> None:
+    """Unknown keys (even with + / ++) and group options fail here in one line, with a did-you-mean."""
+    from midpo_cli.overrides import BadOverride, check_overrides
+
+    try:
+        check_overrides(command, args, config_path())
+    except BadOverride as e:
+        from midpo_cli import console
+        console.error(f"midpo {command}: {e}")
+        raise SystemExit(1) from None
+
+
+def _app(command: str):
+    """Build the Hydra app of a command."""
+    import hydra
+
     if command == "train":
         from midpo_cli.train import run as task
     else:
@@ -54,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     old, sys.argv = sys.argv, [f"midpo {argv[0]}", *argv[1:]]
+    _register()
+    _check(argv[0], argv[1:])
     try:
         _app(argv[0])()
     finally:

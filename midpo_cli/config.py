@@ -1,15 +1,41 @@
 """Typed schemas for every config group (Hydra ConfigStore), so bad input fails before any model loads.
 
 Each YAML under conf/ names its schema in its defaults list (e.g. `/schema/model@_here_`); a wrong
-type, an unknown key or an unknown group option is then a Hydra error naming the key.
+type, an unknown key or an unknown group option is then a Hydra error naming the key (and, on the command
+line, a one-line error with a did-you-mean: midpo_cli/overrides.py). Settings with a fixed set of values
+are `Choice` enums (checked at compose time); `check(cfg)` adds the value checks a type cannot express
+(ranges, finiteness), run by `midpo train` before anything loads.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A setting with a fixed set of values: checked when Hydra composes the config (a wrong value fails there,
+    naming the valid ones); compares and prints as its plain string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def choice(name: str, values: str) -> type[Choice]:
+    return Choice(name, {v: v for v in values.split()})
+
+
+Source = choice("Source", "tiny hf smollm2")
+DType = choice("DType", "float32 bfloat16 float16")
+Precision = choice("Precision", "fp32 bf16 fp16")
+Schedule = choice("Schedule", "constant linear cosine")
+OnNonFinite = choice("OnNonFinite", "stop skip")
+Truncation = choice("Truncation", "keep_end drop")
+OnBadRows = choice("OnBadRows", "drop error")
 
 
 @dataclass
@@ -22,17 +48,18 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
-    source: str = "tiny"                  # tiny | hf | smollm2
+    source: Source = Source.tiny          # tiny | hf | smollm2
     name_or_path: Optional[str] = None    # hub id or local directory (source=hf)
     gguf_file: Optional[str] = None       # GGUF file inside name_or_path, if any
-    dtype: str = "float32"                # float32 | bfloat16 | float16: weights' dtype when loaded
+    dtype: DType = DType.float32          # float32 | bfloat16 | float16: weights' dtype when loaded
     attn_implementation: Optional[str] = None   # eager | sdpa | flash_attention_2; None = library default
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    trust_remote_code: bool = False       # run Python code shipped with a hub model (only for repos you trust)
     hidden_size: int = 128                # tiny only: width
     num_layers: int = 2                   # tiny only: transformer blocks
     num_heads: int = 4                    # tiny only: attention heads
     intermediate_size: int = 256          # tiny only: MLP width
-    max_position_embeddings: int = 256    # tiny only: context length
+    max_position_embeddings: int = 1024   # tiny only: context length (>= dataset.max_length)
     lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA adapters (reference = adapters off)
 
 
@@ -46,11 +73,11 @@ class DatasetConfig:
     max_rows: Optional[int] = None        # use at most this many training rows
     max_length: int = 512                 # prompt + completion tokens; longer pairs are truncated
     max_prompt_length: int = 256          # prompt tokens kept (its end is kept)
-    truncation: str = "keep_end"          # keep_end: cut the prompt's start and both completions alike | drop
+    truncation: Truncation = Truncation.keep_end   # keep_end: cut the prompt's start and both completions alike | drop
     prompt_column: str = "prompt"         # the data's column holding the prompt
     chosen_column: str = "chosen"         # ... the preferred response
     rejected_column: str = "rejected"     # ... the dispreferred response
-    on_bad_rows: str = "drop"             # drop: skip rows that cannot train, counted per reason with FILE:LINE in data_report.json | error: stop at the first
+    on_bad_rows: OnBadRows = OnBadRows.drop  # drop: skip rows that cannot train, counted per reason with FILE:LINE in data_report.json | error: stop at the first
     max_bad_fraction: float = 0.1         # even under drop, fail when more than this fraction of rows is bad (a systematic problem, not noise)
     task: Any = None                      # the task's own settings, typed by schema/task/<source> (if it has any)
 
@@ -63,11 +90,11 @@ class TrainerConfig:
     eval_every: int = 50                  # held-out preference metrics every N steps (0 = only at the end)
     save_every: int = 0                   # checkpoint every N steps (0 = only the final model)
     resume: Optional[str] = "auto"        # auto | latest | never | a checkpoint or run directory path
-    on_nonfinite: str = "stop"            # stop | skip: a non-finite loss or gradient stops the run, or skips the step
-    precision: str = "fp32"               # fp32 | bf16 | fp16 (mixed precision through accelerate)
+    on_nonfinite: OnNonFinite = OnNonFinite.stop   # stop | skip: a non-finite loss or gradient stops the run, or skips the step
+    precision: Precision = Precision.fp32  # fp32 | bf16 | fp16 (mixed precision through accelerate)
     max_grad_norm: float = 1.0            # gradient clipping (0 = off)
     warmup_steps: int = 0                 # linear learning-rate warm-up
-    lr_schedule: str = "constant"         # constant | linear | cosine (after warm-up)
+    lr_schedule: Schedule = Schedule.constant   # constant | linear | cosine (after warm-up)
     log_every: int = 5                    # metrics.jsonl line every N steps
     kl_chunk: int = 0                     # rows per chunk for per-token log-probs / full-vocab KL; 0 = auto (~512 MB fp32)
     eval_batch_size: int = 32             # pairs per evaluation micro-batch
@@ -125,6 +152,31 @@ class VerifyRoot:
     smollm2: bool = True                  # ... and of SmolLM2 when the package is installed
     trl: bool = True                      # cross-check DPO / SimPO against TRL when installed
     atol: float = 1e-10                   # float64 tolerance (value and gradient)
+
+
+AT_LEAST_ONE = ("trainer.max_steps", "trainer.batch_size", "trainer.grad_accum", "trainer.eval_batch_size",
+                "trainer.log_every", "dataset.max_length", "dataset.max_prompt_length")
+NON_NEGATIVE = ("trainer.eval_every", "trainer.save_every", "trainer.warmup_steps", "trainer.kl_chunk",
+                "trainer.max_grad_norm", "optimizer.weight_decay")
+POSITIVE = ("optimizer.lr",)              # lr=0 would train a no-op without a word
+BELOW_ONE = ("dataset.eval_fraction",)    # a fraction in [0, 1)
+
+
+def check(cfg) -> None:
+    """Value checks of a train config, run before anything loads: a ValueError naming the key, its value and
+    what is allowed. Every number must be finite; the bounds are those above."""
+    from omegaconf import OmegaConf
+
+    def value(key):
+        return OmegaConf.select(cfg, key)
+
+    for keys, ok, rule in ((AT_LEAST_ONE, lambda v: v >= 1, ">= 1"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+                           (POSITIVE, lambda v: v > 0, "> 0"), (BELOW_ONE, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for key in keys:
+            v = value(key)
+            if not math.isfinite(v) or not ok(v):
+                extra = " (0 leaves the policy unchanged; a negative lr climbs the loss)" if key == "optimizer.lr" else ""
+                raise ValueError(f"{key}={v} must be a finite number {rule}{extra}")
 
 
 def register_schemas() -> None:

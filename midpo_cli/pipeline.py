@@ -15,7 +15,7 @@ from pathlib import Path
 from midpo_cli.data.prepare import build_pairs, save_report
 from midpo_cli.engine import refcache
 from midpo_cli.engine.lora import AdapterOff, add_lora
-from midpo_cli.engine.models import frozen, load_model, load_tokenizer
+from midpo_cli.engine.models import check_lengths, frozen, load_model, load_tokenizer
 from midpo_cli.engine.views import live_reference
 from midpo_cli.tasks import Context, Task, build_task
 
@@ -51,6 +51,7 @@ def prepare(cfg, prior, acc, run_dir: Path) -> Setup:
     with acc.main_process_first():                                         # e.g. SFT, cached for the others
         path = task.reference_weights(ctx)
     policy = load_model(cfg.model, tokenizer, path=path)
+    check_lengths(cfg.dataset, policy)
     if cfg.model.lora.r > 0:
         policy = add_lora(policy, cfg.model.lora)
     policy.to(device)

@@ -14,22 +14,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from midpo_cli import console
+from midpo_cli.config import check as check_config
 from midpo_cli.engine import checkpoint, rundir
 from midpo_cli.priors import build_prior
 
 log = logging.getLogger("midpo")
-CHOICES = {"trainer.precision": ("fp32", "bf16", "fp16"), "trainer.lr_schedule": ("constant", "linear", "cosine"),
-           "dataset.truncation": ("keep_end", "drop"), "trainer.on_nonfinite": ("stop", "skip")}
 RESUME = ("auto", "latest", "never")
-
-
-def check_settings(cfg: DictConfig) -> None:
-    for key, valid in CHOICES.items():
-        if OmegaConf.select(cfg, key) not in valid:
-            raise ValueError(f"{key}='{OmegaConf.select(cfg, key)}' is not one of {valid}")
-    for key in ("max_steps", "batch_size", "grad_accum"):
-        if cfg.trainer[key] < 1:
-            raise ValueError(f"trainer.{key}={cfg.trainer[key]} must be >= 1")
 
 
 def in_sweep() -> bool:
@@ -93,7 +83,7 @@ def run(cfg: DictConfig):
     state = PartialState(cpu=not torch.cuda.is_available())
     claim = None
     try:
-        check_settings(cfg)
+        check_config(cfg)
         claim = claim_directory(cfg, state)
         run_dir = claim.path
         console.setup_logging(run_dir / "train.log" if state.is_main_process else None)

@@ -1,4 +1,9 @@
-"""Models and tokenizers: the tiny default built in code, any HF name or directory, offline SmolLM2."""
+"""Models and tokenizers: the tiny default built in code, any HF name or directory, offline SmolLM2.
+
+A local-looking `model.name_or_path` that does not exist fails in one line (not a hub traceback); remote
+code runs only with `model.trust_remote_code=true`; `check_lengths` holds dataset.max_length to the
+model's context length.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -63,17 +68,62 @@ def smollm2_gguf() -> tuple[str, str]:
     return str(folder), files[0].name
 
 
-def _from_gguf(folder: str, file: str, dtype):
+def _from_gguf(folder: str, file: str, dtype, trust_remote_code: bool = False):
     """Load a GGUF checkpoint dequantised, as a plain (serialisable) transformers model."""
     from transformers import AutoModelForCausalLM
 
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype,
+                                                  trust_remote_code=trust_remote_code)
     conf = loaded.config
     if hasattr(conf, "quantization_config"):
         del conf.quantization_config
-    model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(conf, dtype=dtype, trust_remote_code=trust_remote_code)
     model.load_state_dict(loaded.state_dict())
     return model
+
+
+def local_path(name: str) -> Path | None:
+    """The path `name` means when it looks local (absolute, ./, ../, ~, an existing path, more than one
+    separator, or a first component that exists here), else None: a hub id (`name` or `org/name`)."""
+    path = Path(name).expanduser()
+    parts = Path(name).parts
+    looks_local = (name.startswith(("/", "./", "../", "~")) or path.is_absolute() or path.exists()
+                   or len(parts) > 2 or (len(parts) > 1 and Path(parts[0]).exists()))
+    return path if looks_local else None
+
+
+def check_source(cfg) -> None:
+    """model=hf: a local name_or_path (and gguf_file in it) must exist and hold a saved model; one-line
+    FileNotFoundError naming the key otherwise. Hub ids are left to the hub."""
+    if not cfg.name_or_path:
+        raise ValueError("model=hf needs model.name_or_path=<hub id or local directory>")
+    path = local_path(str(cfg.name_or_path))
+    if path is None:
+        return
+    key = f"model.name_or_path={cfg.name_or_path}"
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: no such directory (cwd: {Path.cwd()}); give a directory written by "
+                                "save_pretrained (holding config.json) or a hub id like org/name")
+    if path.is_file():
+        raise FileNotFoundError(f"{key} is a file; give the directory holding the model (a .gguf file: "
+                                "model.name_or_path=<its directory> model.gguf_file=<its name>)")
+    if cfg.gguf_file:
+        if not (path / cfg.gguf_file).is_file():
+            found = sorted(p.name for p in path.glob("*.gguf"))
+            raise FileNotFoundError(f"model.gguf_file={cfg.gguf_file}: no such file in {path} "
+                                    f"(.gguf files there: {', '.join(found) or 'none'})")
+    elif not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{key}: {path} has no config.json, so it is not a saved transformers model; "
+                                "point at the directory save_pretrained wrote (or give model.gguf_file)")
+
+
+def _from_hub(load, cfg):
+    """Run a from_pretrained of model=hf; the hub's OSError (unknown id, offline, missing file) as one line."""
+    try:
+        return load()
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path}: could not load it: {first}") from e
 
 
 def load_tokenizer(cfg):
@@ -81,11 +131,14 @@ def load_tokenizer(cfg):
 
     if cfg.source == "tiny":
         return byte_tokenizer()
+    trust = bool(cfg.trust_remote_code)
     if cfg.source == "smollm2":
         folder, file = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=file, trust_remote_code=trust)
     else:
-        tok = AutoTokenizer.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file)
+        check_source(cfg)
+        tok = _from_hub(lambda: AutoTokenizer.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file,
+                                                              trust_remote_code=trust), cfg)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -96,7 +149,8 @@ def load_model(cfg, tokenizer, path: str | None = None):
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[cfg.dtype]
-    kwargs = {"dtype": dtype}
+    trust = bool(cfg.trust_remote_code)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if path is not None:
@@ -104,19 +158,48 @@ def load_model(cfg, tokenizer, path: str | None = None):
     elif cfg.source == "tiny":
         model = tiny_model(cfg, tokenizer)
     elif cfg.source == "smollm2":
-        model = _from_gguf(*smollm2_gguf(), dtype)
+        model = _from_gguf(*smollm2_gguf(), dtype, trust)
     elif cfg.source == "hf":
-        if not cfg.name_or_path:
-            raise ValueError("model=hf needs model.name_or_path=<hub id or local directory>")
+        check_source(cfg)
         if cfg.gguf_file:
-            model = _from_gguf(cfg.name_or_path, cfg.gguf_file, dtype)
+            model = _from_hub(lambda: _from_gguf(cfg.name_or_path, cfg.gguf_file, dtype, trust), cfg)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+            model = _from_hub(lambda: AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs), cfg)
     else:
         raise ValueError(f"model.source='{cfg.source}' is not one of tiny, hf, smollm2")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length",
+                   "seq_length")        # the names configs give their context length (GPT-2, MPT, ChatGLM, ...)
+
+
+def context_length(model) -> tuple[int, str] | None:
+    """(the model's declared context length, the config field giving it), or None when it declares none
+    or rescales rotary positions (rope_scaling / rope_parameters of a type other than "default": the
+    length it handles then depends on the scaling, so there is no single limit to hold data to)."""
+    conf = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for field in ("rope_parameters", "rope_scaling"):
+        rope = getattr(conf, field, None)
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
+            return None
+    for field in POSITION_LIMITS:
+        limit = getattr(conf, field, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return limit, field
+    return None
+
+
+def check_lengths(dataset_cfg, model) -> None:
+    """dataset.max_length (prompt + completion tokens per sequence) must fit the model's context length."""
+    limit = context_length(model)
+    if limit is not None and dataset_cfg.max_length > limit[0]:
+        raise ValueError(f"dataset.max_length={dataset_cfg.max_length} exceeds the model's context length "
+                         f"{limit[0]} (config.{limit[1]}): positions past it were never trained, or do not exist; "
+                         f"set dataset.max_length<={limit[0]} or use a model with a longer context "
+                         "(model=tiny: raise model.max_position_embeddings)")
 
 
 def frozen(model):

@@ -6,6 +6,7 @@ Shapes (defined once): B pairs, T completion positions, V vocabulary. Every per-
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -141,6 +142,11 @@ class Prior(torch.nn.Module):
         return {}
 
     def check_scale(self) -> None:
+        """Every float hyperparameter is finite (nan/inf would poison the loss silently); beta > 0."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"prior.{f.name}={value} must be a finite number ({self.name})")
         if getattr(self, "beta", 1.0) <= 0:
             raise ValueError(f"prior.beta={self.beta} must be > 0 (it is the scale a of the MI-DPO loss)")
 

@@ -1,0 +1,254 @@
+"""Config hygiene: every probe of an adversarial user fails in one line naming the key, with a suggestion,
+exit code 1 and no traceback; and everything Hydra users rely on keeps working."""
+import math
+import types
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from transformers import GPT2Config, LlamaConfig
+
+import midpo_cli.priors  # noqa: F401
+from midpo_cli.__main__ import config_path, main
+from midpo_cli.config import ModelConfig, check, register_schemas
+from midpo_cli.engine.models import check_lengths, check_source, context_length, load_model, load_tokenizer
+from midpo_cli.overrides import BadOverride, check_overrides
+from midpo_cli.priors import PRIORS, build_prior
+
+DATA = Path(__file__).parent / "data" / "standard.jsonl"
+register_schemas()
+
+
+def fails(capsys, args) -> str:
+    """Run `midpo *args` in-process; it must exit 1 with one line on stderr and no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1, err
+    assert "Traceback" not in err and "\n" not in err, err
+    return err
+
+
+# ----- unknown keys and options: before Hydra runs, with + / ++ too --------------------------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["+trainer.max_step=3"], ["unknown key 'trainer.max_step'", "Did you mean 'trainer.max_steps'",
+                               "+ and ++ cannot add a key", "+experiment=<preset>"]),
+    (["++trainer.max_step=3"], ["unknown key 'trainer.max_step'", "'trainer.max_steps'", "cannot add a key"]),
+    (["trainer.max_stpes=3"], ["unknown key 'trainer.max_stpes'", "Did you mean 'trainer.max_steps'",
+                               "Keys under trainer: max_steps, batch_size"]),
+    (["optimiser.lr=1"], ["unknown key 'optimiser.lr'", "Did you mean 'optimizer.lr'", "Top-level keys: seed"]),
+    (["optimiser=adam"], ["unknown key 'optimiser'", "'optimizer'", "adamw, rmsprop, sgd"]),
+    (["lr=1e-3"], ["unknown key 'lr'", "Did you mean 'optimizer.lr'"]),
+    (["prior=simpoo"], ["unknown option 'simpoo' for config group 'prior'", "Did you mean 'simpo'",
+                        "Valid choices: dice, dpo, hdpo, rdpo, simpo, sparsepo, tdpo, tisdpo."]),
+    (["model=smolm2-135m"], ["config group 'model'", "Did you mean 'smollm2-135m'", "Valid choices: hf, smollm2-135m, tiny"]),
+    (["optimizer=adam"], ["config group 'optimizer'", "Did you mean 'adamw'", "Valid choices: adamw, rmsprop, sgd"]),
+    (["+experiment=beta_frontir"], ["config group 'experiment'", "Did you mean 'beta_frontier'"]),
+    (["--multirun", "prior=dpo,simpoo"], ["unknown option 'simpoo'", "'simpo'"]),
+    (["--multirun", "prior=simpo,dpo", "+prior.gamma=1"], ["unknown key 'prior.gamma'", "with prior=dpo",
+                                                           "Keys under prior with prior=dpo: name, beta"]),
+    (["--multirun", "prior=glob(*)", "prior.gamma=1"], ["unknown key 'prior.gamma'", "Keys under prior with prior="]),
+    (["trainer.max_steps.x=1"], ["unknown key 'trainer.max_steps.x'", "trainer.max_steps is a value"]),
+    (["--multirun", "--cfg", "job", "seed=0,1"], ["--multirun and --cfg cannot be combined"]),
+])
+def test_unknown_train_overrides_fail_in_one_line(tmp_path, capsys, args, words):
+    err = fails(capsys, ["train", *args, f"hydra.run.dir={tmp_path}/r", f"hydra.sweep.dir={tmp_path}/s"])
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()    # refused before Hydra ran
+
+
+@pytest.mark.parametrize("args, words", [
+    (["atoll=1"], ["unknown key 'atoll'", "Did you mean 'atol'", "Top-level keys: seed, priors"]),
+    (["+atoll=1"], ["unknown key 'atoll'", "'atol'", "cannot add a key"]),
+    (["++trll=false"], ["unknown key 'trll'", "'trl'"]),
+])
+def test_unknown_verify_overrides_fail_in_one_line(tmp_path, capsys, args, words):
+    err = fails(capsys, ["verify", *args, f"hydra.run.dir={tmp_path}/r"])
+    for w in words:
+        assert w in err, err
+
+
+@pytest.mark.parametrize("command, args", [
+    ("train", ["+experiment=beta_frontier"]),
+    ("train", ["+experiment=all_priors", "prior.beta=0.2", "trainer.max_steps=3"]),
+    ("train", ["+experiment=beta_frontier", "prior=simpo", "prior.beta=1.0,2.0"]),
+    ("train", ["hydra.run.dir=x", "+hydra.job.env_set.A=1", "hydra/launcher=basic", "++hydra.job.name=y"]),
+    ("train", ["--multirun", "seed=0,1", "prior=glob(*)", "prior.beta=0.1,0.2"]),
+    ("train", ["--multirun", "prior=glob(sim*)", "prior.gamma=1", "seed=range(0,3)"]),
+    ("train", ["--multirun", "prior=simpo,dpo", "prior.beta=0.5", "optimizer=adamw,sgd", "optimizer.lr=1e-3"]),
+    ("train", ["--cfg", "job", "prior=simpo", "++prior.gamma=1"]),
+    ("train", ["trainer={max_steps:2}", "~trainer.trackers", "model.lora.r=4", "dataset.task.kind=reverse"]),
+    ("train", ["model=hf", "model.name_or_path=x", "model.trust_remote_code=true"]),
+    ("train", ["--help"]),
+    ("verify", ["priors=[dpo,simpo]", "atol=1e-9", "seed=1"]),
+])
+def test_valid_overrides_pass(command, args):
+    check_overrides(command, args, config_path())
+
+
+def test_experiment_preset_still_composes(capsys):
+    main(["train", "--cfg", "job", "+experiment=beta_frontier", "prior=simpo"])
+    out = capsys.readouterr().out
+    assert "name: simpo" in out and "save_model: false" in out
+
+
+def test_group_typo_without_a_dot_is_a_key_error():
+    with pytest.raises(BadOverride, match="Did you mean 'prior'"):
+        check_overrides("train", ["priro=simpo"], config_path())
+
+
+# ----- value checks of the train config (midpo_cli/config.py::check) ---------------------------------------
+
+def compose_train(overrides):
+    with initialize_config_module(version_base="1.3", config_module="midpo_cli.conf"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optimizer.lr=0", ["optimizer.lr=0.0", "> 0", "unchanged"]),
+    ("optimizer.lr=-1e-4", ["optimizer.lr=-0.0001", "> 0"]),
+    ("optimizer.lr=nan", ["optimizer.lr=nan", "finite"]),
+    ("optimizer.lr=inf", ["optimizer.lr=inf", "finite"]),
+    ("optimizer.weight_decay=-0.1", ["optimizer.weight_decay=-0.1", ">= 0"]),
+    ("trainer.max_steps=0", ["trainer.max_steps=0", ">= 1"]),
+    ("trainer.batch_size=0", ["trainer.batch_size=0", ">= 1"]),
+    ("trainer.grad_accum=-1", ["trainer.grad_accum=-1", ">= 1"]),
+    ("trainer.log_every=0", ["trainer.log_every=0", ">= 1"]),
+    ("trainer.max_grad_norm=inf", ["trainer.max_grad_norm=inf", "finite"]),
+    ("dataset.eval_fraction=1.0", ["dataset.eval_fraction=1.0", "[0, 1)"]),
+    ("trainer.precision=fp8", ["trainer.precision='fp8'", "fp32, bf16, fp16"]),
+    ("trainer.lr_schedule=exp", ["trainer.lr_schedule='exp'", "constant, linear, cosine"]),
+    ("dataset.truncation=cut", ["dataset.truncation='cut'", "keep_end, drop"]),
+    ("model.dtype=float8", ["model.dtype='float8'", "float32, bfloat16, float16"]),
+])
+def test_check_rejects_bad_values(override, words):
+    with pytest.raises(ValueError) as e:
+        check(compose_train([override]))
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_check_accepts_every_shipped_config():
+    for overrides in ([], ["optimizer=sgd"], ["optimizer=rmsprop"], ["dataset=local", "dataset.path=x.jsonl"],
+                      ["+experiment=all_priors"], ["model=smollm2-135m"]):
+        check(compose_train(overrides))
+
+
+def test_train_checks_values_before_training(tmp_path, capsys):
+    err = fails(capsys, ["train", "optimizer.lr=0", f"hydra.run.dir={tmp_path}/r"])
+    assert "optimizer.lr=0.0 must be a finite number > 0" in err
+    assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+# ----- prior hyperparameters must be finite (Prior.check_scale) --------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(PRIORS))
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_every_float_hyperparameter_of_every_prior_must_be_finite(name, bad):
+    floats = [k for k, v in PRIORS[name]().hyperparameters().items() if isinstance(v, float)]
+    assert "beta" in floats
+    for key in floats:
+        with pytest.raises(ValueError, match=f"prior.{key}={bad} must be a finite number"):
+            build_prior({"name": name, key: bad})
+
+
+def test_prior_nan_fails_the_cli(tmp_path, capsys):
+    err = fails(capsys, ["train", "prior.beta=nan", f"hydra.run.dir={tmp_path}/r"])
+    assert "prior.beta=nan must be a finite number" in err
+
+
+# ----- dataset.max_length against the model's context length -----------------------------------------------
+
+def model_with(config):
+    return types.SimpleNamespace(config=config)
+
+
+def test_context_length_reads_the_declared_limit():
+    assert context_length(model_with(LlamaConfig(max_position_embeddings=256))) == (256, "max_position_embeddings")
+    assert context_length(model_with(GPT2Config(n_positions=64)))[0] == 64            # learned positions
+    scaled = LlamaConfig(max_position_embeddings=256, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert context_length(model_with(scaled)) is None                                # rescaled rotary: no single limit
+    assert context_length(model_with(types.SimpleNamespace())) is None               # nothing declared
+
+
+def test_check_lengths():
+    model = model_with(LlamaConfig(max_position_embeddings=256))
+    check_lengths(types.SimpleNamespace(max_length=256), model)
+    with pytest.raises(ValueError, match=r"dataset.max_length=300 exceeds the model's context length 256 "
+                                         r"\(config.max_position_embeddings\).*dataset.max_length<=256"):
+        check_lengths(types.SimpleNamespace(max_length=300), model)
+
+
+def test_too_long_max_length_fails_before_training(tmp_path, capsys):
+    run = tmp_path / "r"
+    err = fails(capsys, ["train", "dataset=local", f"dataset.path={DATA}", "model.max_position_embeddings=256",
+                         "dataset.max_length=300", "trainer.max_steps=2", f"hydra.run.dir={run}"])
+    assert "dataset.max_length=300 exceeds the model's context length 256" in err
+    assert not (run / "metrics.jsonl").exists() and not (run / "data_report.json").exists()
+
+
+# ----- model paths and remote code ---------------------------------------------------------------------------
+
+def hf(name, **kw):
+    return ModelConfig(source="hf", name_or_path=str(name), dtype="float32", **kw)
+
+
+@pytest.mark.parametrize("name", ["/nonexistent/model", "./no-such-dir", "../no-such-dir", "~/no-such-midpo-dir",
+                                  "here/no-such-dir", "a/b/c"])
+def test_missing_local_model_path_is_one_line(name, tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()                                        # `here/x`: its first part exists locally
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"model.name_or_path={name}: no such directory"):
+        check_source(hf(name))
+
+
+def test_model_directory_without_config_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        check_source(hf(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"model.gguf_file=m.gguf: no such file .*none"):
+        check_source(hf(tmp_path, gguf_file="m.gguf"))
+    (tmp_path / "config.json").write_text("{}")
+    check_source(hf(tmp_path))
+
+
+def test_hub_ids_are_left_to_the_hub():
+    check_source(hf("HuggingFaceTB/SmolLM2-135M-Instruct"))          # looks like a hub id: no local check
+    check_source(hf("gpt2"))
+    with pytest.raises(FileNotFoundError, match="model.name_or_path=midpo-test/no-such-repo: could not load it"):
+        load_tokenizer(hf("midpo-test/no-such-repo"))                  # offline in tests: one line, no hub traceback
+
+
+def test_missing_model_path_fails_the_cli(tmp_path, capsys):
+    err = fails(capsys, ["train", "model=hf", "model.name_or_path=/nonexistent", f"hydra.run.dir={tmp_path}/r"])
+    assert "FileNotFoundError: model.name_or_path=/nonexistent: no such directory" in err
+
+
+def test_trust_remote_code_is_off_by_default_and_passed_to_every_load(tmp_path, monkeypatch):
+    for name in ("tiny", "hf", "smollm2-135m"):
+        assert compose_train([f"model={name}", "model.name_or_path=x"]).model.trust_remote_code is False
+    seen = []
+    import transformers
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        raise OSError("stop here")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "m.gguf").write_text("")
+    for trust in (False, True):
+        for cfg in (hf(tmp_path, trust_remote_code=trust), hf(tmp_path, gguf_file="m.gguf", trust_remote_code=trust)):
+            for load in (lambda: load_tokenizer(cfg), lambda: load_model(cfg, None)):
+                with pytest.raises(FileNotFoundError, match="stop here"):
+                    load()
+        with pytest.raises(OSError):
+            load_model(hf(tmp_path, trust_remote_code=trust), None, path=str(tmp_path))
+    assert seen == [False] * 5 + [True] * 5
+
+
+@pytest.mark.parametrize("dataset", ["builtin", "local", "hub"])
+def test_every_shipped_dataset_fits_the_tiny_model(dataset):
+    cfg = compose_train([f"dataset={dataset}", "dataset.path=x"] if dataset != "builtin" else [])
+    assert cfg.dataset.max_length <= cfg.model.max_position_embeddings
