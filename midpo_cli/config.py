@@ -78,6 +78,7 @@ class DatasetConfig:
     chosen_column: str = "chosen"         # ... the preferred response
     rejected_column: str = "rejected"     # ... the dispreferred response
     on_bad_rows: OnBadRows = OnBadRows.drop  # drop: skip rows that cannot train, counted per reason with FILE:LINE in data_report.json | error: stop at the first
+    allow_empty_completions: bool = False # an empty chosen/rejected is a real answer (generated data), not a bad row
     max_bad_fraction: float = 0.1         # even under drop, fail when more than this fraction of rows is bad (a systematic problem, not noise)
     task: Any = None                      # the task's own settings, typed by schema/task/<source> (if it has any)
 

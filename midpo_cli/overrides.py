@@ -176,11 +176,26 @@ def _paths(node, prefix: str = "") -> list[str]:
     return out
 
 
+def _check_choice(o, node) -> None:
+    """A setting with a fixed set of values (an enum: trainer.precision, prior.form, ...): each value must be one."""
+    names = list(node.enum_type.__members__)
+    values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(o.value())]
+    for v in values:
+        if v not in names:
+            close = _closest(v, names, cutoff=0.5)
+            hint = f" Did you mean {_names(close)}?" if close else ""
+            raise BadOverride(f"{o.key_or_group}={v!r} is not one of {', '.join(names)} (in `{o.input_line}`).{hint}")
+
+
 def _check_key(o, cfg: DictConfig, loader, variant: list[str]) -> None:
+    from omegaconf.nodes import EnumNode
+
     key = o.key_or_group
     parts = key.split(".")
     node, found = _node(cfg, parts)
     if found == len(parts):
+        if isinstance(node, EnumNode) and not o.is_delete():
+            _check_choice(o, node)
         return
     where = ".".join(parts[:found])
     chosen = f" with {' '.join(variant)}" if variant else ""

@@ -144,6 +144,9 @@ def test_values_are_never_converted():
     assert reason({"prompt": "q", "chosen": "a"}) == "missing column 'rejected'"
     assert reason({**q, "rejected": None}) == "column 'rejected': null"
     assert reason({**q, "chosen": ""}) == reason({**q, "chosen": " \n"}) == "column 'chosen': empty"
+    fmt, row = check_row({**q, "rejected": ""}, cfg(allow_empty_completions=True))   # generated data: a real answer
+    assert fmt == "standard" and row["rejected"] == ""
+    assert reason({**q, "prompt": ""}, allow_empty_completions=True) == "column 'prompt': empty"
     for value in (3, 2.5, True, {"text": "a"}, ["a", "b"]):
         assert reason({**q, "chosen": value}) == "column 'chosen': not text"
     assert reason({**q, "prompt": [{"role": "user", "content": 5}]}) == "column 'prompt': not a message list"

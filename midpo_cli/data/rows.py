@@ -59,14 +59,15 @@ def describe(value) -> str:
     return f"{kind} ({text[:40]}{'...' if len(text) > 40 else ''})"
 
 
-def _text_or_messages(value, column: str) -> str:
-    """'text' or 'messages'; anything else raises BadRow."""
+def _text_or_messages(value, column: str, empty_ok: bool = False) -> str:
+    """'text' or 'messages'; anything else raises BadRow. `empty_ok`: an empty text is a real (empty) answer."""
     where = f"column '{column}'"
     if value is None:
         raise BadRow(f"{where}: null", hint=f"give the {column} as text (or messages), or delete the row")
     if isinstance(value, str):
-        if not value.strip():
-            raise BadRow(f"{where}: empty", hint=f"give the {column}, or delete the row")
+        if not value.strip() and not empty_ok:
+            raise BadRow(f"{where}: empty", hint=f"give the {column}, or delete the row (or, if an empty answer "
+                                                 "is meant, dataset.allow_empty_completions=true)")
         return "text"
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
         for k, m in enumerate(value, 1):
@@ -131,11 +132,11 @@ def check_row(row, cfg, columns: tuple[str, ...] = ()) -> tuple[str, dict]:
                          f"TRL's format needs prompt/chosen/rejected (or chosen/rejected for an implicit prompt); "
                          f"name yours with dataset.prompt_column= / chosen_column= / rejected_column=")
     out = {k: v for k, v in row.items() if k not in names.values()}
-    kinds = {}
+    kinds, empty_ok = {}, bool(getattr(cfg, "allow_empty_completions", False))
     for ours, theirs in names.items():
         if theirs in row:
             out[ours] = row[theirs]
-            kinds[ours] = _text_or_messages(row[theirs], theirs)
+            kinds[ours] = _text_or_messages(row[theirs], theirs, empty_ok and ours != "prompt")
     for name in columns:
         for side in ("chosen", "rejected"):
             key = f"{side}_{name}"
