@@ -82,9 +82,8 @@ def prepare(cfg, prior, acc, run_dir: Path) -> Setup:
                                         cfg.trainer.precision, device, tokenizer.pad_token_id)
     prior.attach(policy, reference)
     prior.to(device)
-    keep = live_reference(needs, cached=ref_cache is not None) or task.evaluates_reference \
-        or cfg.model.lora.r > 0 or reference is None
-    if not keep:                                                           # the cache replaces the reference copy
+    needed_live = live_reference(needs, cached=ref_cache is not None) or task.evaluates_reference
+    if reference is not None and not needed_live and cfg.model.lora.r == 0:   # the cache replaces the copy
         reference = None
         snapshot = None if needs.snapshot == "reference" else snapshot
     return Setup(task, ctx, tokenizer, policy, reference, snapshot, train_pairs, eval_pairs, data, ref_cache)

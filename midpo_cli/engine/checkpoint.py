@@ -128,7 +128,6 @@ def load(acc, ckpt: Path, prior) -> int:
 def _check_rng_files(ckpt: Path) -> None:
     """accelerate skips RNG files it cannot load without a word; loading them here (weights_only) makes a
     refused or broken RNG state an error instead of a silently inexact resume."""
-    import torch
     from accelerate.utils.other import load
 
     for f in sorted(ckpt.glob("random_states_*.pkl")):
@@ -137,7 +136,6 @@ def _check_rng_files(ckpt: Path) -> None:
         except Exception as e:                                             # noqa: BLE001 (any refusal)
             raise ValueError(f"checkpoint {ckpt}: {f.name} is not a plain RNG state file, refused without running "
                              f"it ({type(e).__name__})") from None
-    del torch
 
 
 def find(resume: str, run_dir: Path, cfg) -> Path | None:
