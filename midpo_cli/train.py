@@ -60,9 +60,10 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
         "traceback": "".join(traceback.format_exception(exc))}, indent=2))
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> float | None:
     """Hydra task. Bad input exits 1 with one message and no traceback; in a sweep, a failing job is
-    recorded (error.json) and the sweep continues."""
+    recorded (error.json) and the sweep continues. Returns trainer.objective (what a sweeper optimises);
+    None for a failed job or a missing/non-finite objective (the Optuna sweeper marks that trial failed)."""
     run_dir = run_dir_of()
     try:
         claim(run_dir, bool(cfg.trainer.resume))
@@ -89,6 +90,16 @@ def run(cfg: DictConfig) -> None:
         return
     console.final_table(results)
     log.info("run directory: %s", run_dir)
+    return objective_of(results, cfg.trainer.objective)
+
+
+def objective_of(results: dict, key: str) -> float | None:
+    from midpo_cli.report import objective
+    score = objective.value(results, key)
+    if score is None:
+        log.warning("trainer.objective=%s is not in this run's results; it has: %s", key,
+                    ", ".join(objective.available(results)))
+    return score
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
