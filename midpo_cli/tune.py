@@ -26,6 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from midpo_cli.report import objective
 
 log = logging.getLogger("midpo")
+logging.getLogger("alembic").setLevel(logging.WARNING)                 # optuna's import: "setup plugin ..." lines
+
+
+def fail(e: Exception) -> None:
+    """A bad tune set-up: one line, exit 1 (Hydra would print a traceback for an exception here)."""
+    from midpo_cli import console
+    console.error(f"tune: {e}")
+    raise SystemExit(1) from e
 
 
 class Recorder(Launcher):
@@ -77,10 +85,12 @@ class TuneSweeper(OptunaSweeper):
                  study_name: str = "midpo-tune", n_trials: int = 12, n_jobs: int = 1, max_failure_rate: float = 1.0,
                  params: DictConfig | None = None, custom_search_space: str | None = None) -> None:
         if beta_range <= 1 or (lr_range is not None and lr_range <= 1):
-            raise ValueError(f"hydra.sweeper.beta_range={beta_range} / lr_range={lr_range} must be > 1 "
-                             "(the search spans default/range .. default*range)")
+            fail(ValueError(f"hydra.sweeper.beta_range={beta_range} and lr_range={lr_range} must be > 1 "
+                            "(the search spans default/range .. default*range)"))
         super().__init__(sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate, None,
                          custom_search_space, params)
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)           # Hydra's log already names each study
         self.beta_range, self.lr_range = float(beta_range), lr_range and float(lr_range)
         self.confirm_seeds, self.study_name = [int(s) for s in confirm_seeds], study_name
 
@@ -90,7 +100,10 @@ class TuneSweeper(OptunaSweeper):
         self.sweeper.launcher = self.recorder
         self.objective = str(config.trainer.objective)
         if self.sweeper.direction == "auto":
-            self.sweeper.direction = objective.direction(self.objective)
+            try:
+                self.sweeper.direction = objective.direction(self.objective)
+            except ValueError as e:
+                fail(e)
         self.direction = str(self.sweeper.direction)
 
     def sweep(self, arguments: list[str]) -> None:
@@ -106,13 +119,10 @@ class TuneSweeper(OptunaSweeper):
         fixed = [o.input_line for o in rest if not o.is_sweep_override()]
         swept = {o.get_key_element() for o in rest if o.is_sweep_override()}
         given = swept | {o.get_key_element() for o in rest if o.get_key_element() in ("prior.beta", "optimizer.lr")}
-        plan = {}
-        for p in priors:                                                # every prior checked before any job runs
-            cfg = loader.load_sweep_config(impl.config, [f"prior={p}", *fixed])
-            if self.objective.startswith("task/") and cfg.dataset.source != "builtin":
-                raise ValueError(f"trainer.objective={self.objective} needs the built-in task (dataset=builtin); "
-                                 f"with dataset={cfg.dataset.source} use e.g. trainer.objective=eval/rewards/accuracies")
-            plan[p] = search_space(cfg, given, swept, self.beta_range, self.lr_range)
+        try:
+            plan = {p: self._plan(p, fixed, given, swept) for p in priors}   # every prior checked before any job
+        except ValueError as e:
+            fail(e)
         studies = {}
         for p in priors:
             start = len(self.recorder.returns)
@@ -132,6 +142,13 @@ class TuneSweeper(OptunaSweeper):
 
         best.write(Path(impl.sweep_dir), self.objective, self.direction, studies, winners, confirm,
                    [f for f in fixed if not f.startswith(("seed=", "+experiment="))], plan)
+
+    def _plan(self, prior: str, fixed: list[str], given: set[str], swept: set[str]) -> dict:
+        cfg = self.sweeper.hydra_context.config_loader.load_sweep_config(self.sweeper.config, [f"prior={prior}", *fixed])
+        if self.objective.startswith("task/") and cfg.dataset.source != "builtin":
+            raise ValueError(f"trainer.objective={self.objective} needs the built-in task (dataset=builtin); "
+                             f"with dataset={cfg.dataset.source} use e.g. trainer.objective=eval/rewards/accuracies")
+        return search_space(cfg, given, swept, self.beta_range, self.lr_range)
 
     def _confirm(self, winners: dict[str, JobReturn | None], fixed: list[str]) -> dict[str, list[JobReturn]]:
         """Each prior's best setting trained again with every confirm seed, in <sweep dir>/confirm/."""

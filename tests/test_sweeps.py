@@ -166,6 +166,45 @@ def test_tune_searches_each_prior_around_its_own_default():
     assert cfg.hydra.sweeper._target_.startswith("hydra_plugins.") and cfg.trainer.objective == "task/true_reward"
 
 
+def test_tune_summary_picks_the_best_trial_per_prior_and_compares_confirm_runs(tmp_path, capsys):
+    """Fake trials (Hydra JobReturns): dpo 0.3 / 0.5 (and one failed), simpo 0.4; confirm seeds 1, 2."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from midpo_cli.report import best
+    from midpo_cli.tune import pick
+
+    def job(name, prior, beta, value, seed=0, status=JobStatus.COMPLETED):
+        (tmp_path / name).mkdir(parents=True)
+        over = [f"prior={prior}", f"prior.beta={beta}", f"seed={seed}"]
+        if value is not None:
+            (tmp_path / name / "results.json").write_text(json.dumps({
+                "config": {"prior": {"name": prior, "beta": beta}, "seed": seed}, "overrides": over,
+                "final": {"eval/rewards/accuracies": 0.5},
+                "eval": {"true_reward/policy": value, "true_reward/reference": 0.4}}))
+        ret = JobReturn(overrides=over, status=status,
+                        hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path / name)}}}))
+        ret.return_value = value
+        return ret
+
+    studies = {"dpo": [job("0", "dpo", 0.05, 0.3), job("1", "dpo", 0.2, 0.5), job("2", "dpo", 0.9, None)],
+               "simpo": [job("3", "simpo", 3.0, 0.4)]}
+    winners = {p: pick(rets, "maximize") for p, rets in studies.items()}
+    assert winners["dpo"] is studies["dpo"][1] and pick(studies["dpo"], "minimize") is studies["dpo"][0]
+    confirm = {p: [job(f"confirm/{p}-seed{k}", p, b, v, seed=k) for k, v in ((1, v1), (2, v2))]
+               for p, b, v1, v2 in (("dpo", 0.2, 0.45, 0.55), ("simpo", 3.0, 0.3, 0.5))}
+    plan = {p: {"space": [], "keys": ["prior.beta"], "defaults": {"prior.beta": d}} for p, d in (("dpo", 0.1), ("simpo", 2.0))}
+    best.write(tmp_path, "task/true_reward", "maximize", studies, winners, confirm, ["trainer.max_steps=5"], plan)
+    out = json.loads((tmp_path / "tune_best.json").read_text())["priors"]
+    assert out["dpo"]["best"] == {"prior.beta": 0.2} and out["dpo"]["value"] == 0.5 and out["dpo"]["job"] == "1"
+    assert (out["dpo"]["trials"], out["dpo"]["finished"]) == (3, 2) and out["dpo"]["confirm"]["mean"] == 0.5
+    assert out["simpo"]["best"] == {"prior.beta": 3.0} and out["simpo"]["confirm"]["values"] == [0.3, 0.5]
+    md = (tmp_path / "tune_best.md").read_text()
+    assert "| dpo prior.beta=0.2 | 2/2 | 0.500±0.071 |" in md and "confirm seeds 1, 2" in md
+    assert f"prior=simpo prior.beta=3.0 seed=0,1,2,3,4 trainer.max_steps=5 hydra.sweep.dir={tmp_path}/rerun/simpo" in md
+    assert "rerun with more seeds" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_tune_writes_best_beta_per_prior_and_the_comparison(tmp_path, fast):
     d = tmp_path / "tune"

@@ -57,17 +57,20 @@ class SweepTable(Callback):
         if (sweep_dir / "tune_best.md").exists():
             console.console.print(f"best setting per prior and the comparison: {sweep_dir / 'tune_best.md'}",
                                   highlight=False, soft_wrap=True)
-        bad = df[df["status"] != "ok"]
+        bad, missing = df[df["status"] != "ok"], unsearched(sweep_dir)
+        if missing:                                                   # trials ran, none returned the objective
+            console.error(f"tune: no trial of prior {', '.join(missing)} returned trainer.objective="
+                          f"{config.trainer.objective} (see each trial's train.log and error.json)")
         if bad.empty:
+            if missing:
+                raise SystemExit(1)
             return
         states = ", ".join(f"{n} {s}" for s, n in bad["status"].value_counts().items())
         where = (f"job {', '.join(bad['job'])}; errors: the error column of {paths[0]} and each job's error.json, "
                  f"logs: each job's train.log" + (" and .submitit/" if (sweep_dir / ".submitit").is_dir() else ""))
-        if is_search(config) and (df["status"] == "ok").any() and not unsearched(sweep_dir):
+        if is_search(config) and (df["status"] == "ok").any() and not missing:
             console.console.print(f"{len(bad)} of {len(df)} trials did not finish ({states}): a search tries "
                                   f"settings that can fail ({where})", highlight=False, soft_wrap=True)
             return
-        missing = unsearched(sweep_dir)
-        console.error(f"{len(bad)} of {len(df)} jobs did not finish ({states}; {where})" +
-                      (f"; no finished trial for prior {', '.join(missing)}" if missing else ""))
+        console.error(f"{len(bad)} of {len(df)} jobs did not finish ({states}; {where})")
         raise SystemExit(1)
