@@ -102,6 +102,7 @@ class TrainerConfig:
     save_model: bool = True               # save the final policy with save_pretrained
     ref_cache: bool = True                # precompute reference log-probs once, on disk, shared by runs
     trackers: list = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]
+    objective: str = "eval/rewards/accuracies"  # the run's score for a sweeper (report/objective.py: keys, directions)
 
 
 @dataclass

@@ -6,7 +6,6 @@ only one that writes; every process trains on its own shard of each batch.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -73,9 +72,10 @@ def claim_directory(cfg, state) -> rundir.Claim | None:
     return claim
 
 
-def run(cfg: DictConfig):
+def run(cfg: DictConfig) -> float | None:
     """Hydra task. Bad input exits 1 with one message and no traceback; in a sweep, a failing job is
-    recorded (error.json) and the sweep continues."""
+    recorded (error.json) and the sweep continues. Returns trainer.objective (what a sweeper optimises);
+    None for a failed job or a missing/non-finite objective (the Optuna sweeper marks that trial failed)."""
     from accelerate import PartialState
     import torch
 
@@ -125,7 +125,7 @@ def run(cfg: DictConfig):
     if state.is_main_process:
         console.final_table(results)
         log.info("run directory: %s", run_dir)
-    return results
+    return objective_of(results, cfg.trainer.objective)
 
 
 def reuse(run_dir: Path) -> dict:
@@ -137,6 +137,15 @@ def reuse(run_dir: Path) -> dict:
     console.console.print(f"{run_dir}: this config already finished here; its results are reused (reused.json)",
                           highlight=False)
     return results
+
+
+def objective_of(results: dict, key: str) -> float | None:
+    from midpo_cli.report import objective
+    score = objective.value(results, key)
+    if score is None:
+        log.warning("trainer.objective=%s is not in this run's results; it has: %s", key,
+                    ", ".join(objective.available(results)))
+    return score
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

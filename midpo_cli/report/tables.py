@@ -1,7 +1,10 @@
 """Result rows and tables: one row per run directory, the sweep table, and the aggregate over seeds.
 
 A run directory is one holding results.json (status "ok"), error.json ("failed": a sweep job that raised)
-or only config.yaml / metrics.jsonl ("incomplete": crashed or still running). Rows are flat: `final/*` are
+or only job.json / config.yaml / metrics.jsonl ("incomplete": crashed, killed or still running); a job that a
+sweep's multirun.yaml lists but that never started is a row too ("not started"). Hidden folders (submitit's
+.submitit/, the GPU locks .gpus/) are not searched. `reused`: the run was skipped because its directory
+already held the finished results (reused.json newer than results.json). Rows are flat: `final/*` are
 the last logged metrics, `best/*` the best over metrics.jsonl, `task/*` the built-in task's evaluation.
 Prior-independent columns sit next to each prior's own reward, so priors can be compared fairly:
 `*/logps/margin` = log pi(y_w|x) - log pi(y_l|x) of the policy (no prior, no reference, no scale) beside
@@ -22,7 +25,7 @@ from rich.table import Table
 
 from midpo_cli.console import console
 
-MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl")
+MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl", "job.json")
 FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin", "logratio/margins",
          "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/margin", "eval/logratio/margins")
 BEST = {"loss": min, "rewards/accuracies": max, "eval/loss": min, "eval/rewards/accuracies": max}
@@ -40,7 +43,7 @@ LABELS = {"task/true_reward": "true reward", "task/true_reward_gain": "gain vs r
           "final/eval/rewards/margins": "own margin", "final/eval/rewards/accuracies": "own accuracy",
           "final/eval/loss": "eval loss", "tokens_per_s": "tokens/s", "wall_time_s": "wall s"}
 
-MAIN = ("job", "status", "prior", "seed", "overrides", "final/eval/rewards/accuracies",   # the markdown's columns
+MAIN = ("job", "status", "reused", "prior", "seed", "overrides", "final/eval/rewards/accuracies",   # the markdown's columns
         "final/eval/rewards/margins", "final/eval/logratio/margins", "final/eval/logps/margin", "task/true_reward", "task/kl", "task/win_rate",
         "task/length", "tokens_per_s", "peak_memory_mb", "wall_time_s", "ref_cache_hit", "error")
 
@@ -49,7 +52,7 @@ def find_runs(root: Path) -> list[Path]:
     """Run directories at or under root (a run's own subfolders, e.g. model/, are not searched)."""
     if any((root / m).exists() for m in MARKERS):
         return [root]
-    subs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: _natural(p.name))
+    subs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: _natural(p.name))
     return [run for p in subs for run in find_runs(p)]
 
 
@@ -90,15 +93,24 @@ def _from_overrides(overrides: list[str], key: str) -> str | None:
     return None
 
 
-def read_run(run_dir: Path, root: Path, commit: str = "") -> dict:
-    """One row of the sweep table for one run directory."""
-    results, error = _json(run_dir / "results.json"), _json(run_dir / "error.json")
+def reused(run_dir: Path) -> bool:
+    """The run was not retrained: its directory already held these finished results (reused.json, written
+    when a run is skipped, is newer than results.json)."""
+    mark, results = run_dir / "reused.json", run_dir / "results.json"
+    return mark.exists() and results.exists() and mark.stat().st_mtime >= results.stat().st_mtime
+
+
+def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = None,
+             overrides: list[str] | None = None) -> dict:
+    """One row of the sweep table for one run directory (`status`/`overrides`: for a job never started)."""
+    results, error, job = _json(run_dir / "results.json"), _json(run_dir / "error.json"), _json(run_dir / "job.json")
     config = results["config"] if results else _yaml(run_dir / "config.yaml")
-    overrides = (results or error or {}).get("overrides", [])
-    status = "ok" if results else "failed" if error else "incomplete"
+    overrides = overrides or (results or error or job or {}).get("overrides", [])
+    status = status or ("ok" if results else "failed" if error else "incomplete")
     prior = (config or {}).get("prior", {})
     row = {"job": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name, "run": str(run_dir),
-           "status": status, "error": (error or {}).get("error", ""), "overrides": " ".join(overrides),
+           "status": status, "reused": reused(run_dir), "starts": (job or {}).get("starts"),
+           "error": (error or {}).get("error", ""), "overrides": " ".join(overrides),
            "prior": prior.get("name") or _from_overrides(overrides, "prior") or "",
            "prior_params": " ".join(f"{k}={v}" for k, v in prior.items() if k != "name"),
            "seed": (config or {}).get("seed", _from_overrides(overrides, "seed"))}
@@ -146,12 +158,36 @@ def collect(dirs: list[Path]) -> pd.DataFrame:
     commit = git_commit()
     rows = []
     for d in map(Path, dirs):                          # job names: relative to the dir, or to its parent if many
-        rows += [read_run(run, d.parent if len(dirs) > 1 else d, commit) for run in find_runs(d)]
+        root = d.parent if len(dirs) > 1 else d
+        runs = find_runs(d)
+        rows += [read_run(run, root, commit) for run in runs]
+        rows += [read_run(d / name, root, commit, "not started", job) for name, job in (expected_jobs(d) or [])
+                 if d / name not in runs]
     df = pd.DataFrame(rows)
     if not df.empty:
         df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
         df.insert(3, "group", _groups(df))
     return df
+
+
+def expected_jobs(sweep_dir: Path) -> list[tuple[str, list[str]]] | None:
+    """(job directory name, overrides) of every job of a basic-sweeper sweep, from the multirun.yaml Hydra
+    writes when the sweep starts; None when there is none, or another sweeper or job directory layout."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    try:
+        h = OmegaConf.load(sweep_dir / "multirun.yaml").hydra
+        if not str(h.sweeper._target_).endswith("BasicSweeper") or \
+                OmegaConf.to_container(h.sweep)["subdir"] != "${hydra.job.num}":
+            return None
+        params = [f"{k}={v}" for k, v in (h.sweeper.get("params") or {}).items()]
+        parsed = OverridesParser.create().parse_overrides([*params, *h.overrides.task])
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception:                                  # no multirun.yaml, or a sweep it cannot replay (glob)
+        return None
+    return [(str(i), list(job)) for i, job in enumerate(jobs)]
 
 
 def _groups(df: pd.DataFrame) -> list[str]:
@@ -265,11 +301,13 @@ def print_table(df: pd.DataFrame, title: str) -> None:
 
 def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
     """The rows printed at the end of a sweep: the main columns that hold any value, errors shortened."""
-    cols = {"job": "job", "status": "status", "group": "group", "seed": "seed",
+    cols = {"job": "job", "status": "status", "reused": "reused", "group": "group", "seed": "seed",
             "final/eval/rewards/accuracies": "own accuracy", "final/eval/logratio/margins": "logratio margin",
             "task/true_reward": "true reward", "task/kl": "KL to ref", "task/win_rate": "win-rate",
             "wall_time_s": "wall s", "error": "error"}
-    view = df[[c for c in cols if c in df and df[c].notna().any() and (df[c] != "").any()]].rename(columns=cols)
+    shown = [c for c in cols if c in df and df[c].notna().any() and (df[c] != "").any() and
+             (c != "reused" or df[c].any())]
+    view = df[shown].rename(columns=cols)
     if "error" in view:
         view = view.assign(error=[e if len(e) <= 80 else e[:77] + "..." for e in view["error"]])
     return view
