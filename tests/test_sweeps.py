@@ -221,3 +221,30 @@ def test_tune_writes_best_beta_per_prior_and_the_comparison(tmp_path, fast):
     md = (d / "tune_best.md").read_text()
     assert "Best setting per prior" in md and "Priors each at its best setting" in md and "seed=0,1,2,3,4" in md
     assert len(pd.read_csv(d / "sweep_table.csv")) == 4 and "tune_best.md" in r.stdout
+
+
+def test_joblib_two_job_sweep_ends_ok(tmp_path, fast, basic):
+    """The issue's check: a 2-job sweep through the joblib launcher ends rc 0, one ok row per job, and the same
+    per-run results as the basic launcher."""
+    d = tmp_path / "sweep"
+    r = sweep([*fast, *SMALL, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(pd.read_csv(d / "sweep_table.csv")["status"]) == ["ok", "ok"] and finals(d) == basic
+
+
+def test_rerun_of_a_sweep_reruns_only_the_deleted_job(tmp_path, fast, capsys):
+    """trainer.resume=auto (the default): the same sweep again reuses finished jobs and reruns a deleted one."""
+    import shutil
+    d = tmp_path / "sweep"
+    args = ["train", "--multirun", *fast, *SMALL, f"hydra.sweep.dir={d}"]
+    main(args)
+    kept = (d / "0" / "results.json").read_text()
+    shutil.rmtree(d / "1")
+    capsys.readouterr()
+    main(args)
+    out = capsys.readouterr().out
+    assert (d / "0" / "results.json").read_text() == kept and (d / "0" / "reused.json").exists()
+    assert (d / "1" / "results.json").exists() and not (d / "1" / "reused.json").exists()
+    table = pd.read_csv(d / "sweep_table.csv")
+    assert list(table["status"]) == ["ok", "ok"] and list(table["reused"]) == [True, False]
+    assert "reused" in out
