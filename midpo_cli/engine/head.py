@@ -16,7 +16,6 @@ from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
 
 from midpo_cli.engine.logps import Head, LogitMap, form_logits
 from midpo_cli.engine.lora import AdapterOff
@@ -68,6 +67,7 @@ _NOTICED: set[str] = set()
 
 def unwrap(model) -> nn.Module:
     """The transformers model under midpo's AdapterOff view, DDP/accelerate `.module`, torch.compile and peft."""
+    from transformers import PreTrainedModel                               # here: importing midpo_cli.api stays light
     for _ in range(16):
         if isinstance(model, PreTrainedModel):
             return model
@@ -104,6 +104,7 @@ def _form(base) -> tuple[LogitMap | None, bool]:
     """(the architecture's logit map, or None for full logits; whether it was checked against the model)."""
     if base in _FORMS:
         return _FORMS[base]
+    from transformers import PreTrainedModel
     rule = TRANSFORMS.get(model_type(base))
     head = base.get_output_embeddings() if isinstance(base, PreTrainedModel) else None
     if rule is None:
