@@ -1,4 +1,5 @@
-"""Python API for people who bring their own trainer: any variant's loss from your logits or log-probs.
+"""Python API for people who bring their own trainer: any variant's loss from your logits or log-probs, and
+the per-token log-probs the engine trains on (completion_logps).
 
     from midpo_cli.api import prior, loss_from_logits, loss_from_logps
     p = prior("tdpo", beta=0.1, variant=2)
@@ -10,8 +11,11 @@ mask [2, B, T] = 1 on completion tokens. Per-token log-probs are [2, B, T] with 
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
+from midpo_cli.engine.forward import model_logits
+from midpo_cli.engine.logps import token_logps
 from midpo_cli.engine.views import build_view
 from midpo_cli.loss import preference_loss
 from midpo_cli.priors import PRIORS, PairView, Prior, build_prior
@@ -49,4 +53,23 @@ def loss_from_logits(p: Prior, policy_logits: Tensor, labels: Tensor, mask: Tens
     return loss(p, view)
 
 
-__all__ = ["PRIORS", "PairView", "prior", "loss", "loss_from_logps", "loss_from_logits"]
+def completion_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, chunk: int = 0) -> Tensor:
+    """Per-token log-probs exactly as the engine trains on them (the same forward and chunked LM head).
+
+    input_ids, attention_mask [N, S]; labels [N, S] as in transformers: a copy of input_ids with -100 on
+    the tokens not scored (prompt, padding). Returns [N, S-1] fp32, with gradient into the model:
+    out[:, t] = log p(labels[:, t+1] | input_ids[:, :t+1]) (the logits at position t predict token t+1),
+    and 0 where labels[:, t+1] == -100. Sum over t for log p(completion | prompt). `chunk`: rows per chunk
+    of the LM head (0 = automatic, about 512 MB of fp32 logits).
+    """
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"completion_logps: labels {tuple(labels.shape)} must have input_ids' shape "
+                         f"{tuple(input_ids.shape)} (a copy of input_ids with -100 on tokens not scored)")
+    targets = labels[:, 1:]                                                # [N, S-1]
+    scored = targets != -100
+    source, _ = model_logits(model, {"input_ids": input_ids, "attention_mask": attention_mask})
+    logps = token_logps(source, targets.masked_fill(~scored, 0), chunk)   # [N, S-1]
+    return torch.where(scored, logps, torch.zeros_like(logps))
+
+
+__all__ = ["PRIORS", "PairView", "prior", "loss", "loss_from_logps", "loss_from_logits", "completion_logps"]

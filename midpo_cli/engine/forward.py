@@ -3,29 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from midpo_cli.engine.logps import Head
+from midpo_cli.engine.head import logits_source
 from midpo_cli.engine.views import build_view, layer_means, live_reference
 from midpo_cli.priors import PairView
 
 
-def lm_head_weight(model):
-    """The LM-head weight when logits are a plain linear map of the final hidden states, else None."""
-    inner = getattr(model, "module", model)                                # DDP / accelerate wrappers
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    conf = getattr(inner, "config", None)
-    plain = (isinstance(head, torch.nn.Linear) and head.bias is None
-             and not getattr(conf, "final_logit_softcapping", None) and getattr(conf, "logit_scale", 1.0) in (None, 1.0))
-    return head.weight if plain else None
-
-
 def model_logits(model, batch, hidden: bool = False):
-    """Forward; returns (logits source aligned with labels, output). With a plain LM head the model only
-    forms the last position's logits and the rest are formed chunk-wise from the hidden states (Head)."""
-    weight = lm_head_weight(model)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                output_hidden_states=hidden or weight is not None, **({"logits_to_keep": 1} if weight is not None else {}))
-    src = Head(out.hidden_states[-1][:, :-1], weight) if weight is not None else out.logits[:, :-1]
-    return src, out
+    """Forward; returns (logits source aligned with labels, output). For an architecture engine/head.py knows,
+    the model forms only the last position's logits and the rest are formed chunk-wise from what its LM head
+    reads (a Head [N, S-1, H]); otherwise the model's own logits [N, S-1, V]. `hidden`: output.hidden_states
+    holds every layer's hidden states."""
+    return logits_source(model, batch, hidden)
 
 
 def pair_view(batch: dict, policy, prior, reference=None, snapshot=None, chunk: int = 0) -> PairView:

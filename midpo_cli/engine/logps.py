@@ -1,9 +1,10 @@
 """Per-token log-probabilities and full-vocabulary KL, computed in row chunks.
 
-The input is either logits [N, T, V] or a `Head` (final hidden states [N, T, H] + the LM-head weight
-[V, H]); with a Head the logits are formed chunk by chunk and never exist whole. Each chunk is upcast
-to fp32 on its own and recomputed in the backward pass (activation checkpointing), so no fp32
-[N, T, V] tensor is ever held whole, for either model. N sequences (2B), T positions, V vocabulary.
+The input is either logits [N, T, V] or a `Head` (what the LM head reads [N, T, H], its weight [V, H] and
+bias [V], and the architecture's logit map: engine/head.py); with a Head the logits are formed chunk by
+chunk and never exist whole. Each chunk is upcast to fp32 on its own and recomputed in the backward pass
+(activation checkpointing), so no fp32 [N, T, V] tensor is ever held whole, for either model.
+N sequences (2B), T positions, V vocabulary.
 """
 from __future__ import annotations
 
@@ -15,24 +16,46 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
+class LogitMap(NamedTuple):
+    """How an architecture turns the head's input h into logits (engine/head.py reads it from the model):
+    logits = softcap * tanh(z / softcap) (if softcap), z = scale * (W (hidden_scale * h) + b)."""
+    hidden_scale: float = 1.0      # multiplies h before the head (MiniCPM3: 1 / logits_scaling)
+    scale: float = 1.0             # multiplies the head's output (Cohere: logit_scale; Granite: 1 / logits_scaling)
+    softcap: float | None = None   # tanh soft-capping (Gemma2: final_logit_softcapping)
+
+
 class Head(NamedTuple):
-    states: Tensor                 # [N, T, H] final (normed) hidden states
-    weight: Tensor | None = None   # [V, H] LM-head weight; None means `states` already are logits
+    states: Tensor                 # [N, T, H] what the LM head reads (the decoder's output)
+    weight: Tensor | None = None   # [V, H] LM-head weight; None means `states` already are logits [N, T, V]
+    bias: Tensor | None = None     # [V] LM-head bias
+    form: LogitMap = LogitMap()    # the architecture's scaling and soft-capping
 
 
-def _logits(states: Tensor, weight: Tensor | None) -> Tensor:
-    x = states if weight is None else F.linear(states, weight)
-    return x if x.dtype == torch.float64 else x.float()                   # fp32 at least, float64 kept
+def form_logits(states: Tensor, weight: Tensor | None, bias: Tensor | None = None,
+                form: LogitMap = LogitMap()) -> Tensor:
+    """Logits [..., V] in fp32 at least: the head in the weights' dtype (as the model runs it), the
+    architecture's scaling and soft-capping in fp32 (float64 kept)."""
+    if weight is None:
+        x = states
+    else:
+        x = F.linear(states * form.hidden_scale if form.hidden_scale != 1.0 else states, weight, bias)
+    x = x if x.dtype == torch.float64 else x.float()
+    if form.scale != 1.0:
+        x = x * form.scale
+    if form.softcap:
+        x = torch.tanh(x / form.softcap) * form.softcap
+    return x
 
 
-def _gathered(states, weight, labels) -> Tensor:
-    x = _logits(states, weight)
+def _gathered(states, weight, bias, labels, form) -> Tensor:
+    x = form_logits(states, weight, bias, form)
     return x.gather(-1, labels[..., None]).squeeze(-1) - x.logsumexp(-1)
 
 
-def _kl(p_states, p_weight, q_states, q_weight) -> Tensor:
+def _kl(p_states, p_weight, p_bias, q_states, q_weight, q_bias, p_form, q_form) -> Tensor:
     """KL_t(p || q) per position, over the vocabulary."""
-    lp, lq = _logits(p_states, p_weight).log_softmax(-1), _logits(q_states, q_weight).log_softmax(-1)
+    lp = form_logits(p_states, p_weight, p_bias, p_form).log_softmax(-1)
+    lq = form_logits(q_states, q_weight, q_bias, q_form).log_softmax(-1)
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
@@ -47,14 +70,15 @@ def rows_per_chunk(chunk: int, states: Tensor, weight: Tensor | None) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, states.shape[1] * vocab))
 
 
-def _chunked(fn, chunk: int, args: list, rows: tuple[bool, ...]) -> Tensor:
-    """Apply fn over row chunks of the args flagged in `rows` (the others, weights, pass whole)."""
+def _chunked(fn, chunk: int, args: list, rows: tuple[bool, ...], consts: tuple = ()) -> Tensor:
+    """Apply fn over row chunks of the args flagged in `rows` (the others, weights, pass whole; `consts`,
+    plain values, follow the args)."""
     n = args[0].shape[0]
     chunk = rows_per_chunk(chunk, args[0], args[1])
     grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args)
     outs = []
     for i in range(0, n, max(1, chunk)):
-        parts = [a[i:i + chunk] if r else a for a, r in zip(args, rows)]
+        parts = [a[i:i + chunk] if r else a for a, r in zip(args, rows)] + list(consts)
         outs.append(checkpoint(fn, *parts, use_reentrant=False) if grad else fn(*parts))
     return torch.cat(outs)
 
@@ -66,13 +90,15 @@ def _head(x) -> Head:
 def token_logps(logits: Tensor | Head, labels: Tensor, chunk: int = 0) -> Tensor:
     """log p(labels_t | s_t): logits [N, T, V] (or a Head) aligned to labels [N, T] -> [N, T] fp32."""
     h = _head(logits)
-    return _chunked(_gathered, chunk, [h.states, h.weight, labels.clamp(min=0)], (True, False, True))
+    return _chunked(_gathered, chunk, [h.states, h.weight, h.bias, labels.clamp(min=0)], (True, False, False, True),
+                    (h.form,))
 
 
 def token_kl(p_logits: Tensor | Head, q_logits: Tensor | Head, chunk: int = 0) -> Tensor:
     """KL_t(p || q) [N, T] fp32; gradient flows into whichever side carries it."""
     p, q = _head(p_logits), _head(q_logits)
-    return _chunked(_kl, chunk, [p.states, p.weight, q.states, q.weight], (True, False, True, False))
+    return _chunked(_kl, chunk, [p.states, p.weight, p.bias, q.states, q.weight, q.bias],
+                    (True, False, False, True, False, False), (p.form, q.form))
 
 
 def to_pairs(x: Tensor) -> Tensor:
