@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 import midpo_cli.priors  # noqa: F401
-from midpo_cli import launch
+from midpo_cli.sweeps import resources
 from midpo_cli.__main__ import main
 from midpo_cli.config import register_schemas
 from midpo_cli.report import objective, tables
@@ -42,35 +42,35 @@ def basic(tmp_path_factory, cache_dir):
     return finals(d)
 
 
-# --- per-job resources (midpo_cli/launch.py) -------------------------------------------------------------
+# --- per-job resources (midpo_cli/sweeps/resources.py) -------------------------------------------------------------
 
 def test_threads_are_split_between_jobs_that_share_a_machine():
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     local = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
     slurm = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
-    assert launch.threads_per_job({"_target_": joblib, "n_jobs": 4}, 16) == 4
-    assert launch.threads_per_job({"_target_": joblib, "n_jobs": 3}, 2) == 1       # never 0
-    assert launch.threads_per_job({"_target_": joblib, "n_jobs": -1}, 16) == 1     # one job per core
-    assert launch.threads_per_job({"_target_": joblib, "n_jobs": -4}, 16) == 1     # 13 jobs on 16 cores
-    assert launch.threads_per_job({"_target_": joblib, "n_jobs": 1}, 16) is None   # one at a time: the machine
-    assert launch.threads_per_job({"_target_": slurm, "cpus_per_task": 8}, 64) == 8
-    assert launch.threads_per_job({"_target_": local, "cpus_per_task": 2}, 16) == 2
-    assert launch.threads_per_job({"_target_": basic}, 16) is None
-    assert [launch.concurrent_jobs({"_target_": t, "n_jobs": 2}, 8) for t in (joblib, local, slurm, basic)] == [2, 0, 1, 1]
+    assert resources.threads_per_job({"_target_": joblib, "n_jobs": 4}, 16) == 4
+    assert resources.threads_per_job({"_target_": joblib, "n_jobs": 3}, 2) == 1       # never 0
+    assert resources.threads_per_job({"_target_": joblib, "n_jobs": -1}, 16) == 1     # one job per core
+    assert resources.threads_per_job({"_target_": joblib, "n_jobs": -4}, 16) == 1     # 13 jobs on 16 cores
+    assert resources.threads_per_job({"_target_": joblib, "n_jobs": 1}, 16) is None   # one at a time: the machine
+    assert resources.threads_per_job({"_target_": slurm, "cpus_per_task": 8}, 64) == 8
+    assert resources.threads_per_job({"_target_": local, "cpus_per_task": 2}, 16) == 2
+    assert resources.threads_per_job({"_target_": basic}, 16) is None
+    assert [resources.concurrent_jobs({"_target_": t, "n_jobs": 2}, 8) for t in (joblib, local, slurm, basic)] == [2, 0, 1, 1]
 
 
 def test_gpu_pool_gives_each_running_job_its_own_device(tmp_path):
     """Jobs 0 and 1 hold GPUs 0 and 1; job 2 finds both taken and shares GPU 2 % 2 = 0; once job 0 ends,
     job 3 (which tries 3 % 2 = 1 first, still held) gets GPU 0."""
-    a, lock_a = launch.claim_gpu(tmp_path, 2, job_num=0)
-    b, lock_b = launch.claim_gpu(tmp_path, 2, job_num=1)
-    c, lock_c = launch.claim_gpu(tmp_path, 2, job_num=2)
+    a, lock_a = resources.claim_gpu(tmp_path, 2, job_num=0)
+    b, lock_b = resources.claim_gpu(tmp_path, 2, job_num=1)
+    c, lock_c = resources.claim_gpu(tmp_path, 2, job_num=2)
     assert (a, b, c) == (0, 1, 0) and lock_a and lock_b and lock_c is None
     lock_a.close()
-    d, lock_d = launch.claim_gpu(tmp_path, 2, job_num=3)
+    d, lock_d = resources.claim_gpu(tmp_path, 2, job_num=3)
     assert d == 0 and lock_d is not None
-    assert launch.claim_gpu(tmp_path, 4, job_num=6)[0] == 2                        # free: start at 6 % 4
+    assert resources.claim_gpu(tmp_path, 4, job_num=6)[0] == 2                        # free: start at 6 % 4
     lock_b.close(), lock_d.close()
 
 
@@ -129,7 +129,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_with_the_basic_launchers_results(tmp
         assert json.loads((d / str(job) / "error.json").read_text())["status"] == "failed"
     assert finals(d) == basic
     jobs = [json.loads((d / str(i) / "job.json").read_text()) for i in range(4)]
-    cores = launch.available_cores()
+    cores = resources.available_cores()
     assert {j["launcher"] for j in jobs} == {"joblib"} and {j["threads"] for j in jobs} == {max(1, cores // 2)}
     assert len({j["pid"] for j in jobs}) >= 2                                        # really other processes
 
@@ -151,7 +151,7 @@ def test_submitit_local_sweep_and_report_rebuilt_from_the_sweep_dir(tmp_path, fa
 # --- the tune preset -----------------------------------------------------------------------------------
 
 def test_tune_searches_each_prior_around_its_own_default():
-    from midpo_cli.tune import search_space
+    from midpo_cli.sweeps.tune import search_space
     cfgs = {}
     for p in ("dpo", "simpo"):
         with initialize_config_module(version_base="1.3", config_module="midpo_cli.conf"):
@@ -172,7 +172,7 @@ def test_tune_summary_picks_the_best_trial_per_prior_and_compares_confirm_runs(t
     from omegaconf import OmegaConf
 
     from midpo_cli.report import best
-    from midpo_cli.tune import pick
+    from midpo_cli.sweeps.tune import pick
 
     def job(name, prior, beta, value, seed=0, status=JobStatus.COMPLETED):
         (tmp_path / name).mkdir(parents=True)

@@ -1,7 +1,7 @@
-"""`hydra/sweeper: tune` (conf/hydra/sweeper/tune.yaml) names this class; the code is midpo_cli/tune.py.
+"""`hydra/sweeper: tune` (conf/hydra/sweeper/tune.yaml) names this class; the code is midpo_cli/sweeps/tune.py.
 Hydra instantiates sweepers only from classes defined in the hydra_plugins namespace, hence this subclass."""
 try:
-    from midpo_cli import tune
+    from midpo_cli.sweeps import tune
 except ImportError as e:                      # hydra-optuna-sweeper missing: say how to get it, when it is used
     from hydra.plugins.sweeper import Sweeper
 

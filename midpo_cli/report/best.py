@@ -1,4 +1,4 @@
-"""What `+experiment=tune` (midpo_cli/tune.py) leaves in its sweep directory, besides the sweep table:
+"""What `+experiment=tune` (midpo_cli/sweeps/tune.py) leaves in its sweep directory, besides the sweep table:
 
 tune_best.json  per prior: the searched keys' best values (and defaults), the objective on the search seed,
                 trials finished/run, the best job, and the confirm runs (seeds, objective, jobs)
