@@ -28,6 +28,7 @@ class ModelConfig:
     dtype: str = "float32"                # float32 | bfloat16 | float16: weights' dtype when loaded
     attn_implementation: Optional[str] = None   # eager | sdpa | flash_attention_2; None = library default
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    lr: float = 1e-4                      # this model's learning rate: the optimizer's default (optimizer.lr= wins)
     hidden_size: int = 128                # tiny only: width
     num_layers: int = 2                   # tiny only: transformer blocks
     num_heads: int = 4                    # tiny only: attention heads

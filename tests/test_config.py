@@ -47,7 +47,7 @@ def test_optimizer_yaml_builds(name):
 def test_dataset_yaml_composes(name):
     extra = [] if name == "builtin" else ["dataset.path=some/file.jsonl"]
     cfg = compose_train([f"dataset={name}", *extra])
-    assert cfg.dataset.source in ("builtin", "local", "hub")
+    assert cfg.dataset.source in ("builtin", "local", "hub", "sentiment")
 
 
 @pytest.mark.parametrize("name", options("model"))
