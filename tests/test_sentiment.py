@@ -81,7 +81,8 @@ def test_pairs_are_ranked_cached_and_rebuilt_when_damaged(tmp_path, monkeypatch)
 def test_missing_vader_is_one_line_error(monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vaderSentiment" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vaderSentiment" else real(name, *a))
     with pytest.raises(ValueError, match=r"vaderSentiment.*pip install"):
         reward("good")
 

@@ -62,12 +62,12 @@ OPENERS = [
 @dataclass
 class SentimentSettings:
     """dataset.task for dataset=sentiment: review openings continued by the model, VADER-ranked."""
-    chat: bool = False                  # true: a user turn asks to continue the review (chat template); false: plain text
+    chat: bool = False                  # true: a user turn asks to continue the review; false: plain text
     eval_subject_fraction: float = 0.25  # share of subjects held out (never trained on); evaluation prompts name them
     split_seed: int = 0                 # seed of the subject split (fixed across run seeds: same held-out prompts)
     train_prompts: int = 256            # training prompts whose reference samples become pairs
     eval_prompts: int = 64              # held-out prompts for the final evaluation
-    samples_per_prompt: int = 4         # K reference samples per training prompt (most positive = chosen, most negative = rejected)
+    samples_per_prompt: int = 4         # K reference samples per training prompt (best = chosen, worst = rejected)
     eval_samples_per_prompt: int = 2    # samples per held-out prompt from each of policy and reference
     temperature: float = 1.0            # sampling temperature (1.0 keeps the KL estimate unbiased)
     max_new_tokens: int = 32            # tokens sampled per completion (pairs and evaluation)
@@ -77,7 +77,8 @@ class SentimentSettings:
 def vader():
     """The VADER analyser (loaded once); a missing package is a one-line error saying what to install."""
     if importlib.util.find_spec("vaderSentiment") is None:
-        raise ValueError(f"dataset=sentiment scores text with the vaderSentiment package, which is not installed: {INSTALL}")
+        raise ValueError(f"dataset=sentiment scores text with the vaderSentiment package, which is not installed: "
+                         f"{INSTALL}")
     return _analyser()
 
 
