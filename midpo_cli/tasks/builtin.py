@@ -100,7 +100,8 @@ def sft_reference(task, model_cfg, tokenizer, seed: int, cache_root: Path, devic
     """Train (or reuse) the SFT reference policy on imperfect demonstrations; returns its directory."""
     from midpo_cli.engine.models import load_model
 
-    key = config_hash({"model": model_cfg, "task": {k: task[k] for k in task if k.startswith("sft") or k in (
+    model = {k: v for k, v in model_cfg.items() if k != "lr"}             # the preference lr is not the SFT's
+    key = config_hash({"model": model, "task": {k: task[k] for k in task if k.startswith("sft") or k in (
         "kind", "alphabet", "min_len", "max_len", "demo_noise")}, "seed": seed})
     path = cache_root / f"sft-{key}"
     if path.exists():

@@ -191,11 +191,11 @@ def collect(cfg: DictConfig) -> Rows:
         rows.skip("*", "", smol, "smollm2=false: set smollm2=true to add it (~40 s)" if cfg.real_model
                   else "real_model=false")
     else:
-        from midpo_cli.engine.models import smollm2_gguf
+        from midpo_cli.engine.models import NotInstalled, smollm2_gguf
         from midpo_cli.verify.batches import smollm2_probe
         try:
             smollm2_gguf()
-        except RuntimeError as e:
+        except NotInstalled as e:
             rows.skip("*", "", smol, f"not installed: {e}")
         else:
             equivalence(rows, smollm2_probe(cfg.seed), names, atol)
