@@ -103,8 +103,9 @@ class LearnablePrior(Prior):
 
     def knobs(self) -> tuple[str, ...]:
         """beta and the subclass's `loss_knobs`. Not knobs: lr, max_grad_norm, schedule and the collapse thresholds act
-        on training, not on one step's loss; anchor and the subclass's bounds act only once zeta has left pi_ref,
-        which it has not at initialisation (tests/test_learnable.py checks that they act then)."""
+        on training, not on one step's loss; the anchor and learned_tilt's bounds act only once zeta has left pi_ref
+        (learned_adapter and learned_mix list the anchor: verify's stand-in models already put their zeta elsewhere;
+        tests/test_learnable.py checks the anchor's pull on a moved learned_tilt)."""
         return ("beta", *self.loss_knobs)
 
     def warnings(self) -> list[str]:

@@ -58,7 +58,8 @@ class LearnedAdapter(LearnablePrior):
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as e:
-            raise ValueError("prior=learned_adapter needs peft: `pip install peft` (or `pip install midpo[lora]`)") from e
+            raise ValueError("prior=learned_adapter needs peft: `pip install peft` "
+                             "(or `pip install midpo[lora]`)") from e
         base = reference_module(policy, reference).eval()
         conf = LoraConfig(r=self.rank, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                           init_lora_weights=True)                                # B = 0: zeta = pi_ref at step 0
