@@ -100,6 +100,7 @@ class TrainerConfig:
     log_every: int = 5                    # metrics.jsonl line every N steps
     kl_chunk: int = 0                     # rows per chunk for per-token log-probs / full-vocab KL; 0 = auto (~512 MB fp32)
     eval_batch_size: int = 32             # pairs per evaluation micro-batch
+    eval_train: bool = False              # at the end, also score every training pair (train/* metrics: the final J)
     save_model: bool = True               # save the final policy with save_pretrained
     ref_cache: bool = True                # precompute reference log-probs once, on disk, shared by runs
     trackers: list = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]

@@ -50,7 +50,7 @@ def preference_loss(prior, view, yardstick: Tensor | None = None) -> LossOutput:
     losses = mi_dpo_loss(seq, log_zeta, prior.a)                         # [B]
     penalty = prior.penalty(view)
     metrics = pair_metrics(seq, log_zeta, prior.a, losses)
-    metrics["penalty"] = float(penalty)
+    metrics["penalty"] = float(penalty.detach())
     ref = view.ref_logps if view.ref_logps is not None else yardstick
     if ref is not None:
         metrics.update(logratio_metrics(seq, view.seq(ref), log_zeta))

@@ -23,7 +23,7 @@ from midpo_cli.engine.cache import config_hash
 from midpo_cli.engine.rundir import read_json
 
 STATE, MANIFEST, PRIOR = "trainer_state.json", "manifest.json", "prior.safetensors"
-IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers")
+IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers", "eval_train")
 CHUNK = 1 << 22
 
 

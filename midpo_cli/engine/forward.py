@@ -34,6 +34,11 @@ def pair_view(batch: dict, policy, prior, reference=None, snapshot=None, chunk: 
     if needs.snapshot and needs.snapshot != "reference":
         with torch.no_grad():
             snap_logits, _ = model_logits(snapshot, batch)
-    owned = {name: model_logits(m, batch)[0] for name, m in prior.owned_models().items()}
+    models = prior.owned_models() if needs.owned else {}
+    missing = [name for name in needs.owned if name not in models]
+    if missing:
+        raise RuntimeError(f"prior '{prior.name}' reads its own model(s) {missing}, which owned_models() does not "
+                           "return (attach(policy, reference) builds them before training)")
+    owned = {name: model_logits(models[name], batch)[0] for name in needs.owned}
     return build_view(needs, batch["labels"], batch["mask"], logits, reference=ref_logits, snapshot=snap_logits,
                       owned=owned, cached_ref=cached, ref_activations=acts, columns=batch["values"], chunk=chunk)

@@ -112,8 +112,9 @@ def _reduce(acc, values: dict, keys: list[str], op: str = "mean") -> dict:
 
 
 @torch.no_grad()
-def evaluate_pairs(acc, policy, prior, models, eval_pairs, cfg, pad_id) -> dict:
-    """Held-out preference metrics: each process scores its share of the pairs; sums are reduced."""
+def evaluate_pairs(acc, policy, prior, models, eval_pairs, cfg, pad_id, prefix: str = "eval/") -> dict:
+    """Preference metrics of a set of pairs (held-out ones, or the training pairs with prefix "train/"): each
+    process scores its share of the pairs; sums are reduced."""
     mine = eval_pairs[acc.process_index::acc.num_processes]
     was = policy.training
     policy.eval()
@@ -134,7 +135,7 @@ def evaluate_pairs(acc, policy, prior, models, eval_pairs, cfg, pad_id) -> dict:
         return {}
     n = _reduce(acc, {"n": float(len(mine))}, ["n"], "sum")["n"]
     total = _reduce(acc, {k: sums.get(k, 0.0) for k in keys}, keys, "sum")
-    return {f"eval/{k}": v / n for k, v in total.items() if k != "tokens"}
+    return {f"{prefix}{k}": v / n for k, v in total.items() if k != "tokens"}
 
 
 def _agree(acc, keys):
@@ -310,6 +311,9 @@ def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id,
                                     + (f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written")
                                     + ". Lower optimizer.lr or check the eval data")
                 row = (row or {"step": step}) | ev
+            if tc.eval_train and step == tc.max_steps:                     # the final J on every training pair
+                row = (row or {"step": step}) | evaluate_pairs(acc, policy, prior, models, train_pairs, tc, pad_id,
+                                                               prefix="train/")
             if row:
                 for w in prior.monitor(row):
                     if acc.is_main_process:

@@ -23,6 +23,7 @@ class Needs:
     ref_activations: bool = False  # per-layer mean reference activation [2, B, T, L]   -> PairView.ref_activations
     snapshot: str | None = None    # frozen earlier policy ("reference" or a model path) -> PairView.snapshot_logps
     token_columns: tuple[str, ...] = ()  # per-token values given by the data            -> PairView.token_values
+    owned: tuple[str, ...] = ()    # models the prior owns (Prior.owned_models), by name -> PairView.owned_logps
 
     @property
     def reference_model(self) -> bool:
@@ -169,6 +170,7 @@ class Prior(torch.nn.Module):
 
     # ----- priors that learn (all no-ops for a fixed prior) -----------------------------------------
 
+    learnable: ClassVar[bool] = False             # owns trainable parameters (possibly built in `attach`)
     lr: ClassVar[float | None] = None             # learning rate of the prior's own optimiser
     max_grad_norm: ClassVar[float] = 0.0          # gradient clipping of the prior's parameters (0 = off)
 
@@ -176,7 +178,8 @@ class Prior(torch.nn.Module):
         """Build what the prior owns (adapters, snapshots) once the policy and the reference model exist."""
 
     def owned_models(self) -> dict[str, torch.nn.Module]:
-        """Models whose per-token log-probs of each batch the prior reads (PairView.owned(name))."""
+        """Models whose per-token log-probs of each batch the prior reads (PairView.owned(name)); the engine runs
+        those named in `needs().owned` (verify's probes stand in other logits for them, by the same names)."""
         return {}
 
     def trainable(self) -> list[torch.nn.Parameter]:

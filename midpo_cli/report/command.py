@@ -36,7 +36,9 @@ Cells are `mean±std` over seeds (`tokens/s`: the mean); `summary.csv` has the 9
 but not in the means.
 """
 FIGURES = {"frontier.png": "True reward vs KL to the reference (the higher and further left, the better).",
-           "curves.png": "Training curves.", "bars.png": "Accuracy, reward and margin per prior, with 95% CIs."}
+           "curves.png": "Training curves.", "bars.png": "Accuracy, reward and margin per prior, with 95% CIs.",
+           "objective.png": "Final J on the training pairs and what it bought: held-out accuracy of the policy's "
+                            "log-ratio, true reward, KL, and the prior's shift, with 95% CIs."}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -3,6 +3,8 @@
 frontier.png  true reward vs KL to the reference, per group (built-in task only): seeds and their mean
 curves.png    training curves per group, mean over seeds with the min-max band
 bars.png      held-out accuracy, true reward, win-rate and log-likelihood margin per group, 95% bootstrap CIs
+objective.png runs with trainer.eval_train: final J on the training pairs and what it bought (held-out accuracy of the
+              policy's log-ratio, true reward, KL) beside the prior's shift, per group (learnable priors)
 """
 from __future__ import annotations
 
@@ -27,6 +29,13 @@ BARS = (("final/eval/rewards/accuracies", "held-out accuracy of\nthe prior's own
         ("task/true_reward", "true reward of samples\n[0-1, 1 = exact answer]"),
         ("task/win_rate", "win-rate vs reference\n[fraction, ties = 1/2]"),
         ("final/eval/logps/margin", "held-out log π(y_w) − log π(y_l)\n[nats, prior-independent]"))
+
+
+OBJECTIVE = (("final/train/loss", "final J on all training pairs\n[nats; each group's own prior]"),
+             ("final/eval/logratio/accuracies", "held-out accuracy of\nlog π/π_ref (prior-free) [fraction]"),
+             ("task/true_reward", "true reward of samples\n[0-1, 1 = exact answer]"),
+             ("task/kl", "KL(π ‖ π_ref) of samples\n[nats per response]"),
+             ("final/eval/prior/shift", "held-out prior shift [nats]\n(log ζ − log π_ref)_w − (...)_l"))
 
 
 def _title(groups) -> str:
@@ -114,9 +123,10 @@ def curves(df: pd.DataFrame, path: Path, names: dict, col: dict) -> Path | None:
     return _save(fig, path)
 
 
-def bars(agg: pd.DataFrame, path: Path, ref: float | None, col: dict) -> Path | None:
-    """Horizontal bars per group; `ref` (the reference's true reward) is drawn as a dashed line."""
-    panels = [(m, label) for m, label in BARS if f"{m}/mean" in agg]
+def bars(agg: pd.DataFrame, path: Path, ref: float | None, col: dict, which=BARS) -> Path | None:
+    """Horizontal bars per group, one panel per metric of `which` present; `ref` (the reference's true reward) is
+    drawn as a dashed line."""
+    panels = [(m, label) for m, label in which if f"{m}/mean" in agg]
     if not panels:
         return None
     y = np.arange(len(agg))[::-1]
@@ -145,5 +155,6 @@ def plot_all(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
     task = "task/true_reward/mean" in agg
     ref = pd.to_numeric(df.loc[df["status"] == "ok", "task/true_reward_ref"], errors="coerce").mean() if task else None
     made = [frontier(df, agg, out / "frontier.png", ref, col) if task else None,
-            curves(df, out / "curves.png", names, col), bars(agg, out / "bars.png", ref, col)]
+            curves(df, out / "curves.png", names, col), bars(agg, out / "bars.png", ref, col),
+            bars(agg, out / "objective.png", ref, col, OBJECTIVE) if "final/train/loss/mean" in agg else None]
     return [p for p in made if p is not None]

@@ -27,25 +27,30 @@ from midpo_cli.console import console
 
 MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl", "job.json")
 FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin", "logratio/margins",
-         "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/margin", "eval/logratio/margins")
+         "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/margin", "eval/logratio/margins",
+         "eval/logratio/accuracies", "prior/margin", "prior/shift", "eval/prior/shift", "train/loss")
 BEST = {"loss": min, "rewards/accuracies": max, "eval/loss": min, "eval/rewards/accuracies": max}
 TASK = {"true_reward/policy": "true_reward", "true_reward/reference": "true_reward_ref", "win_rate": "win_rate",
         "kl/policy_ref": "kl", "length/policy": "length", "length/reference": "length_ref",
         "exact/policy": "exact"}
 # The aggregate's metrics: the fair ones first, then each prior's own, then cost.
 SUMMARY = ("task/true_reward", "task/true_reward_gain", "task/kl", "task/win_rate", "task/length",
-           "final/eval/logratio/margins", "final/eval/logps/margin", "final/eval/rewards/margins", "final/eval/rewards/accuracies", "final/eval/loss",
-           "tokens_per_s", "wall_time_s")
+           "final/eval/logratio/margins", "final/eval/logratio/accuracies", "final/eval/logps/margin",
+           "final/eval/rewards/margins", "final/eval/rewards/accuracies", "final/eval/loss", "final/train/loss",
+           "final/eval/prior/shift", "tokens_per_s", "wall_time_s")
 COST = ("tokens_per_s", "wall_time_s")
+OBJECTIVE = ("final/train/loss", "final/eval/logratio/accuracies", "final/eval/prior/shift")   # pivot columns of runs
+                                                                  # with trainer.eval_train (learnable priors)
 LABELS = {"task/true_reward": "true reward", "task/true_reward_gain": "gain vs ref", "task/kl": "KL to ref",
           "task/win_rate": "win-rate", "task/length": "length", "final/eval/logps/margin": "logp margin",
-          "final/eval/logratio/margins": "logratio margin",
+          "final/eval/logratio/margins": "logratio margin", "final/eval/logratio/accuracies": "logratio accuracy",
+          "final/train/loss": "J (train pairs)", "final/eval/prior/shift": "prior shift",
           "final/eval/rewards/margins": "own margin", "final/eval/rewards/accuracies": "own accuracy",
           "final/eval/loss": "eval loss", "tokens_per_s": "tokens/s", "wall_time_s": "wall s"}
 
 MAIN = ("job", "status", "reused", "prior", "seed", "overrides", "final/eval/rewards/accuracies",   # the markdown's columns
         "final/eval/rewards/margins", "final/eval/logratio/margins", "final/eval/logps/margin", "task/true_reward", "task/kl", "task/win_rate",
-        "task/length", "tokens_per_s", "peak_memory_mb", "wall_time_s", "ref_cache_hit", "error")
+        "task/length", "tokens_per_s", "peak_memory_mb", "wall_time_s", "ref_cache_hit", "warnings", "error")
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -130,7 +135,8 @@ def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = N
     r = results or {}
     row.update({"tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
                 "train_wall_s": r.get("train_wall_s"), "wall_time_s": r.get("wall_time_s"),
-                "ref_cache_hit": (r.get("ref_cache") or {}).get("hit"), "git_commit": commit})
+                "ref_cache_hit": (r.get("ref_cache") or {}).get("hit"), "git_commit": commit,
+                "warnings": len(r.get("warnings") or []) if results else None})
     return row
 
 
@@ -191,11 +197,13 @@ def expected_jobs(sweep_dir: Path) -> list[tuple[str, list[str]]] | None:
 
 
 def _groups(df: pd.DataFrame) -> list[str]:
-    """What a row is a seed of: its prior plus the overrides that differ between rows, seed excluded."""
-    keep = [[o for o in s.split() if not re.match(r"[+~]?(seed|prior)=", o)] for s in df["overrides"]]
+    """What a row is a seed of: its prior (or its `arm`, conf/arm/: a prior with settings) plus the overrides that
+    differ between rows, seed excluded."""
+    keep = [[o for o in s.split() if not re.match(r"[+~]?(seed|prior|arm)=", o)] for s in df["overrides"]]
     known = [set(k) for k, s in zip(keep, df["overrides"]) if s]         # incomplete runs have no overrides
     common = set.intersection(*known) if known else set()
-    return [" ".join([p or "?", *[o for o in k if o not in common]]) for p, k in zip(df["prior"], keep)]
+    names = [_from_overrides(s.split(), "arm") or p or "?" for p, s in zip(df["prior"], df["overrides"])]
+    return [" ".join([n, *[o for o in k if o not in common]]) for n, k in zip(names, keep)]
 
 
 def write_table(df: pd.DataFrame, out: Path, stem: str) -> list[Path]:
@@ -275,7 +283,10 @@ def display_names(agg: pd.DataFrame) -> list[str]:
 def pivot(agg: pd.DataFrame) -> pd.DataFrame:
     """The report's pivot: a row per group, `mean±std` over seeds per outcome, mean tokens/s."""
     out = pd.DataFrame({"group": display_names(agg), "seeds ok": [f"{a}/{b}" for a, b in zip(agg.n_ok, agg.n)]})
+    objective = "final/train/loss/mean" in agg
     for m in SUMMARY:
+        if m in OBJECTIVE and not objective:
+            continue
         if f"{m}/mean" in agg and m not in ("final/eval/loss", "wall_time_s"):
             std = agg[f"{m}/std"] if m not in COST else [math.nan] * len(agg)
             out[LABELS[m]] = [_pm(a, s) for a, s in zip(agg[f"{m}/mean"], std)]

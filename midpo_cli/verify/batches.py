@@ -54,8 +54,11 @@ class Probe:
 
 def view(p: Probe, needs: Needs, owned: dict | None = None, columns: dict | None = None, **override) -> PairView:
     """The PairView the engine would build for a prior with these needs (per-token data columns: whatever the
-    prior declares, generated on demand; `columns` replaces some; plus per-field overrides)."""
+    prior declares, generated on demand; `columns` replaces some; the prior's own models (Needs.owned): the probe's
+    snapshot logits stand in for each, unless `owned` gives them; plus per-field overrides)."""
     cols = {name: (columns or {}).get(name, p.columns[name]) for name in needs.token_columns}
+    if owned is None:
+        owned = {name: p.sources["snapshot"] for name in needs.owned}
     v = build_view(needs, p.labels, p.mask, p.sources["policy"], reference=p.sources["reference"],
                    snapshot=p.sources["snapshot"], owned=owned, ref_activations=p.activations, columns=cols)
     for k, x in override.items():
@@ -133,6 +136,24 @@ def tiny_probe(seed: int) -> Probe:
     fwd = lambda m: lambda ids, att, _: m(input_ids=ids, attention_mask=att).logits[:, :-1]
     return _model_probe(policy, fwd(ref), fwd(snap), tok, seed, "tiny model forward",
                         [p for p in policy.parameters()])
+
+
+def tiny_engine_setup(seed: int) -> tuple:
+    """(policy, reference, batch) as the engine has them at step 0: a float64 tiny Llama, the reference as a frozen
+    copy of it, and a collated batch of real pairs (pair_view's input: ids, attention mask, labels, mask)."""
+    import copy
+
+    from midpo_cli.config import ModelConfig
+    from midpo_cli.engine.models import byte_tokenizer, frozen, tiny_model
+
+    tok = byte_tokenizer()
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                      max_position_embeddings=128, dtype="float32")
+    torch.manual_seed(seed)
+    policy = tiny_model(cfg, tok).to(F64)
+    ids, att, comp = _encode(tok, PAIRS)
+    batch = {"input_ids": ids, "attention_mask": att, "labels": ids[:, 1:], "mask": comp, "values": {}}
+    return policy, frozen(copy.deepcopy(policy)), batch
 
 
 def smollm2_probe(seed: int) -> Probe:

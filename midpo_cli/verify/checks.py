@@ -3,6 +3,7 @@ original (authors') loss in value AND gradient, in float64 (spec/priors.md, Sect
 
 Checks, for every prior in the registry (or cfg.priors) and every entry of its `options`:
   equivalence   on random ragged logits, on a real tiny-model forward, on SmolLM2 when installed
+  initialisation  a prior with parameters of its own starts as exact DPO (engine's pair_view, tiny model)
   section 15    stop-gradients that must matter, x-only invariance, reductions, prior-gradient sign
   knobs         every knob() changes the loss or its gradient (no silently ignored option)
   TRL           DPO vs trl's DPOTrainer loss, SimPO vs trl's CPO simpo loss (cpo_alpha=0)
@@ -145,6 +146,40 @@ def reductions(rows: Rows, p: Probe, names, atol: float) -> None:
                        f"reduction: {red.text}", fn, atol)
 
 
+def initialisation(rows: Rows, names, seed: int, atol: float) -> None:
+    """Every prior with parameters of its own (Prior.learnable) starts as exact DPO: attached as the engine attaches
+    it (policy = reference) and run through the engine's own pair_view on a float64 tiny model, its J + penalty and
+    their gradient w.r.t. the policy equal DPO's; then, the policy moved off the reference with the prior still at
+    its initialisation, J and the gradient of J + penalty w.r.t. the policy still equal DPO's."""
+    from midpo_cli.engine.forward import pair_view
+    from midpo_cli.verify.batches import tiny_engine_setup
+
+    for name, opt, built in settings(names):
+        if not built.learnable:
+            continue
+
+        def gap(opt=opt, name=name):
+            policy, reference, batch = tiny_engine_setup(seed)
+            prior = build_prior({"name": name, **opt})
+            prior.attach(policy, reference)
+            prior.to(torch.float64)
+            dpo = build_prior({"name": "dpo", "beta": prior.a})
+            params, worst = list(policy.parameters()), 0.0
+            for moved in (False, True):
+                if moved:
+                    with torch.no_grad():
+                        for w in params:
+                            w.add_(0.05 * torch.randn_like(w))
+                a = preference_loss(prior, pair_view(batch, policy, prior, reference=reference))
+                b = preference_loss(dpo, pair_view(batch, policy, dpo, reference=reference))
+                value = (a.loss - b.loss) if moved else (a.total - b.total)
+                grads = zip(_grads(a.total, params), _grads(b.total, params))
+                worst = max(worst, abs(float(value.detach())), *(float((x - y).abs().max()) for x, y in grads))
+            return worst
+        rows.check(name, option_text(opt), "at initialisation == dpo (value, grad w.r.t. the policy): tiny model, "
+                   "engine's pair_view", gap, atol)
+
+
 # ----- (iv) knobs, (v) TRL -------------------------------------------------------------------------
 
 def knobs(rows: Rows, p: Probe, names) -> None:
@@ -184,6 +219,7 @@ def collect(cfg: DictConfig) -> Rows:
     if cfg.real_model:
         from midpo_cli.verify.batches import tiny_probe
         equivalence(rows, tiny_probe(cfg.seed), names, atol)
+        initialisation(rows, names, cfg.seed, atol)
     else:
         rows.skip("*", "", "tiny model forward", "real_model=false")
     smol = "SmolLM2-135M forward"

@@ -1,0 +1,163 @@
+"""What every learnable prior shares (spec/priors.md Sections 12-13): update rules, anchor, schedule, collapse watch.
+
+A learnable prior writes log zeta(y|x) = log pi_ref(y|x) + f_phi(x, y) with its own parameters phi, initialised so that
+f_phi = 0: at step 0 it is exactly DPO's prior (loss and policy gradient; `midpo verify` checks it). Its options:
+
+  update=joint     phi follows the gradient of J (+ anchor): the paper's min over (pi, zeta). By spec 2.4,
+                   dJ/dlog zeta_w = +a*sigma(-h) and dJ/dlog zeta_l = -a*sigma(-h): an unconstrained prior learns the
+                   anti-preference and can take J towards 0 while pi stands still (collapse).
+  update=marginal  J sees zeta with phi detached (no gradient of J reaches phi); phi minimises a label-free fit to the
+                   policy on both responses, mean over pairs and sides of (log zeta - sg[log pi])^2 / |y|: Lemma 1's
+                   argmin over zeta (the marginal of pi) restricted to the prior's family, which cannot absorb the
+                   labels. It never changes the policy's gradient (sg on pi, no pi inside zeta).
+  anchor           weight of anchor * mean over pairs and sides of (log zeta - log pi_ref)^2 / |y| (label-free): pulls
+                   zeta back to the reference. Both penalties and their policy gradients are 0 at initialisation.
+  schedule         simultaneous: both step every step | alternating: policy_steps policy steps, then prior_steps
+                   prior steps, repeated (the engine asks `updates(step)`).
+  lr, max_grad_norm  the prior's own optimiser (same optimizer config as the policy, this learning rate) and clipping.
+
+Every logged row carries prior/margin, prior/shift (the prior's margin minus the reference's; 0 at initialisation),
+logratio/margins and the prior's scalars; `monitor` warns once when the collapse signature appears.
+None of these priors reads the policy: zeta depends on phi, the reference and frozen models only, so detaching log zeta
+(update=marginal) stops exactly the gradient into phi.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from midpo_cli.priors.base import PairView, Prior
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class LearnablePrior(Prior):
+    """Base of the learnable priors (not registered itself). Subclasses implement `log_zeta` (log zeta [2, B] with the
+    gradient into phi), `written_log_zeta` (the same prior written out independently, for `original_loss`) and
+    `scalars`; they may build models in `attach` and list model state that `attach` rebuilds in `derived_state`."""
+    beta: float = 0.1                                          # the scale a of MI-DPO (DPO's beta)
+    update: Literal["joint", "marginal"] = "joint"             # joint: gradient of J | marginal: label-free fit to pi
+    anchor: float = 0.1                                        # weight of the pull of zeta towards pi_ref
+    lr: float = 0.01                                           # the prior's own learning rate
+    max_grad_norm: float = 1.0                                 # clipping of the prior's gradient (0 = off)
+    schedule: Literal["simultaneous", "alternating"] = "simultaneous"   # who steps when
+    policy_steps: int = 1                                      # alternating: policy steps per cycle
+    prior_steps: int = 1                                       # alternating: prior steps per cycle
+    collapse_shift: float = 1.0                                # warn when prior/shift falls below -this (nats) ...
+    collapse_ratio: float = 1.0                                # ... while logratio/margins < this * |prior/shift|
+
+    learnable: ClassVar[bool] = True
+    options: ClassVar[tuple[dict, ...]] = ({"update": "joint"}, {"update": "marginal"})
+    loss_knobs: ClassVar[tuple[str, ...]] = ()                 # float options that change the loss at initialisation
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._collapse_warned = False
+
+    # ----- what a subclass writes ----------------------------------------------------------------------
+
+    def log_zeta(self, v: PairView) -> Tensor:                # [2, B], gradient into phi
+        raise NotImplementedError
+
+    def written_log_zeta(self, v: PairView) -> Tensor:        # [2, B], the same prior written out independently
+        raise NotImplementedError
+
+    def derived_state(self) -> set[str]:
+        """state_dict names that `attach` rebuilds (e.g. base weights shared with the reference): not saved."""
+        return set()
+
+    # ----- the MI-DPO prior and its regularisers -------------------------------------------------------
+
+    def log_prior(self, v: PairView) -> Tensor:
+        z = self.log_zeta(v)
+        return z.detach() if self.update == "marginal" else z
+
+    def original_loss(self, v: PairView) -> Tensor:
+        """The paper's J with the prior spelled out: -logsigmoid(a*[(log pi - log zeta)_w - (log pi - log zeta)_l])."""
+        pi, zeta = v.seq(v.logps), self.written_log_zeta(v)                        # [2, B] each
+        return -torch.nn.functional.logsigmoid(self.beta * ((pi[0] - zeta[0]) - (pi[1] - zeta[1])))
+
+    def penalty(self, v: PairView) -> Tensor:
+        """anchor * mean (log zeta - log pi_ref)^2 / |y|, plus (update=marginal) mean (log zeta - sg[log pi])^2 / |y|;
+        means over pairs and both responses, no labels. Neither carries a gradient into the policy."""
+        z, n = self.log_zeta(v), v.lengths                                          # [2, B]
+        out = self.anchor * ((z - v.seq(v.require("ref_logps"))) ** 2 / n).mean()
+        if self.update == "marginal":
+            out = out + ((z - v.seq(v.logps).detach()) ** 2 / n).mean()
+        return out
+
+    # ----- options ---------------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        for key in ("lr",):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"prior.{key}={getattr(self, key)} must be > 0")
+        for key in ("anchor", "max_grad_norm", "collapse_shift", "collapse_ratio"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"prior.{key}={getattr(self, key)} must be >= 0")
+        for key in ("policy_steps", "prior_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"prior.{key}={getattr(self, key)} must be >= 1 (steps per alternating cycle)")
+
+    def knobs(self) -> tuple[str, ...]:
+        """beta and the subclass's `loss_knobs`. Not knobs: lr, max_grad_norm, schedule and the collapse thresholds act
+        on training, not on one step's loss; the anchor and learned_tilt's bounds act only once zeta has left pi_ref
+        (learned_adapter and learned_mix list the anchor: verify's stand-in models already put their zeta elsewhere;
+        tests/test_learnable.py checks the anchor's pull on a moved learned_tilt)."""
+        return ("beta", *self.loss_knobs)
+
+    def warnings(self) -> list[str]:
+        out = super().warnings()
+        if self.update == "joint" and self.anchor == 0:
+            out.append(f"{self.name}: prior.update=joint with prior.anchor=0 is the unconstrained min over (pi, zeta); "
+                       "its prior can learn the anti-preference and lower J without moving the policy (spec 2.4). "
+                       "The run warns if prior/shift shows it; prior.anchor>0 or prior.update=marginal prevent it.")
+        return out
+
+    # ----- training hooks ----------------------------------------------------------------------------------
+
+    def updates(self, step: int) -> tuple[bool, bool]:
+        if self.schedule == "simultaneous":
+            return True, True
+        position = (step - 1) % (self.policy_steps + self.prior_steps)
+        return position < self.policy_steps, position >= self.policy_steps
+
+    def monitor(self, row: dict) -> list[str]:
+        """The collapse signature (spec 12.1), once per run: the prior's margin fell collapse_shift nats below the
+        reference's while the policy's own margin moved less than collapse_ratio times as far."""
+        shift, policy = row.get("prior/shift"), row.get("logratio/margins")
+        if self._collapse_warned or shift is None or policy is None or shift > -self.collapse_shift \
+                or policy >= self.collapse_ratio * -shift:
+            return []
+        self._collapse_warned = True
+        return [f"{self.name}: collapse signature at step {row.get('step')}: the prior's margin fell {-shift:.2f} nats "
+                f"below the reference's (prior/shift) while the policy's own margin moved {policy:.2f} nats "
+                f"(logratio/margins): the prior is learning the anti-preference and lowers J without changing the "
+                f"policy (spec 2.4). Raise prior.anchor (now {self.anchor}), lower prior.lr (now {self.lr}), or use "
+                "prior.update=marginal."]
+
+    # ----- state: checkpoints and the saved prior keep what attach cannot rebuild --------------------------
+
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        skip, seen, out = self.derived_state(), set(), type(full)()
+        for key, value in full.items():
+            ident = (value.data_ptr(), value.dtype, tuple(value.shape))
+            if key in skip or ident in seen:                  # rebuilt by attach, or a tied weight saved once
+                continue
+            seen.add(ident)
+            out[key] = value
+        return out
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state, strict=False, assign=assign)
+        if strict:
+            kept = set(self.state_dict())
+            missing = [k for k in result.missing_keys if k in kept]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"prior '{self.name}': saved state does not fit this prior's settings "
+                                 f"(missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}); "
+                                 "resume with the same prior options")
+        return result

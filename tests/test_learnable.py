@@ -1,0 +1,328 @@
+"""Learnable priors (spec/priors.md Sections 12-13): learned_adapter (P1), learned_tilt (P2), learned_mix (P3).
+
+Each starts as exact DPO; update=joint moves the prior along the gradient of J, update=marginal keeps J's gradient
+out of it and fits it label-free; the anchor pulls it back; the engine gives it its own optimiser, schedule,
+clipping, checkpoint state and a saved copy beside the policy; the collapse signature raises a warning."""
+import json
+import math
+
+import pytest
+import torch
+
+from midpo_cli.__main__ import main
+from midpo_cli.api import loss_from_logits, prior as make_prior
+from midpo_cli.loss import mi_dpo_loss, preference_loss
+from midpo_cli.priors import PRIORS, build_prior
+from midpo_cli.verify import checks
+from midpo_cli.verify.batches import random_probe, tiny_engine_setup, view
+
+LEARNED = ["learned_adapter", "learned_tilt", "learned_mix"]
+RULES = ["joint", "marginal"]
+ALL = [(n, u) for n in LEARNED for u in RULES]
+
+
+def move_off_init(prior):
+    """Put the prior's parameters away from their initialisation (zeta != pi_ref)."""
+    with torch.no_grad():
+        for p in prior.trainable():
+            p.add_(0.3 + 0.1 * torch.randn_like(p))
+
+
+def test_learnable_priors_registered_and_marked():
+    assert set(LEARNED) <= set(PRIORS)
+    assert all(PRIORS[n].learnable for n in LEARNED) and not PRIORS["dpo"].learnable
+
+
+# ----- step 0 == DPO --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, update", ALL)
+def test_starts_as_exact_dpo(name, update):
+    """Attached as the engine attaches it (policy = reference), through the engine's pair_view: J + penalty and the
+    policy gradient equal DPO's, also once the policy has moved (prior still at init). verify's own row."""
+    rows = checks.Rows()
+    checks.initialisation(rows, [name], 0, 1e-10)
+    mine = [r for r in rows if r["option"] == f"update={update}"]
+    assert len(mine) == 1 and mine[0]["passed"], mine
+
+
+def test_initialisation_check_can_fail(monkeypatch):
+    """A prior that is not at DPO when attached (raw phi != 0) fails the row."""
+    from midpo_cli.priors.learned_tilt import LearnedTilt
+    original = LearnedTilt.attach
+
+    def off(self, policy, reference):
+        original(self, policy, reference)
+        move_off_init(self)
+    monkeypatch.setattr(LearnedTilt, "attach", off)
+    rows = checks.Rows()
+    checks.initialisation(rows, ["learned_tilt"], 0, 1e-10)
+    assert rows and not any(r["passed"] for r in rows)
+
+
+# ----- update rules ----------------------------------------------------------------------------------------
+
+def _probe_and_prior(name, update, **opts):
+    """A random probe and a prior attached to it: for learned_adapter the adapter's output is a leaf tensor of logits
+    (its parameters); the prior is moved off its initialisation."""
+    p = random_probe(0)
+    prior = build_prior({"name": name, "update": update, "anchor": 0.5, **opts})
+    owned = {n: p.sources["snapshot"].clone().requires_grad_() for n in prior.needs().owned}
+    move_off_init(prior)
+    leaves = [*prior.trainable(), *owned.values()] if name == "learned_adapter" else prior.trainable()
+    return p, prior, owned, leaves
+
+
+def _grad(loss, leaves):
+    gs = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_marginal_keeps_j_out_of_the_prior_and_the_penalty_out_of_the_policy(name):
+    p, prior, owned, leaves = _probe_and_prior(name, "marginal")
+    out = preference_loss(prior, view(p, prior.needs(), owned=owned))
+    assert all(float(g.abs().max()) == 0 for g in _grad(out.loss, leaves))               # J does not reach phi
+    assert any(float(g.abs().max()) > 1e-6 for g in _grad(out.penalty, leaves))          # the fit does
+    assert all(float(g.abs().max()) == 0 for g in _grad(out.penalty, p.params))          # ... and never the policy
+    v = view(p, prior.needs(), owned=owned)
+    fixed = mi_dpo_loss(v.seq(v.logps), prior.log_zeta(v).detach(), prior.a).mean()    # J with zeta held fixed
+    (a,), (b,) = _grad(out.total, p.params), _grad(fixed, p.params)
+    assert float((a - b).abs().max()) <= 1e-12
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_joint_sends_j_into_the_prior_with_the_spec_sign(name):
+    """dJ/dlog zeta_w = +a*sigma(-h) (spec 2.4): a gradient step on phi lowers the prior's margin (prior/shift)."""
+    p, prior, owned, leaves = _probe_and_prior(name, "joint", anchor=0.0)
+    v = view(p, prior.needs(), owned=owned)
+    assert any(float(g.abs().max()) > 1e-6 for g in _grad(preference_loss(prior, v).loss, leaves))
+    before = preference_loss(prior, v).metrics["prior/margin"]
+    opt = torch.optim.SGD(leaves, lr=0.05)
+    for _ in range(5):
+        opt.zero_grad()
+        preference_loss(prior, view(p, prior.needs(), owned=owned)).total.backward()
+        opt.step()
+    assert preference_loss(prior, view(p, prior.needs(), owned=owned)).metrics["prior/margin"] < before
+
+
+def test_tilt_learns_length_and_the_anchor_pulls_it_back():
+    """On pairs whose winners are the longer responses, joint learned_tilt raises phi_1 (it explains the length away,
+    spec P2); the same steps with a strong anchor keep phi_1 much smaller; the anchor alone pulls a moved phi back."""
+    p = random_probe(0)
+
+    def run(anchor):
+        prior = build_prior({"name": "learned_tilt", "anchor": anchor, "bound_len": 2.0})
+        opt = torch.optim.Adam(prior.trainable(), lr=0.05)
+        for _ in range(30):
+            opt.zero_grad()
+            v = view(p, prior.needs())
+            v.mask, v.logps, v.ref_logps = _winners_longer(v)
+            preference_loss(prior, v).total.backward()
+            opt.step()
+        return float(prior.phi()[0].detach())
+    free, anchored = run(0.0), run(50.0)
+    assert free > 0.05 and abs(anchored) < abs(free) / 3
+    prior = build_prior({"name": "learned_tilt", "anchor": 1.0})
+    with torch.no_grad():
+        prior.raw.fill_(1.0)
+    g = _grad(prior.penalty(view(p, prior.needs())), [prior.raw])[0]
+    assert (g > 0).all()                                                  # descent moves raw back towards 0
+
+
+def _winners_longer(v):
+    """Swap sides of the pairs whose rejected response is longer, so every winner is the longer one."""
+    swap = (v.lengths[1] > v.lengths[0])                                  # [B]
+    def sw(x):
+        x = x.clone()
+        x[:, swap] = x.flip(0)[:, swap]
+        return x
+    return sw(v.mask), sw(v.logps), sw(v.ref_logps)
+
+
+# ----- schedule, state, monitor (units) ----------------------------------------------------------------------
+
+def test_alternating_schedule_steps_one_side_at_a_time():
+    prior = build_prior({"name": "learned_tilt", "schedule": "alternating", "policy_steps": 2, "prior_steps": 1})
+    assert [prior.updates(s) for s in range(1, 7)] == [(True, False), (True, False), (False, True)] * 2
+    assert build_prior({"name": "learned_tilt"}).updates(5) == (True, True)
+
+
+def test_adapter_state_holds_only_the_adapter_and_round_trips():
+    policy, reference, _ = tiny_engine_setup(0)
+    prior = build_prior({"name": "learned_adapter"})
+    prior.attach(policy, reference)
+    state = prior.state_dict()
+    assert state and all("lora_" in k for k in state)                     # the base is the reference's: not saved
+    assert sum(v.numel() for v in state.values()) < sum(p.numel() for p in reference.parameters()) / 10
+    assert all(a is b for a, b in zip(prior.adapter.get_base_model().model.embed_tokens.parameters(),
+                                      reference.model.embed_tokens.parameters()))   # shared, not copied
+    moved = {k: v + 1 for k, v in state.items()}
+    prior.load_state_dict(moved)
+    assert all(torch.equal(prior.state_dict()[k], moved[k]) for k in moved)
+    with pytest.raises(ValueError, match="same prior options"):
+        prior.load_state_dict({"bogus": torch.zeros(1)})
+
+
+def test_mix_state_holds_gate_and_snapshot_once():
+    policy, reference, _ = tiny_engine_setup(0)
+    prior = build_prior({"name": "learned_mix", "sync_every": 2, "mixup": 1.0})
+    prior.attach(policy, reference)
+    state = prior.state_dict()
+    assert "bias" in state and any(k.startswith("snapshot.") for k in state)
+    from safetensors.torch import save
+    save({k: v.contiguous() for k, v in state.items()})                   # tied weights saved once: no error
+    with torch.no_grad():
+        for w in policy.parameters():
+            w.add_(1.0)
+    prior.on_step(1, policy)
+    assert torch.equal(prior.snapshot.model.norm.weight, reference.model.norm.weight)   # not a sync step
+    prior.on_step(2, policy)
+    assert torch.equal(prior.snapshot.model.norm.weight, policy.model.norm.weight)      # hard copy (mixup=1)
+
+
+def test_collapse_monitor_fires_once_and_names_the_fix():
+    prior = build_prior({"name": "learned_tilt", "anchor": 0.0})
+    assert prior.monitor({"step": 5, "prior/shift": -0.5, "logratio/margins": 0.0}) == []      # not far yet
+    assert prior.monitor({"step": 5, "prior/shift": -3.0, "logratio/margins": 5.0}) == []      # the policy leads
+    (w,) = prior.monitor({"step": 10, "prior/shift": -3.0, "logratio/margins": 0.4})
+    assert "collapse" in w and "prior.anchor" in w and "prior.lr" in w and "prior.update=marginal" in w
+    assert prior.monitor({"step": 15, "prior/shift": -4.0, "logratio/margins": 0.4}) == []     # once
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="prior_steps"):
+        build_prior({"name": "learned_tilt", "prior_steps": 0})
+    with pytest.raises(ValueError, match="not one of"):
+        build_prior({"name": "learned_mix", "update": "both"})
+    assert any("anchor=0" in w for w in build_prior({"name": "learned_tilt", "anchor": 0.0}).warnings())
+
+
+def test_python_api_takes_a_learnable_prior():
+    B, T, V = 2, 6, 50
+    torch.manual_seed(0)
+    logits = torch.randn(2, B, T, V, requires_grad=True)
+    labels, mask, ref = torch.randint(V, (2, B, T)), torch.ones(2, B, T), torch.randn(2, B, T, V)
+    p = make_prior("learned_tilt", anchor=0.1)
+    loss, metrics = loss_from_logits(p, logits, labels, mask, ref_logits=ref)
+    dpo, _ = loss_from_logits(make_prior("dpo"), logits, labels, mask, ref_logits=ref)
+    assert abs(loss.item() - dpo.item()) < 1e-6 and "prior/margin" in metrics       # starts as DPO
+    loss.backward()
+    assert logits.grad is not None and p.raw.grad is not None and "prior/phi_len" in metrics
+
+
+# ----- end to end ------------------------------------------------------------------------------------------
+
+def _rows(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_trains_logs_and_saves_beside_the_policy(name, tmp_path, fast):
+    run = tmp_path / "run"
+    main(["train", *fast, f"prior={name}", "trainer.max_steps=3", "trainer.eval_train=true", f"hydra.run.dir={run}"])
+    res = json.loads((run / "results.json").read_text())
+    rows = _rows(run)
+    assert all("prior/margin" in r and "logratio/margins" in r and "prior/shift" in r for r in rows)
+    assert "prior/grad_norm" in rows[-1] and math.isfinite(res["final"]["train/loss"])
+    assert any(k.startswith("prior/") and k not in ("prior/margin", "prior/shift", "prior/grad_norm")
+               for k in rows[-1])                                          # the prior's own scalars
+    assert abs(rows[0]["prior/shift"]) < 1e-3                              # starts at the reference (DPO)
+    assert (run / "model" / "config.json").exists()
+    assert (run / "prior" / "prior.safetensors").exists() and json.loads((run / "prior" / "prior.json").read_text())[
+        "name"] == name
+    if name == "learned_adapter":
+        assert (run / "prior" / "adapter" / "adapter_config.json").exists()
+
+
+def test_alternating_run_steps_only_the_scheduled_side(tmp_path, fast, monkeypatch):
+    """policy_steps=1, prior_steps=1: the policy's weights change at odd steps only, the prior's at even steps."""
+    from midpo_cli.priors.learned_tilt import LearnedTilt
+    seen = []
+
+    def record(self, step, policy):
+        total = float(sum(p.detach().double().sum() for p in policy.parameters()))
+        seen.append((step, total, self.raw.detach().clone()))
+    monkeypatch.setattr(LearnedTilt, "on_step", record)
+    main(["train", *fast, "prior=learned_tilt", "prior.schedule=alternating", "trainer.max_steps=4",
+          "trainer.save_model=false", "prior.lr=0.1", f"hydra.run.dir={tmp_path / 'run'}"])
+    sums, raws = [s for _, s, _ in seen], [r for *_, r in seen]
+    assert [step for step, *_ in seen] == [1, 2, 3, 4]
+    assert sums[1] == sums[0] and sums[3] == sums[2] and sums[2] != sums[1]          # policy: steps 1 and 3
+    assert torch.equal(raws[0], torch.zeros(2)) and not torch.equal(raws[1], raws[0])  # prior: steps 2 and 4
+    assert torch.equal(raws[2], raws[1]) and not torch.equal(raws[3], raws[2])
+
+
+def test_prior_optimiser_uses_its_own_lr_and_clipping(tmp_path, fast, monkeypatch):
+    """The prior's optimiser is the optimizer config (plain SGD here) with prior.lr, and its gradient is clipped at
+    prior.max_grad_norm: each step moves phi by lr * max_grad_norm (torch adds 1e-6 to the norm: 1% here)."""
+    from midpo_cli.priors.learned_tilt import LearnedTilt
+    raws = [torch.zeros(2)]
+    monkeypatch.setattr(LearnedTilt, "on_step", lambda self, step, policy: raws.append(self.raw.detach().clone()))
+    run = tmp_path / "run"
+    main(["train", *fast, "prior=learned_tilt", "optimizer=sgd", "optimizer.momentum=0.0", "prior.lr=2.0",
+          "prior.max_grad_norm=0.0001", "prior.anchor=0.0", "trainer.max_steps=3", "trainer.save_model=false",
+          f"hydra.run.dir={run}"])
+    moves = [float(torch.linalg.vector_norm(b - a)) for a, b in zip(raws, raws[1:])]
+    assert len(moves) == 3 and all(m == pytest.approx(2.0 * 0.0001, rel=1e-2) for m in moves), moves
+    assert all(r["prior/grad_norm"] > 0.0002 for r in _rows(run))                   # clipped from above
+
+
+def test_unanchored_joint_on_a_length_biased_task_warns_of_collapse(tmp_path, fast):
+    """A length-biased annotator, learned_tilt trained on J alone with a fast prior: the prior explains the labels
+    by length (prior/shift falls) before the policy moves, and the run says so and what to change."""
+    run = tmp_path / "run"
+    main(["train", *fast, "dataset.task.length_bias=0.05", "prior=learned_tilt", "prior.anchor=0.0",
+          "prior.lr=0.5", "prior.bound_len=3.0", "trainer.max_steps=8", "trainer.save_model=false",
+          f"hydra.run.dir={run}"])
+    res = json.loads((run / "results.json").read_text())
+    texts = [w["warning"] for w in res["warnings"]]
+    assert len(texts) == 1 and "collapse signature" in texts[0] and "prior.anchor" in texts[0]
+    assert min(r["prior/shift"] for r in _rows(run)) < -1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["learned_adapter", "learned_mix"])
+def test_kill_and_resume_ends_at_the_uninterrupted_loss(name, tmp_path, fast):
+    """SIGKILL after a checkpoint, then the same command in the same directory (trainer.resume=auto): the prior's
+    parameters, its optimiser and schedule (and learned_mix's snapshot) are restored: the final loss matches, and
+    so does the saved prior (a resume that skipped the prior's state moves learned_mix's loss by only ~1e-6)."""
+    from test_runs import _kill_after_first_checkpoint
+    args = [*fast, f"prior={name}", "trainer.max_steps=16", "trainer.save_every=5", "trainer.save_model=false",
+            "optimizer.lr=3e-4", "prior.sync_every=3" if name == "learned_mix" else "prior.rank=2"]
+    full = tmp_path / "full"
+    main(["train", *args, f"hydra.run.dir={full}"])
+    run = tmp_path / "job"
+    _kill_after_first_checkpoint(args, run)
+    main(["train", *args, f"hydra.run.dir={run}"])
+    a, b = (json.loads((d / "results.json").read_text()) for d in (full, run))
+    assert b["resumed_from"] and abs(a["final"]["loss"] - b["final"]["loss"]) <= 1e-3
+    assert [r["step"] for r in _rows(run)] == list(range(1, 17))
+    from safetensors.torch import load_file
+    saved = [load_file(str(d / "prior" / "prior.safetensors")) for d in (full, run)]   # the learned prior itself
+    assert saved[0].keys() == saved[1].keys()
+    assert max(float((saved[0][k] - saved[1][k]).abs().max()) for k in saved[0]) <= 1e-6
+
+
+@pytest.mark.slow
+def test_two_processes_average_the_prior_gradient(tmp_path, fast):
+    """torchrun, 2 CPU ranks x 4 pairs == 1 rank x 8 pairs: the prior's gradient is all-reduced (it is not
+    DDP-wrapped), so its parameters and the loss follow the 1-process run step for step."""
+    import os
+    import subprocess
+    import sys
+    args = [*[a for a in fast if not a.startswith("trainer.batch_size")], "prior=learned_tilt", "prior.lr=0.2",
+            "prior.anchor=0.0", "trainer.max_steps=4", "trainer.save_model=false", "optimizer.lr=3e-4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "midpo_cli", "train", *args, "trainer.batch_size=8",
+                        f"hydra.run.dir={one}"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "midpo_cli", "train", *args, "trainer.batch_size=4", f"hydra.run.dir={two}"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _rows(one), _rows(two)
+    assert len(a) == len(b) == 4
+    for key in ("loss", "prior/phi_len", "prior/phi_loglen", "prior/margin"):
+        assert max(abs(x[key] - y[key]) for x, y in zip(a, b)) < 1e-4, key
+    assert abs(a[-1]["prior/phi_len"]) > 1e-3                               # the prior did move
