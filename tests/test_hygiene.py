@@ -15,6 +15,8 @@ from midpo_cli.engine.models import check_lengths, check_source, context_length,
 from midpo_cli.overrides import BadOverride, check_overrides
 from midpo_cli.priors import PRIORS, build_prior
 
+PRIOR_OPTIONS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "prior").glob("*.yaml"))
+
 DATA = Path(__file__).parent / "data" / "standard.jsonl"
 register_schemas()
 
@@ -41,7 +43,7 @@ def fails(capsys, args) -> str:
     (["optimiser=adam"], ["unknown key 'optimiser'", "'optimizer'", "adamw, rmsprop, sgd"]),
     (["lr=1e-3"], ["unknown key 'lr'", "Did you mean 'model.lr' or 'optimizer.lr'?"]),
     (["prior=simpoo"], ["unknown option 'simpoo' for config group 'prior'", "Did you mean 'simpo'",
-                        "Valid choices: dice, dpo, hdpo, rdpo, simpo, sparsepo, tdpo, tisdpo."]),
+                        f"Valid choices: {', '.join(PRIOR_OPTIONS)}."]),
     (["model=smolm2-135m"], ["config group 'model'", "Did you mean 'smollm2-135m'", "Valid choices: hf, smollm2-135m, tiny"]),
     (["optimizer=adam"], ["config group 'optimizer'", "Did you mean 'adamw'", "Valid choices: adamw, rmsprop, sgd"]),
     (["+experiment=beta_frontir"], ["config group 'experiment'", "Did you mean 'beta_frontier'"]),
