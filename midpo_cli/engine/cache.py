@@ -4,12 +4,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+log = logging.getLogger("midpo")
 
 
 def config_hash(obj) -> str:
@@ -58,3 +61,18 @@ def readable_model(path: Path) -> bool:
         return True
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def read_json_entry(path: Path, what: str):
+    """A cached JSON entry, or None when there is none or it is damaged (then it is removed, with a warning,
+    and the caller builds it again instead of failing every later run)."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("%s: cache entry %s is damaged: building it again", what, path)
+        path.unlink(missing_ok=True)
+        return None
+    log.info("%s: cache hit %s", what, path)
+    return data

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from midpo_cli.engine.cache import config_hash, publish, readable_model
+from midpo_cli.engine.cache import config_hash, publish, read_json_entry, readable_model
 from midpo_cli.engine.sampling import sample, sequence_logps
 from midpo_cli.tasks.base import Context, Task, register_task
 from midpo_cli.tasks.sft import supervised_finetune
@@ -128,14 +128,9 @@ def preference_pairs(task, reference, tokenizer, sft_key: str, seed: int, cache_
     """Sample the reference, rank by the (optionally length-biased) true reward; cached as JSON."""
     key = config_hash({"sft": sft_key, "task": task, "seed": seed})
     path = cache_root / f"pairs-{key}.json"
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-            log.info("preference pairs: cache hit %s", path)
-            return data
-        except (OSError, ValueError):
-            log.warning("preference-pair cache entry %s is damaged: sampling the pairs again", path)
-            path.unlink(missing_ok=True)
+    data = read_json_entry(path, "preference pairs")
+    if data is not None:
+        return data
     rng = random.Random(seed + 1)
     strings = random_strings(rng, task.train_prompts + task.eval_prompts, task)
     train_s, eval_s = strings[:task.train_prompts], strings[task.train_prompts:]

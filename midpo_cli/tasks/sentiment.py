@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from midpo_cli.engine.cache import config_hash, publish
+from midpo_cli.engine.cache import config_hash, publish, read_json_entry
 from midpo_cli.engine.sampling import sample, sequence_logps
 from midpo_cli.tasks.base import Context, Task, register_task
 
@@ -156,14 +156,9 @@ def preference_pairs(task, reference, ctx: Context) -> dict:
             "max_new_tokens")
     key = config_hash({"model": _sampling_key(ctx.model_cfg), "task": {k: task[k] for k in keep}, "seed": ctx.seed})
     path = ctx.cache_root / f"sentiment-pairs-{key}.json"
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-            log.info("sentiment pairs: cache hit %s", path)
-            return data
-        except (OSError, ValueError):
-            log.warning("sentiment-pair cache entry %s is damaged: sampling the pairs again", path)
-            path.unlink(missing_ok=True)
+    data = read_json_entry(path, "sentiment pairs")
+    if data is not None:
+        return data
     train_p, _ = split_prompts(task)
     k = task.samples_per_prompt
     log.info("sentiment pairs: sampling %d prompts x %d reference completions", len(train_p), k)
