@@ -56,7 +56,7 @@ def prepare(cfg, prior, acc, run_dir: Path) -> Setup:
         policy = add_lora(policy, cfg.model.lora)
     policy.to(device)
     wants_reference = needs.reference_model or needs.snapshot == "reference" or task.evaluates_reference \
-        or prior.learnable or bool(prior.trainable())                    # a learnable prior may build on it in attach
+        or prior.learnable                                                 # a learnable prior builds on it in attach
     reference = _reference_of(policy, cfg, device) if wants_reference else None
     with acc.main_process_first():                                         # e.g. sampled pairs, cached
         train_rows, eval_rows = task.pairs(ctx, reference)
