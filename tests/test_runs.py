@@ -51,6 +51,21 @@ def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path, fast):
     assert {strict_json(r / "results.json")["prior"] for r in runs} == {"dpo", "simpo"}
 
 
+def test_concurrent_jobs_on_a_cold_cache_build_each_entry_once(tmp_path, fast):
+    """Two jobs with the same task and seed on an empty cache (a parallel sweep's first wave): one trains the
+    SFT reference, samples the pairs and computes the reference log-probs; the other waits and reads them."""
+    cold = [a for a in fast if not a.startswith("cache_dir=")] + [f"cache_dir={tmp_path / 'cold'}",
+                                                                   "dataset.task.sft_steps=20"]
+    args = [*cold, "trainer.max_steps=1", "trainer.save_model=false", "trainer.ref_cache=true"]
+    procs = [subprocess.Popen([*MIDPO, *args, f"prior={p}", f"hydra.run.dir={tmp_path / p}"], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in ("dpo", "simpo")]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+    for built in ("SFT reference: training", "preference pairs: sampling", "reference log-probs: computing"):
+        assert sum(built in o for o in outs) == 1, (built, outs)
+    assert sum("cache hit" in o for o in outs) >= 1
+
+
 def test_explicit_directory_in_use_is_refused(tmp_path, fast):
     """An explicit run directory held by a live run: the second run stops with one line, touching nothing."""
     from midpo_cli.engine import rundir

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -41,6 +42,25 @@ def publish(path: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+
+
+@contextlib.contextmanager
+def build_lock(path: Path):
+    """Hold the exclusive right to build the cache entry `path` (fcntl.flock on `.locks/<name>.lock` beside it,
+    released by the OS if the process dies). Concurrent jobs with the same key (a parallel sweep on a cold
+    cache) then build it once: the others wait here and find it built. Check for the entry inside the lock."""
+    lock = path.parent / ".locks" / f"{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another job that is building %s", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def readable_model(path: Path) -> bool:

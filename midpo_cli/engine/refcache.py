@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from midpo_cli.engine.cache import publish
+from midpo_cli.engine.cache import build_lock, publish
 from midpo_cli.data.tokenize import collate
 from midpo_cli.engine.forward import model_logits
 from midpo_cli.engine.logps import token_logps
@@ -107,20 +107,21 @@ def attach(pair_sets: list[list], reference, ref_model, tokenizer, cache_root: P
     flat = [p for s in pair_sets for p in s]
     key = key_of(ref_model, tokenizer, flat, precision, device)
     path = cache_root / "ref_logps" / f"{key}.safetensors"
-    values, hit = None, path.exists()
-    if hit:
-        try:
-            values = _load(path, len(flat))
-            log.info("reference log-probs: cache hit %s", path)
-        except ValueError as e:
-            log.warning("reference log-prob cache entry %s is damaged (%s): recomputing it", path, e)
-            path.unlink(missing_ok=True)
-            hit = False
-    if values is None:
-        log.info("reference log-probs: computing for %d pairs (cached at %s)", len(flat), path)
-        values = compute(reference, flat, pad_id, device)
-        with publish(path) as tmp:
-            _save(values, tmp)
+    with build_lock(path):                                              # a concurrent job with this key waits
+        values, hit = None, path.exists()
+        if hit:
+            try:
+                values = _load(path, len(flat))
+                log.info("reference log-probs: cache hit %s", path)
+            except ValueError as e:
+                log.warning("reference log-prob cache entry %s is damaged (%s): recomputing it", path, e)
+                path.unlink(missing_ok=True)
+                hit = False
+        if values is None:
+            log.info("reference log-probs: computing for %d pairs (cached at %s)", len(flat), path)
+            values = compute(reference, flat, pad_id, device)
+            with publish(path) as tmp:
+                _save(values, tmp)
     for p, v in zip(flat, values):
         p.values[COLUMN] = v
     return {"hit": hit, "key": key, "path": str(path)}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from midpo_cli.engine.cache import config_hash, publish, read_json_entry, readable_model
+from midpo_cli.engine.cache import build_lock, config_hash, publish, read_json_entry, readable_model
 from midpo_cli.engine.sampling import sample, sequence_logps
 from midpo_cli.tasks.base import Context, Task, register_task
 from midpo_cli.tasks.sft import supervised_finetune
@@ -104,58 +104,60 @@ def sft_reference(task, model_cfg, tokenizer, seed: int, cache_root: Path, devic
     key = config_hash({"model": model, "task": {k: task[k] for k in task if k.startswith("sft") or k in (
         "kind", "alphabet", "min_len", "max_len", "demo_noise")}, "seed": seed})
     path = cache_root / f"sft-{key}"
-    if path.exists():
-        if readable_model(path):
-            log.info("SFT reference: cache hit %s", path)
-            return path
-        log.warning("SFT reference cache entry %s is damaged: training it again", path)
-        shutil.rmtree(path, ignore_errors=True)
-    log.info("SFT reference: training %d steps on %d imperfect demonstrations", task.sft_steps, task.sft_examples)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    demos = [(messages(task.kind, s), corrupt(rng, target(task.kind, s), task.demo_noise, task.alphabet))
-             for s in random_strings(rng, task.sft_examples, task)]
-    model = load_model(model_cfg, tokenizer).to(device)
-    supervised_finetune(model, tokenizer, demos, steps=task.sft_steps, lr=task.sft_lr,
-                        batch_size=task.sft_batch_size, seed=seed, device=device)
-    with publish(path) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return path
+    with build_lock(path):                                              # a concurrent job with this key waits
+        if path.exists():
+            if readable_model(path):
+                log.info("SFT reference: cache hit %s", path)
+                return path
+            log.warning("SFT reference cache entry %s is damaged: training it again", path)
+            shutil.rmtree(path, ignore_errors=True)
+        log.info("SFT reference: training %d steps on %d imperfect demonstrations", task.sft_steps, task.sft_examples)
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        demos = [(messages(task.kind, s), corrupt(rng, target(task.kind, s), task.demo_noise, task.alphabet))
+                 for s in random_strings(rng, task.sft_examples, task)]
+        model = load_model(model_cfg, tokenizer).to(device)
+        supervised_finetune(model, tokenizer, demos, steps=task.sft_steps, lr=task.sft_lr,
+                            batch_size=task.sft_batch_size, seed=seed, device=device)
+        with publish(path) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        return path
 
 
 def preference_pairs(task, reference, tokenizer, sft_key: str, seed: int, cache_root: Path, device) -> dict:
     """Sample the reference, rank by the (optionally length-biased) true reward; cached as JSON."""
     key = config_hash({"sft": sft_key, "task": task, "seed": seed})
     path = cache_root / f"pairs-{key}.json"
-    data = read_json_entry(path, "preference pairs")
-    if data is not None:
+    with build_lock(path):                                              # a concurrent job with this key waits
+        data = read_json_entry(path, "preference pairs")
+        if data is not None:
+            return data
+        rng = random.Random(seed + 1)
+        strings = random_strings(rng, task.train_prompts + task.eval_prompts, task)
+        train_s, eval_s = strings[:task.train_prompts], strings[task.train_prompts:]
+        k = task.samples_per_prompt
+        log.info("preference pairs: sampling %d x %d reference completions", len(train_s), k)
+        torch.manual_seed(seed + 2)
+        outs = sample(reference, tokenizer, [messages(task.kind, s) for s in train_s for _ in range(k)],
+                      task.temperature, max_new_tokens=task.max_len * 2 + 2, device=device)
+        rows, ties = [], 0
+        for i, s in enumerate(train_s):
+            cands = outs[i * k:(i + 1) * k]
+            scored = sorted(((true_reward(task.kind, s, c) + task.length_bias * len(c), c) for c in cands),
+                            key=lambda x: x[0])
+            (lo, worst), (hi, best) = scored[0], scored[-1]
+            if hi == lo:
+                ties += 1
+                continue
+            rows.append({"prompt": messages(task.kind, s), "chosen": best, "rejected": worst,
+                         "reward_chosen": true_reward(task.kind, s, best),
+                         "reward_rejected": true_reward(task.kind, s, worst)})
+        data = {"pairs": rows, "eval_strings": eval_s, "ties_dropped": ties}
+        with publish(path) as tmp:
+            tmp.write_text(json.dumps(data))
+        log.info("preference pairs: %d pairs (%d prompts dropped: all samples tied)", len(rows), ties)
         return data
-    rng = random.Random(seed + 1)
-    strings = random_strings(rng, task.train_prompts + task.eval_prompts, task)
-    train_s, eval_s = strings[:task.train_prompts], strings[task.train_prompts:]
-    k = task.samples_per_prompt
-    log.info("preference pairs: sampling %d x %d reference completions", len(train_s), k)
-    torch.manual_seed(seed + 2)
-    outs = sample(reference, tokenizer, [messages(task.kind, s) for s in train_s for _ in range(k)],
-                  task.temperature, max_new_tokens=task.max_len * 2 + 2, device=device)
-    rows, ties = [], 0
-    for i, s in enumerate(train_s):
-        cands = outs[i * k:(i + 1) * k]
-        scored = sorted(((true_reward(task.kind, s, c) + task.length_bias * len(c), c) for c in cands),
-                        key=lambda x: x[0])
-        (lo, worst), (hi, best) = scored[0], scored[-1]
-        if hi == lo:
-            ties += 1
-            continue
-        rows.append({"prompt": messages(task.kind, s), "chosen": best, "rejected": worst,
-                     "reward_chosen": true_reward(task.kind, s, best),
-                     "reward_rejected": true_reward(task.kind, s, worst)})
-    data = {"pairs": rows, "eval_strings": eval_s, "ties_dropped": ties}
-    with publish(path) as tmp:
-        tmp.write_text(json.dumps(data))
-    log.info("preference pairs: %d pairs (%d prompts dropped: all samples tied)", len(rows), ties)
-    return data
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from midpo_cli.engine.cache import config_hash, publish, read_json_entry
+from midpo_cli.engine.cache import build_lock, config_hash, publish, read_json_entry
 from midpo_cli.engine.sampling import sample, sequence_logps
 from midpo_cli.tasks.base import Context, Task, register_task
 
@@ -156,27 +156,28 @@ def preference_pairs(task, reference, ctx: Context) -> dict:
             "max_new_tokens")
     key = config_hash({"model": _sampling_key(ctx.model_cfg), "task": {k: task[k] for k in keep}, "seed": ctx.seed})
     path = ctx.cache_root / f"sentiment-pairs-{key}.json"
-    data = read_json_entry(path, "sentiment pairs")
-    if data is not None:
+    with build_lock(path):                                              # a concurrent job with this key waits
+        data = read_json_entry(path, "sentiment pairs")
+        if data is not None:
+            return data
+        train_p, _ = split_prompts(task)
+        k = task.samples_per_prompt
+        log.info("sentiment pairs: sampling %d prompts x %d reference completions", len(train_p), k)
+        torch.manual_seed(ctx.seed + 2)
+        outs = sample(reference, ctx.tokenizer, [p for p in train_p for _ in range(k)], task.temperature,
+                      task.max_new_tokens, ctx.device)
+        rows, ties = [], 0
+        for i, p in enumerate(train_p):
+            row = rank(p, outs[i * k:(i + 1) * k])
+            if row is None:
+                ties += 1
+            else:
+                rows.append(row)
+        data = {"pairs": rows, "ties_dropped": ties, "reference_mean_reward": sum(map(reward, outs)) / len(outs)}
+        with publish(path) as tmp:
+            tmp.write_text(json.dumps(data))
+        log.info("sentiment pairs: %d pairs (%d prompts dropped: all samples scored the same)", len(rows), ties)
         return data
-    train_p, _ = split_prompts(task)
-    k = task.samples_per_prompt
-    log.info("sentiment pairs: sampling %d prompts x %d reference completions", len(train_p), k)
-    torch.manual_seed(ctx.seed + 2)
-    outs = sample(reference, ctx.tokenizer, [p for p in train_p for _ in range(k)], task.temperature,
-                  task.max_new_tokens, ctx.device)
-    rows, ties = [], 0
-    for i, p in enumerate(train_p):
-        row = rank(p, outs[i * k:(i + 1) * k])
-        if row is None:
-            ties += 1
-        else:
-            rows.append(row)
-    data = {"pairs": rows, "ties_dropped": ties, "reference_mean_reward": sum(map(reward, outs)) / len(outs)}
-    with publish(path) as tmp:
-        tmp.write_text(json.dumps(data))
-    log.info("sentiment pairs: %d pairs (%d prompts dropped: all samples scored the same)", len(rows), ties)
-    return data
 
 
 def words(text: str) -> int:
