@@ -16,13 +16,19 @@ USAGE = "usage: midpo <command> [overrides...] [--multirun] [--cfg job] [--help]
 
 
 def config_path() -> str:
-    """The installed package's configs, or the repository's conf/ when run from a source tree (PYTHONPATH)."""
+    """The installed package's configs, or the repository's conf/ when run from a source tree (PYTHONPATH).
+    `midpo_cli.conf` counts only where it belongs to this copy of midpo_cli: a source tree run with another
+    checkout's editable install in the environment would otherwise read that checkout's YAMLs (a new
+    conf/prior/<name>.yaml then "does not exist")."""
+    here = Path(__file__).resolve().parent
     try:
-        if importlib.util.find_spec("midpo_cli.conf") is not None:
-            return "pkg://midpo_cli.conf"
+        spec = importlib.util.find_spec("midpo_cli.conf")
     except ModuleNotFoundError:
-        pass
-    return str(Path(__file__).resolve().parent.parent / "conf")
+        spec = None
+    found = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec is not None else []
+    if any(p in (here / "conf", here.parent / "conf") for p in found) or (found and not (here.parent / "conf").is_dir()):
+        return "pkg://midpo_cli.conf"
+    return str(here.parent / "conf")
 
 
 def _register() -> None:

@@ -272,3 +272,24 @@ def test_settings_with_fixed_values_fail_in_one_line(override, words, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     with pytest.raises(Exception):                                        # and Hydra's compose refuses it too
         compose_train(override.split()[-1:] if "prior" not in override else override.split())
+
+
+def test_configs_come_from_the_running_copy_of_midpo(monkeypatch, tmp_path):
+    """A source tree run (PYTHONPATH) in an environment where another checkout is installed editable: the
+    YAMLs beside this midpo_cli, not that checkout's (where a new conf/prior/<name>.yaml would not exist)."""
+    import importlib.machinery
+    import importlib.util
+
+    import midpo_cli.__main__ as entry
+    ours = Path(entry.__file__).resolve().parent.parent / "conf"
+    assert config_path() in ("pkg://midpo_cli.conf", str(ours))
+
+    def spec_at(folder):
+        spec = importlib.machinery.ModuleSpec("midpo_cli.conf", None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+        return lambda name, *a: spec if name == "midpo_cli.conf" else None
+
+    monkeypatch.setattr(importlib.util, "find_spec", spec_at(tmp_path / "other-checkout" / "conf"))
+    assert config_path() == str(ours)
+    monkeypatch.setattr(importlib.util, "find_spec", spec_at(ours))
+    assert config_path() == "pkg://midpo_cli.conf"

@@ -251,3 +251,24 @@ def test_labels_must_have_the_input_shape():
     ids, attention, labels = batch()
     with pytest.raises(ValueError, match="a copy of input_ids"):
         completion_logps(model, ids, attention, labels[:, 1:])
+
+
+def test_a_forward_without_logits_to_keep_falls_back(caplog):
+    """Custom or remote code under a known model type whose forward has no `logits_to_keep` (older Phi-3 or
+    DeepSeek-V3 repo code): the model's own logits, with a notice, instead of a TypeError."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class RemoteStyle(type(tiny("llama"))):
+        def forward(self, input_ids=None, attention_mask=None, use_cache=None, output_hidden_states=None):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states)
+            return CausalLMOutputWithPast(logits=self.lm_head(out.last_hidden_state), hidden_states=out.hidden_states)
+
+    model = tiny("llama")
+    model.__class__ = RemoteStyle
+    ids, attention, labels = batch()
+    with caplog.at_level(logging.WARNING, logger="midpo"):
+        src, _ = model_logits(model, {"input_ids": ids, "attention_mask": attention})
+    assert not isinstance(src, Head) and any("takes no logits_to_keep" in r.getMessage() for r in caplog.records)
+    theirs = own_logps(model, ids, attention, labels)
+    Expected(model, theirs, torch.ones_like(theirs)).check(model, completion_logps(model, ids, attention, labels, 3))

@@ -254,27 +254,30 @@ def check_settings(cfg) -> None:
         raise ValueError(f"dataset.max_bad_fraction={frac} must be between 0 and 1")
 
 
-def load_rows(cfg) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) as Rows that know where they came from. With dataset.on_bad_rows=error the
-    first bad row in file order stops here (those that need the tokenizer: in prepare.build_pairs)."""
+def load_rows(cfg, reader: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) as Rows that know where they came from. `reader`: "local" (a file) or "hub" (a
+    hub dataset id), by default dataset.source (a task of its own that reads a data file passes its reader).
+    With dataset.on_bad_rows=error the first bad row in file order stops here (those that need the tokenizer:
+    in prepare.build_pairs)."""
     check_settings(cfg)
-    if cfg.source == "local":
+    reader = reader or cfg.source
+    if reader == "local":
         ds = {cfg.split: read_file(cfg)}
-    elif cfg.source == "hub":
+    elif reader == "hub":
         from datasets import load_dataset
 
         if not cfg.path:
             raise ValueError("dataset=hub needs dataset.path=<hub dataset id>")
         ds = load_dataset(cfg.path)
     else:
-        raise ValueError(f"dataset.source='{cfg.source}' is not one of builtin, local, hub")
+        raise ValueError(f"dataset.source='{cfg.source}' reads no data file (readers: local, hub)")
     if cfg.split not in ds:
         raise ValueError(f"dataset split '{cfg.split}' not found; available: {sorted(ds)}")
     if cfg.eval_split and cfg.eval_split not in ds:
         raise ValueError(f"dataset.eval_split '{cfg.eval_split}' not found; available: {sorted(ds)}")
 
     def rows_of(split):
-        if cfg.source == "local":
+        if reader == "local":
             return ds[split]
         text_columns = {cfg.prompt_column, cfg.chosen_column, cfg.rejected_column}
         return [_row(r, f"{cfg.path} {split} row {n}", n, text_columns) for n, r in enumerate(ds[split], 1)]

@@ -5,11 +5,13 @@ a forward hook on its decoder (`get_decoder()`) captures what the CausalLM feeds
 logits are formed chunk-wise (engine/logps.py `Head`) with the architecture's `LogitMap` from TRANSFORMS,
 each read from that CausalLM's forward in transformers. The model's own logits at the last position come
 with the forward for free, so the first call per model compares the map against them. An architecture not
-in TRANSFORMS, an LM head that is not a plain Linear (e.g. LoRA on lm_head), or a failed check: the
+in TRANSFORMS, an LM head that is not a plain Linear (e.g. LoRA on lm_head), a forward that takes no
+logits_to_keep (custom or remote code under a known model type), or a failed check: the
 model's own full logits are used instead (correct, more memory), with a one-line notice per model type.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Callable
 from weakref import WeakKeyDictionary
@@ -112,9 +114,21 @@ def _form(base) -> tuple[LogitMap | None, bool]:
                          "its logit map there saves the memory)")
     elif type(head) is not nn.Linear:
         _fall_back(base, f"the LM head is a {type(head).__name__}, not a plain Linear (LoRA on lm_head?)")
+    elif not _keeps_logits(base):
+        _fall_back(base, f"{type(base).__name__}.forward takes no logits_to_keep (custom or remote code?)")
     else:
         _FORMS[base] = (rule(base), False)
     return _FORMS[base]
+
+
+def _keeps_logits(base) -> bool:
+    """Whether the CausalLM's forward takes `logits_to_keep` (custom or remote code under a known model type may
+    not: a TypeError otherwise)."""
+    try:
+        params = inspect.signature(base.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "logits_to_keep" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _tolerance(*dtypes) -> float:

@@ -5,7 +5,7 @@ Keys are the sweep table's column names without `final/`:
 - `eval/<metric>`: the last held-out preference metrics (metrics.jsonl / results.json `final`), e.g.
   `eval/rewards/accuracies` (the prior's own reward: comparable within a prior, not across priors),
   `eval/logratio/margins` (prior-independent, needs the reference), `eval/logps/margin`, `eval/loss`;
-- `task/<metric>` (built-in task only, dataset=builtin): sampled responses on held-out prompts, e.g.
+- `task/<metric>` (a task with a true reward, e.g. dataset=builtin or sentiment): sampled responses on held-out prompts, e.g.
   `task/true_reward`, `task/true_reward_gain` (minus the same seed's reference), `task/win_rate`.
 """
 from __future__ import annotations

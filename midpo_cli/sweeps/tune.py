@@ -24,6 +24,7 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from midpo_cli.report import objective
+from midpo_cli.tasks import TASKS, has_true_reward
 
 log = logging.getLogger("midpo")
 logging.getLogger("alembic").setLevel(logging.WARNING)                 # optuna's import: "setup plugin ..." lines
@@ -145,8 +146,9 @@ class TuneSweeper(OptunaSweeper):
 
     def _plan(self, prior: str, fixed: list[str], given: set[str], swept: set[str]) -> dict:
         cfg = self.sweeper.hydra_context.config_loader.load_sweep_config(self.sweeper.config, [f"prior={prior}", *fixed])
-        if self.objective.startswith("task/") and cfg.dataset.source != "builtin":
-            raise ValueError(f"trainer.objective={self.objective} needs the built-in task (dataset=builtin); "
+        if self.objective.startswith("task/") and not has_true_reward(cfg.dataset.source):
+            rewarded = ", ".join(f"dataset={t}" for t in sorted(TASKS) if has_true_reward(t))
+            raise ValueError(f"trainer.objective={self.objective} needs a task with a true reward ({rewarded}); "
                              f"with dataset={cfg.dataset.source} use e.g. trainer.objective=eval/rewards/accuracies")
         return search_space(cfg, given, swept, self.beta_range, self.lr_range)
 

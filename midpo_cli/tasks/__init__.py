@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from midpo_cli.tasks.base import TASKS, Context, Task, build_task, register_task
+from midpo_cli.tasks.base import TASKS, Context, Task, build_task, has_true_reward, register_task
 
 
 def _import_all() -> None:
@@ -18,4 +18,4 @@ def _import_all() -> None:
 
 _import_all()
 
-__all__ = ["TASKS", "Context", "Task", "build_task", "register_task"]
+__all__ = ["TASKS", "Context", "Task", "build_task", "has_true_reward", "register_task"]

@@ -76,6 +76,13 @@ def register_task(name: str):
     return wrap
 
 
+def has_true_reward(source: str) -> bool:
+    """Whether the task `dataset.source` names evaluates sampled answers with a true reward (its own evaluate()),
+    so that `task/...` objectives exist for its runs."""
+    cls = TASKS.get(source)
+    return cls is not None and cls.evaluate is not Task.evaluate
+
+
 def build_task(dataset_cfg) -> Task:
     name = dataset_cfg.source
     if name not in TASKS:

@@ -4,13 +4,18 @@ No reference of their own (the model config's weights are the reference) and no 
 evaluated on held-out pairs only (the engine's preference metrics)."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 from midpo_cli.data.sources import load_rows
 from midpo_cli.tasks.base import Context, Task, register_task
 
 
 class DataFile(Task):
+    """Pairs read from dataset.path; a task of its own built on a data file subclasses LocalFile or HubDataset."""
+    reader: ClassVar[str] = "local"     # local: a file | hub: a hub dataset id
+
     def pairs(self, ctx: Context, reference) -> tuple[list[dict], list[dict]]:
-        return load_rows(self.cfg)
+        return load_rows(self.cfg, self.reader)
 
 
 @register_task("local")
@@ -21,3 +26,4 @@ class LocalFile(DataFile):
 @register_task("hub")
 class HubDataset(DataFile):
     """dataset=hub dataset.path=ID"""
+    reader = "hub"
