@@ -34,8 +34,15 @@ def config_path() -> str:
 def _register() -> None:
     """Put every typed schema in Hydra's ConfigStore (imports deferred so `midpo --help` stays instant)."""
     from midpo_cli.config import register_schemas
-    import midpo_cli.priors  # noqa: F401  (registers every prior's schema)
+    from midpo_cli.plugins import PluginError
 
+    try:
+        import midpo_cli.priors  # noqa: F401  (registers every prior's schema)
+        import midpo_cli.tasks  # noqa: F401  (and every task)
+    except PluginError as e:
+        from midpo_cli import console
+        console.error(f"a plug-in failed to load: {e}")
+        raise SystemExit(1) from None
     register_schemas()
 
 

@@ -293,3 +293,28 @@ def test_configs_come_from_the_running_copy_of_midpo(monkeypatch, tmp_path):
     assert config_path() == str(ours)
     monkeypatch.setattr(importlib.util, "find_spec", spec_at(ours))
     assert config_path() == "pkg://midpo_cli.conf"
+
+
+@pytest.mark.parametrize("plugin, words", [
+    ("from midpo_cli.priors import register_prior\nfrom midpo_cli.priors.dpo import DPO\n\n\n"
+     "@register_prior('dpo')\nclass Again(DPO):\n    pass\n", ["zz_plugin.py:5", "registered twice", "pick another name"]),
+    ("x = (\n", ["zz_plugin.py:1", "SyntaxError"]),
+    ("import a_package_that_is_not_installed\n", ["zz_plugin.py:1", "ModuleNotFoundError"]),
+])
+def test_a_broken_plugin_is_one_line_naming_its_file(tmp_path, plugin, words):
+    """A prior plug-in that registers a taken name, does not parse or misses a package: the command stops in one
+    line naming the plug-in's file and line, not a traceback through the registry."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "midpo_cli", tmp_path / "midpo_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "conf", tmp_path / "conf")
+    (tmp_path / "midpo_cli" / "priors" / "zz_plugin.py").write_text(plugin)
+    r = subprocess.run([sys.executable, "-m", "midpo_cli", "train", "trainer.max_steps=1"], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and all(w in r.stderr for w in words), r.stderr

@@ -285,6 +285,14 @@ def test_duplicate_prior_name_is_an_error():
     assert PRIORS["dpo"].__module__ == "midpo_cli.priors.dpo"
 
 
+def test_learnable_priors_and_only_they_are_named_learned():
+    """The fixed-prior preset (+experiment=all_priors) excludes `learned_*` by name: a learnable prior under another
+    name would join the fixed-prior comparison unnoticed, a fixed one named learned_* would drop out of it."""
+    named = {n for n in PRIORS if n.startswith("learned_")}
+    assert named == {n for n, cls in PRIORS.items() if cls.learnable}
+    assert "exclude=learned_*" in (Path(__file__).resolve().parents[1] / "conf/experiment/all_priors.yaml").read_text()
+
+
 @pytest.mark.parametrize("override, words", [("prior=hdpo prior.form=fixd", "fixed, policy"),
                                              ("prior=tdpo prior.variant=3", "1, 2"),
                                              ("prior=rdpo prior.sign=*", "+, -")])

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
-import pkgutil
 import typing
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
 
+from midpo_cli.plugins import import_all
 from midpo_cli.priors.base import Needs, PairView, Prior, Reduction
 
 PRIORS: dict[str, type[Prior]] = {}
@@ -74,12 +73,6 @@ def _coerce(cls, key: str, value):
     raise ValueError(f"prior.{key}={value!r} is not one of {list(allowed)} (prior '{cls.name}')")
 
 
-def _import_all() -> None:
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name != "base":
-            importlib.import_module(f"{__name__}.{mod.name}")
-
-
 def prior_class(name: str) -> type[Prior]:
     if name not in PRIORS:
         close = difflib.get_close_matches(name, PRIORS, n=1)
@@ -102,7 +95,7 @@ def build_prior(cfg) -> Prior:
     return prior
 
 
-_import_all()
+import_all(__name__, __path__, skip=("base",))
 
 __all__ = ["Needs", "PairView", "Prior", "Reduction", "PRIORS", "register_prior", "unregister_prior", "prior_class",
            "build_prior"]
