@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     _check(argv[0], argv[1:])
     try:
         _app(argv[0])()
+    except SystemExit as e:
+        if argv[0] == "train" and e.code not in (0, None):           # a sweep cut short: its table all the same
+            from midpo_cli.report.sweep_callback import after_launcher_failure
+            after_launcher_failure()
+        raise
     finally:
         sys.argv = old
 

@@ -189,6 +189,16 @@ def test_collapse_monitor_fires_once_and_names_the_fix():
     assert prior.monitor({"step": 15, "prior/shift": -4.0, "logratio/margins": 0.4}) == []     # once
 
 
+def test_collapse_monitor_ignores_non_finite_rows():
+    """A skipped non-finite step (trainer.on_nonfinite=skip) logs NaN: no 'fell nan nats' collapse warning."""
+    prior = build_prior({"name": "learned_adapter"})
+    assert prior.monitor({"step": 2, "prior/shift": float("nan"), "logratio/margins": 1.9}) == []
+    assert prior.monitor({"step": 3, "prior/shift": -3.0, "logratio/margins": float("nan")}) == []
+    assert prior.monitor({"step": 4, "prior/shift": -float("inf"), "logratio/margins": 0.1}) == []
+    (w,) = prior.monitor({"step": 5, "prior/shift": -3.0, "logratio/margins": 0.4})             # still fires
+    assert "nan" not in w
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="prior_steps"):
         build_prior({"name": "learned_tilt", "prior_steps": 0})

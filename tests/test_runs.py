@@ -226,6 +226,24 @@ def test_truncated_checkpoint_names_the_file_and_the_previous_good_step(tmp_path
     assert "model.safetensors" in err and "step-2" in err and "Traceback" not in err
 
 
+def test_resume_auto_skips_a_damaged_latest_checkpoint(tmp_path, fast, capsys):
+    """A requeued job whose newest checkpoint is damaged goes on from the one before it (with a warning
+    naming the file) and ends where the uninterrupted run ends, instead of failing at every start."""
+    args = [*fast, "trainer.max_steps=6", "trainer.save_every=2", "trainer.save_model=false"]
+    run = tmp_path / "job"
+    main(["train", *args, f"hydra.run.dir={run}"])
+    full = strict_json(run / "results.json")["final"]["loss"]
+    (run / "results.json").unlink()                                       # as if killed after step 4's checkpoint
+    victim = run / "checkpoints" / "step-4" / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:100])
+    capsys.readouterr()
+    main(["train", *args, f"hydra.run.dir={run}"])
+    res = strict_json(run / "results.json")
+    assert res["resumed_from"].endswith("step-2") and abs(res["final"]["loss"] - full) <= 1e-6
+    out = capsys.readouterr()
+    assert "model.safetensors" in out.out + out.err and "damaged" in out.out + out.err
+
+
 def test_damaged_reference_cache_entry_is_recomputed(tmp_path, fast, caplog):
     cache = tmp_path / "cache"
     args = [*[a for a in fast if not a.startswith("cache_dir")], f"cache_dir={cache}", "trainer.max_steps=2",

@@ -248,3 +248,25 @@ def test_rerun_of_a_sweep_reruns_only_the_deleted_job(tmp_path, fast, capsys):
     table = pd.read_csv(d / "sweep_table.csv")
     assert list(table["status"]) == ["ok", "ok"] and list(table["reused"]) == [True, False]
     assert "reused" in out
+
+
+def test_launcher_that_raises_still_leaves_the_sweep_table(tmp_path, fast, monkeypatch, capsys):
+    """A launcher that raises before every job returned (a killed joblib worker, a submitit job that died) skips
+    Hydra's on_multirun_end: midpo writes the table anyway, the jobs that never returned as rows, and exits 1."""
+    from hydra.core.plugins import Plugins
+    BasicLauncher = Plugins.instance().class_name_to_class[            # the class Hydra's plugin scan loaded
+        "hydra._internal.core_plugins.basic_launcher.BasicLauncher"]
+    original = BasicLauncher.launch
+
+    def dies_after_the_first_job(self, job_overrides, initial_job_idx):
+        original(self, job_overrides[:1], initial_job_idx)
+        raise RuntimeError("a worker process was terminated")
+
+    monkeypatch.setattr(BasicLauncher, "launch", dies_after_the_first_job)
+    d = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--multirun", *fast, *SMALL, f"hydra.sweep.dir={d}"])
+    assert e.value.code == 1
+    table = pd.read_csv(d / "sweep_table.csv")
+    assert list(table["status"]) == ["ok", "not started"]
+    assert "launcher stopped the sweep" in capsys.readouterr().err

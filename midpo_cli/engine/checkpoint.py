@@ -6,14 +6,17 @@ and RNG states loaded back with torch.load(weights_only=True), so a planted pick
 (size and xxh3-128 hash of every file). It is written under a temporary name and renamed when complete;
 a damaged file (truncated, changed) is found by the manifest before anything is loaded.
 
-`trainer.resume`: auto (default) continues this run directory's latest checkpoint when it holds the same
-config (engine/rundir.py decides); latest = the newest checkpoint of a run with this config (this directory
-first, then sibling runs under the same outputs root); a path names a checkpoint or a run directory.
+`trainer.resume`: auto (default) continues this run directory's latest intact checkpoint when it holds the
+same config (engine/rundir.py decides; a damaged one is skipped with a warning, so a requeued job goes on
+from the one before it instead of failing at every start); latest = the newest checkpoint of a run with
+this config (this directory first, then sibling runs under the same outputs root); a path names a
+checkpoint or a run directory.
 A mismatching config is refused, never silently mixed.
 """
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from midpo_cli.engine.rundir import read_json
 STATE, MANIFEST, PRIOR = "trainer_state.json", "manifest.json", "prior.safetensors"
 IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers", "eval_train")
 CHUNK = 1 << 22
+log = logging.getLogger("midpo")
 
 
 def run_hash(cfg) -> str:
@@ -142,9 +146,16 @@ def find(resume: str, run_dir: Path, cfg) -> Path | None:
     """The checkpoint to continue from (None for a fresh start under resume=auto); raises ValueError saying
     what was looked at."""
     want = run_hash(cfg)
-    if resume == "auto":
-        found = complete(run_dir)
-        return found[0] if found else None
+    if resume == "auto":                                                   # a requeue: nobody to ask, so a
+        for ckpt in complete(run_dir):                                     # damaged checkpoint is skipped, loudly
+            why = damage(ckpt)
+            if why is None:
+                return ckpt
+            log.warning("checkpoint %s is damaged (%s); trainer.resume=auto continues from the one before it",
+                        ckpt, why)
+        if complete(run_dir):
+            log.warning("no intact checkpoint in %s: the run starts over", run_dir)
+        return None
     if resume != "latest":
         p = Path(resume).expanduser()
         ckpt = p if (p / STATE).exists() else next(iter(complete(p)), None)

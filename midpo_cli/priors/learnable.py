@@ -24,6 +24,7 @@ None of these priors reads the policy: zeta depends on phi, the reference and fr
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar, Literal
 
 import torch
@@ -126,10 +127,11 @@ class LearnablePrior(Prior):
 
     def monitor(self, row: dict) -> list[str]:
         """The collapse signature (spec 12.1), once per run: the prior's margin fell collapse_shift nats below the
-        reference's while the policy's own margin moved less than collapse_ratio times as far."""
+        reference's while the policy's own margin moved less than collapse_ratio times as far. A non-finite value
+        (a step skipped under trainer.on_nonfinite=skip) is no signature: the non-finite step is reported already."""
         shift, policy = row.get("prior/shift"), row.get("logratio/margins")
-        if self._collapse_warned or shift is None or policy is None or shift > -self.collapse_shift \
-                or policy >= self.collapse_ratio * -shift:
+        if self._collapse_warned or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (shift, policy)) \
+                or shift > -self.collapse_shift or policy >= self.collapse_ratio * -shift:
             return []
         self._collapse_warned = True
         return [f"{self.name}: collapse signature at step {row.get('step')}: the prior's margin fell {-shift:.2f} nats "

@@ -6,6 +6,11 @@ directory, so `midpo report DIR` rebuilds the same rows later. Writes sweep_tabl
 prints a summary (failed, unfinished and reused jobs named), and exits 1 (after writing) when a job did
 not finish, so scripts and CI see it. In a search (`+experiment=tune`) a failed trial is part of the
 search: it exits 1 only when a prior has no finished trial at all (tune_best.json).
+
+When the launcher itself raises before every job has returned (a joblib worker killed, a submitit job that
+died or ran out of requeues), Hydra never calls on_multirun_end; `midpo train` then calls `after_launcher_failure`,
+which writes the same table from the sweep directory (the jobs that did not return are rows: incomplete or not
+started) and exits 1.
 """
 from __future__ import annotations
 
@@ -31,8 +36,36 @@ def unsearched(sweep_dir: Path) -> list[str]:
     return [p for p, e in priors.items() if e.get("best") is None]
 
 
+_unfinished: DictConfig | None = None                           # the sweep running in this process, until its end
+
+
+def after_launcher_failure() -> None:
+    """The sweep stopped before on_multirun_end (the launcher raised: its error is printed above): write the
+    table of what the sweep directory holds, as on_multirun_end would. Nothing when no sweep had started jobs."""
+    global _unfinished
+    config, _unfinished = _unfinished, None
+    sweep_dir = None if config is None else Path(config.hydra.sweep.dir)
+    if sweep_dir is None or not sweep_dir.is_dir() or \
+            not any(p.is_dir() and not p.name.startswith(".") for p in sweep_dir.iterdir()):
+        return
+    from midpo_cli import console
+    console.error("the launcher stopped the sweep before every job returned (its error is above: e.g. a job's "
+                  "process was killed); the sweep table lists what the sweep directory holds, and the same command "
+                  "finishes the rest")
+    try:
+        SweepTable().on_multirun_end(config)
+    except SystemExit:                                               # the sweep exits 1 either way
+        pass
+
+
 class SweepTable(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _unfinished
+        _unfinished = config
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _unfinished
+        _unfinished = None
         from midpo_cli import console
         from midpo_cli.report import tables                        # deferred: single runs never need pandas
 
