@@ -57,7 +57,8 @@ def claim_directory(cfg, state) -> rundir.Claim | None:
         raise ValueError(f"trainer.resume={resume}: not one of {RESUME} and no such checkpoint or run directory")
     claim = None
     if state.is_main_process:
-        claim = rundir.claim(hydra_dir, checkpoint.run_hash(cfg), resume, _default_name())
+        claim = rundir.claim(hydra_dir, checkpoint.run_hash(cfg), resume, _default_name(),
+                             settings=checkpoint.run_settings(cfg))
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
         box = broadcast_object_list([None if claim is None else (str(claim.path), claim.state)], from_process=0)

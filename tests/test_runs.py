@@ -145,7 +145,7 @@ def test_resume_auto_same_command_same_directory(tmp_path, fast):
     r = subprocess.run([*MIDPO, *args, "prior=simpo", f"hydra.run.dir={run}"], env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1 and "different config" in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and "prior.name: dpo -> simpo" in r.stderr
 
 
 def test_finished_run_is_reused_not_retrained(tmp_path, fast, capsys):

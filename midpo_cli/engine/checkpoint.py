@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from midpo_cli.engine.cache import config_hash
-from midpo_cli.engine.rundir import read_json
+from midpo_cli.engine.rundir import differences, read_json
 
 STATE, MANIFEST, PRIOR = "trainer_state.json", "manifest.json", "prior.safetensors"
 IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers", "eval_train")
@@ -31,13 +31,18 @@ CHUNK = 1 << 22
 log = logging.getLogger("midpo")
 
 
-def run_hash(cfg) -> str:
-    """The config hash of a run: every setting that changes its trajectory (not where or how often it logs)."""
+def run_settings(cfg) -> dict:
+    """Every setting that changes a run's trajectory (not where or how often it logs or saves)."""
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for k in IGNORED:
         c["trainer"].pop(k, None)
     c.pop("cache_dir", None)
-    return config_hash(c)
+    return c
+
+
+def run_hash(cfg) -> str:
+    """The config hash of a run: the hash of its run_settings."""
+    return config_hash(run_settings(cfg))
 
 
 def file_hash(path: Path) -> str:
@@ -163,8 +168,10 @@ def find(resume: str, run_dir: Path, cfg) -> Path | None:
             raise ValueError(f"trainer.resume={resume}: no checkpoint there (expected a step-N directory "
                              f"holding {STATE}, or a run directory with checkpoints/)")
         if _hash_of(ckpt) != want:
+            theirs = (read_json(ckpt.parent.parent / "run.json") or {}).get("settings")
             raise ValueError(f"trainer.resume={resume}: that checkpoint was trained with a different config "
-                             f"(see its run's config.yaml); resume with the same overrides")
+                             f"({differences(theirs, run_settings(cfg)) or 'see its run config.yaml'}); "
+                             "resume with the same overrides")
         return ckpt
     candidates = [c for d in [run_dir, *_siblings(run_dir)] for c in complete(d)[:1]]
     candidates = [c for c in candidates if _hash_of(c) == want]

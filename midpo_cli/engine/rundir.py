@@ -56,7 +56,23 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _inspect(path: Path, want: str, resume: str | None) -> str:
+def differences(old: dict | None, new: dict, limit: int = 6) -> str:
+    """The settings that differ between two runs, as `key: old -> new` (first `limit`; '' when unknown)."""
+    if not isinstance(old, dict):
+        return ""
+    def flat(d: dict, pre: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    a, b = flat(old), flat(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    shown = [f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}" for k in keys[:limit]]
+    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _inspect(path: Path, want: str, resume: str | None, settings: dict | None) -> str:
     """What the (locked) directory holds, as the claim state; raises ValueError for another run's files."""
     record = read_json(path / RUN)
     if record is None:
@@ -65,19 +81,22 @@ def _inspect(path: Path, want: str, resume: str | None) -> str:
             raise ValueError(f"run directory {path} already holds a run written without a run.json "
                              f"({', '.join(found)}); pick a new hydra.run.dir / hydra.sweep.dir (nothing was changed)")
         write_json(path / RUN, {"config_hash": want, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                "pid": os.getpid()})
+                                "pid": os.getpid(), "settings": settings})
         return "new"
     if record.get("config_hash") != want:
-        raise ValueError(f"run directory {path} holds a run with a different config (see its config.yaml); "
-                         "use the same overrides to continue it, or pick a new hydra.run.dir / hydra.sweep.dir")
+        diff = differences(record.get("settings"), settings or {})
+        raise ValueError(f"run directory {path} holds a run with a different config "
+                         f"({diff or 'see its config.yaml'}); use the same overrides to continue it, or pick a new "
+                         "hydra.run.dir / hydra.sweep.dir")
     if resume != "auto":
         raise ValueError(f"run directory {path} already holds this run; trainer.resume=auto continues or reuses "
                          f"it, or pick a new hydra.run.dir (trainer.resume={resume})")
     return "finished" if (path / "results.json").exists() else "resume"
 
 
-def claim(path: Path, want: str, resume: str | None, default_name: bool) -> Claim:
-    """Claim `path` (or, for a default time-stamped name, the first free `<name>-k`)."""
+def claim(path: Path, want: str, resume: str | None, default_name: bool, settings: dict | None = None) -> Claim:
+    """Claim `path` (or, for a default time-stamped name, the first free `<name>-k`). `settings`: what `want`
+    hashes, kept in run.json so that a later mismatch names the settings that differ."""
     for k in range(1000):
         p = path if k == 0 else path.with_name(f"{path.name}-{k}")
         try:
@@ -89,7 +108,7 @@ def claim(path: Path, want: str, resume: str | None, default_name: bool) -> Clai
         try:
             if default_name and any((p / f).exists() for f in (RUN, *FOREIGN)):
                 raise InUse(f"{p} is taken")
-            return Claim(p, _inspect(p, want, resume), fd)
+            return Claim(p, _inspect(p, want, resume, settings), fd)
         except InUse:
             os.close(fd)
         except BaseException:
