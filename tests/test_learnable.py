@@ -5,6 +5,7 @@ out of it and fits it label-free; the anchor pulls it back; the engine gives it 
 clipping, checkpoint state and a saved copy beside the policy; the collapse signature raises a warning."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,3 +337,13 @@ def test_two_processes_average_the_prior_gradient(tmp_path, fast):
     for key in ("loss", "prior/phi_len", "prior/phi_loglen", "prior/margin"):
         assert max(abs(x[key] - y[key]) for x, y in zip(a, b)) < 1e-4, key
     assert abs(a[-1]["prior/phi_len"]) > 1e-3                               # the prior did move
+
+
+def test_a_prior_driven_to_nan_names_prior_lr(tmp_path, capsys):
+    """A learnable prior's own optimiser can blow up too: the non-finite stop names prior.lr beside optimizer.lr."""
+    data = Path(__file__).parent / "data" / "standard.jsonl"
+    with pytest.raises(SystemExit):
+        main(["train", "dataset=local", f"dataset.path={data}", "prior=learned_adapter", "prior.lr=1e30",
+              "trainer.max_steps=4", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert "non-finite values at step" in err and "Lower optimizer.lr or prior.lr" in err, err

@@ -224,6 +224,7 @@ def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id,
         extra = [prior_opt, schedule(prior_opt, tc.lr_schedule, tc.warmup_steps, tc.max_steps)]
     policy, optimizer, sched, loader, *extra = acc.prepare(policy, optimizer, sched, loader, *extra)
     prior_opt, prior_sched = extra if extra else (None, None)
+    lrs = "optimizer.lr" + (" or prior.lr" if prior_opt is not None else "")   # what a non-finite stop suggests
     device = acc.device
     start_step = 0
     if resume_from is not None:
@@ -278,7 +279,7 @@ def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id,
                                     + ("the weights themselves are no longer finite; " if not weights_ok else "")
                                     + "nothing was trained on them and no non-finite weights were written; "
                                     + (f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written")
-                                    + ". Lower optimizer.lr, check the data, or trainer.on_nonfinite=skip")
+                                    + f". Lower {lrs}, check the data, or trainer.on_nonfinite=skip")
                 skipped += 1
                 log.warning("step %d skipped (trainer.on_nonfinite=skip): non-finite values in %s", step, where)
                 optimizer.zero_grad(set_to_none=True)
@@ -309,7 +310,7 @@ def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id,
                 if not all(math.isfinite(v) for v in ev.values()):
                     raise NonFinite(f"non-finite held-out metrics at step {step} ({', '.join(k for k, v in ev.items() if not math.isfinite(v))}); "
                                     + (f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written")
-                                    + ". Lower optimizer.lr or check the eval data")
+                                    + f". Lower {lrs} or check the eval data")
                 row = (row or {"step": step}) | ev
             if tc.eval_train and step == tc.max_steps:                     # the final J on every training pair
                 row = (row or {"step": step}) | evaluate_pairs(acc, policy, prior, models, train_pairs, tc, pad_id,
