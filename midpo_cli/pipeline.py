@@ -75,10 +75,11 @@ def prepare(cfg, prior, acc, run_dir: Path) -> Setup:
             "truncated": train_report["truncated"] + eval_report["truncated"],
             "dropped": train_report["dropped"] + eval_report["dropped"]}
     ref_cache = None
-    if cfg.trainer.ref_cache and reference is not None:                   # also gives the logratio/* yardstick
-        base = policy.get_base_model() if cfg.model.lora.r > 0 else reference
+    if cfg.trainer.ref_cache:                       # also gives every run, reference-free priors too, logratio/*
+        scorer = policy if reference is None else reference                # untrained, the policy is the reference
+        base = policy.get_base_model() if cfg.model.lora.r > 0 else scorer
         with acc.main_process_first():
-            ref_cache = refcache.attach([train_pairs, eval_pairs], reference, base, tokenizer, Path(cfg.cache_dir),
+            ref_cache = refcache.attach([train_pairs, eval_pairs], scorer, base, tokenizer, Path(cfg.cache_dir),
                                         cfg.trainer.precision, device, tokenizer.pad_token_id)
     prior.attach(policy, reference)
     prior.to(device)

@@ -1,5 +1,6 @@
 """Reference log-prob cache (hit, reuse, equal to live values, never stale) and LoRA (one model copy)."""
 import json
+from pathlib import Path
 
 import torch
 
@@ -44,6 +45,25 @@ def test_runs_share_the_cache_and_report_hits(tmp_path, fast):
         main(["train", *fast, f"prior={prior}", "trainer.max_steps=2", "trainer.save_model=false", f"hydra.run.dir={run}"])
         res.append(json.loads((run / "results.json").read_text())["ref_cache"])
     assert res[0]["key"] == res[1]["key"] and res[1]["hit"]
+
+
+def test_a_reference_free_prior_gets_the_logratio_yardstick_from_the_same_cache(tmp_path):
+    """SimPO keeps no reference; with trainer.ref_cache its untrained policy scores the pairs once, so its runs log
+    the prior-independent logratio/* like every other prior's (sweeps and +experiment=tune compare on it), from the
+    same cache entry a DPO run uses, and its training is unchanged."""
+    data = Path(__file__).parent / "data" / "standard.jsonl"
+    base = ["train", "dataset=local", f"dataset.path={data}", "trainer.max_steps=2", "trainer.save_model=false",
+            f"cache_dir={tmp_path / 'cache'}"]
+    res = {}
+    for prior, cache in (("simpo", "true"), ("dpo", "true"), ("simpo", "false")):
+        run = tmp_path / f"{prior}-{cache}"
+        main([*base, f"prior={prior}", f"trainer.ref_cache={cache}", f"hydra.run.dir={run}"])
+        res[prior, cache] = json.loads((run / "results.json").read_text())
+    simpo = res["simpo", "true"]
+    assert "eval/logratio/margins" in simpo["final"] and "logratio/margins" in simpo["final"]
+    assert res["dpo", "true"]["ref_cache"] == {**simpo["ref_cache"], "hit": True}
+    assert simpo["final"]["loss"] == res["simpo", "false"]["final"]["loss"]
+    assert "eval/logratio/margins" not in res["simpo", "false"]["final"]
 
 
 def test_lora_trains_with_adapters_off_reference(tmp_path, fast):

@@ -45,18 +45,23 @@ def key_of(reference_model, tokenizer, pairs: list, precision: str, device) -> s
 
 @torch.no_grad()
 def compute(reference, pairs: list, pad_id: int, device, batch_size: int = 16, chunk: int = 0) -> list:
-    """[(chosen per-token logps, rejected per-token logps)] for each pair."""
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        group = pairs[i:i + batch_size]
-        b = collate(group, pad_id)
-        b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
-        src, _ = model_logits(reference, b)
-        lp = token_logps(src, b["labels"], chunk).float().cpu()            # [2n, T]
-        n = len(group)
-        for j, p in enumerate(group):
-            st = len(p.prompt) - 1
-            out.append((lp[j, st:st + len(p.chosen)].tolist(), lp[n + j, st:st + len(p.rejected)].tolist()))
+    """[(chosen per-token logps, rejected per-token logps)] for each pair, in eval mode (the untrained policy
+    itself scores when a prior keeps no reference: no dropout, and its mode is restored)."""
+    out, was_training = [], reference.training
+    reference.eval()
+    try:
+        for i in range(0, len(pairs), batch_size):
+            group = pairs[i:i + batch_size]
+            b = collate(group, pad_id)
+            b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
+            src, _ = model_logits(reference, b)
+            lp = token_logps(src, b["labels"], chunk).float().cpu()        # [2n, T]
+            n = len(group)
+            for j, p in enumerate(group):
+                st = len(p.prompt) - 1
+                out.append((lp[j, st:st + len(p.chosen)].tolist(), lp[n + j, st:st + len(p.rejected)].tolist()))
+    finally:
+        reference.train(was_training)
     return out
 
 
