@@ -48,6 +48,9 @@ def check_overrides(command: str, argv: list[str], config_path: str) -> None:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException:
         return                                                             # a syntax error: Hydra explains it
+    for o in overrides:
+        if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and isinstance(o.value(), str):
+            _check_directory(o)
     overrides = [o for o in overrides if o.package is None and not _is_hydras(o.key_or_group)]
     if not overrides:
         return
@@ -68,6 +71,24 @@ def check_overrides(command: str, argv: list[str], config_path: str) -> None:
         for o in keys:
             for variant, cfg in configs:
                 _check_key(o, cfg, loader, variant if len(configs) > 1 else [])
+
+
+def _check_directory(o) -> None:
+    """hydra.run.dir / hydra.sweep.dir must be a directory midpo can create or use (Hydra creates it first,
+    with a traceback when it cannot)."""
+    import os
+    from pathlib import Path
+
+    if "${" in o.value():
+        return                                                             # resolved by Hydra: checked when used
+    path = Path(o.value()).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor or "."))
+    if existing.exists() and not existing.is_dir():
+        raise BadOverride(f"{o.key_or_group}={o.value()}: {existing} is a file, not a directory; pick another "
+                          f"directory (in `{o.input_line}`)")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise BadOverride(f"{o.key_or_group}={o.value()}: {existing} is not writable; pick a directory you can "
+                          f"write (in `{o.input_line}`)")
 
 
 def _hydra_args(argv: list[str]):

@@ -284,3 +284,16 @@ def test_settings_with_fixed_values_fail_in_one_line(override, words, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     with pytest.raises(Exception):                                        # and Hydra's compose refuses it too
         compose_train(override.split()[-1:] if "prior" not in override else override.split())
+
+
+def test_a_file_where_a_directory_belongs_is_one_line(tmp_path, capsys):
+    """hydra.run.dir / cache_dir naming a file (or a path under one): one line, never Hydra's or the cache's
+    traceback."""
+    f = tmp_path / "taken.txt"
+    f.write_text("x")
+    for run_dir in (f, f / "sub" / "run"):
+        err = fails(capsys, ["train", "dataset=local", f"dataset.path={DATA}", f"hydra.run.dir={run_dir}"])
+        assert f"{f} is a file, not a directory" in err
+    err = fails(capsys, ["train", "dataset=local", f"dataset.path={DATA}", "trainer.max_steps=1", "trainer.batch_size=2",
+                         f"cache_dir={f}", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert err.startswith("error: NotADirectoryError") and str(f) in err
