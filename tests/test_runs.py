@@ -288,3 +288,16 @@ def test_forged_or_damaged_checkpoint_is_one_line_never_run(tmp_path, local_chec
     assert e.value.code == 1 and not Path(MARK).exists()
     assert message in err and err.startswith("error: ") and "Traceback" not in err, err
     assert not (tmp_path / "resumed" / "results.json").exists()
+
+
+def test_a_cached_json_entry_that_parses_but_is_not_one_is_rebuilt(tmp_path, caplog):
+    """Valid JSON of the wrong shape (an emptied or hand-edited entry) is damaged like a truncated one:
+    removed with a warning and rebuilt, not a KeyError in every later run."""
+    from midpo_cli.engine.cache import read_json_entry
+    path = tmp_path / "pairs-x.json"
+    for text in ("[]", "{}", '{"pairs": []}', "{ half"):
+        path.write_text(text)
+        assert read_json_entry(path, "pairs", ("pairs", "eval_strings")) is None and not path.exists()
+    assert caplog.text.count("is damaged: building it again") == 4
+    path.write_text('{"pairs": [], "eval_strings": []}')
+    assert read_json_entry(path, "pairs", ("pairs", "eval_strings")) == {"pairs": [], "eval_strings": []}

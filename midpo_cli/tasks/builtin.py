@@ -128,7 +128,7 @@ def preference_pairs(task, reference, tokenizer, sft_key: str, seed: int, cache_
     """Sample the reference, rank by the (optionally length-biased) true reward; cached as JSON."""
     key = config_hash({"sft": sft_key, "task": task, "seed": seed})
     path = cache_root / f"pairs-{key}.json"
-    data = read_json_entry(path, "preference pairs")
+    data = read_json_entry(path, "preference pairs", ("pairs", "eval_strings"))
     if data is not None:
         return data
     rng = random.Random(seed + 1)
