@@ -294,6 +294,6 @@ def test_a_file_where_a_directory_belongs_is_one_line(tmp_path, capsys):
     for run_dir in (f, f / "sub" / "run"):
         err = fails(capsys, ["train", "dataset=local", f"dataset.path={DATA}", f"hydra.run.dir={run_dir}"])
         assert f"{f} is a file, not a directory" in err
-    err = fails(capsys, ["train", "dataset=local", f"dataset.path={DATA}", "trainer.max_steps=1", "trainer.batch_size=2",
-                         f"cache_dir={f}", f"hydra.run.dir={tmp_path / 'r'}"])
+    err = fails(capsys, ["train", "dataset=local", f"dataset.path={DATA}", "trainer.max_steps=1",
+                         "trainer.batch_size=2", f"cache_dir={f}", f"hydra.run.dir={tmp_path / 'r'}"])
     assert err.startswith("error: NotADirectoryError") and str(f) in err

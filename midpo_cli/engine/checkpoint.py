@@ -83,8 +83,8 @@ def _state(ckpt: Path) -> dict | None:
 def damage(ckpt: Path) -> str | None:
     """Why a checkpoint directory is not a complete, intact checkpoint (None when it is)."""
     manifest = read_json(ckpt / MANIFEST)
-    if not isinstance(manifest, dict) or not all(
-            isinstance(v, list) and len(v) == 2 and type(v[0]) is int and isinstance(v[1], str) for v in manifest.values()):
+    entries = manifest.values() if isinstance(manifest, dict) else [None]
+    if not all(isinstance(v, list) and len(v) == 2 and type(v[0]) is int and isinstance(v[1], str) for v in entries):
         return f"{ckpt / MANIFEST} is missing or unreadable"
     unlisted = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST
                       and not p.name.startswith(".") and str(p.relative_to(ckpt)) not in manifest)
