@@ -181,6 +181,11 @@ def check(cfg) -> None:
             if not math.isfinite(v) or not ok(v):
                 extra = " (0 leaves the policy unchanged; a negative lr climbs the loss)" if key == "optimizer.lr" else ""
                 raise ValueError(f"{key}={v} must be a finite number {rule}{extra}")
+    rows = value("dataset.max_rows")
+    if rows is not None and rows < 1:
+        raise ValueError(f"dataset.max_rows={rows} must be >= 1 (null = every row)")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ValueError(f"seed={cfg.seed} must be in [0, 2**32 - 1] (numpy's seed range)")
 
 
 def register_schemas() -> None:

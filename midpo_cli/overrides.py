@@ -48,6 +48,9 @@ def check_overrides(command: str, argv: list[str], config_path: str) -> None:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException:
         return                                                             # a syntax error: Hydra explains it
+    for o in overrides:
+        if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and isinstance(o.value(), str):
+            _check_directory(o)
     overrides = [o for o in overrides if o.package is None and not _is_hydras(o.key_or_group)]
     if not overrides:
         return
@@ -68,6 +71,24 @@ def check_overrides(command: str, argv: list[str], config_path: str) -> None:
         for o in keys:
             for variant, cfg in configs:
                 _check_key(o, cfg, loader, variant if len(configs) > 1 else [])
+
+
+def _check_directory(o) -> None:
+    """hydra.run.dir / hydra.sweep.dir must be a directory midpo can create or use (Hydra creates it first,
+    with a traceback when it cannot)."""
+    import os
+    from pathlib import Path
+
+    if "${" in o.value():
+        return                                                             # resolved by Hydra: checked when used
+    path = Path(o.value()).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor or "."))
+    if existing.exists() and not existing.is_dir():
+        raise BadOverride(f"{o.key_or_group}={o.value()}: {existing} is a file, not a directory; pick another "
+                          f"directory (in `{o.input_line}`)")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise BadOverride(f"{o.key_or_group}={o.value()}: {existing} is not writable; pick a directory you can "
+                          f"write (in `{o.input_line}`)")
 
 
 def _hydra_args(argv: list[str]):
@@ -187,6 +208,29 @@ def _check_choice(o, node) -> None:
             raise BadOverride(f"{o.key_or_group}={v!r} is not one of {', '.join(names)} (in `{o.input_line}`).{hint}")
 
 
+_KINDS = {"IntegerNode": "an integer", "FloatNode": "a number", "BooleanNode": "true or false",
+          "StringNode": "text"}
+
+
+def _check_value(o, node) -> None:
+    """A typed setting (int, float, bool, str): each value of the override must convert, or fail in one line
+    (Hydra's own answer is several lines)."""
+    import copy
+
+    from omegaconf.errors import ValidationError
+
+    kind = _KINDS.get(type(node).__name__)
+    if kind is None or (o.is_sweep_override() and not o.is_discrete_sweep()):
+        return
+    values = list(o.sweep_iterator()) if o.is_discrete_sweep() else [o.value()]
+    for v in values:
+        try:
+            copy.deepcopy(node)._set_value(v)
+        except ValidationError:
+            shown = "null" if v is None else repr(v)
+            raise BadOverride(f"{o.key_or_group}={shown} is not {kind} (in `{o.input_line}`)") from None
+
+
 def _check_key(o, cfg: DictConfig, loader, variant: list[str]) -> None:
     from omegaconf.nodes import EnumNode
 
@@ -194,8 +238,15 @@ def _check_key(o, cfg: DictConfig, loader, variant: list[str]) -> None:
     parts = key.split(".")
     node, found = _node(cfg, parts)
     if found == len(parts):
-        if isinstance(node, EnumNode) and not o.is_delete():
+        if o.is_delete():
+            parent = node._get_parent()
+            if isinstance(parent, DictConfig) and parent._metadata.object_type not in (None, dict):
+                raise BadOverride(f"{key} cannot be deleted (in `{o.input_line}`): midpo's configs are typed, "
+                                  f"so every key has a value; set it instead ({key}=<value>)")
+        elif isinstance(node, EnumNode):
             _check_choice(o, node)
+        else:
+            _check_value(o, node)
         return
     where = ".".join(parts[:found])
     chosen = f" with {' '.join(variant)}" if variant else ""

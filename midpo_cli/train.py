@@ -101,7 +101,7 @@ def run(cfg: DictConfig) -> float | None:
                 (run_dir / "error.json").unlink(missing_ok=True)               # an earlier attempt's failure
                 rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             results = train(cfg, prior, run_dir, resume_from)
-    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, KeyError, OSError, FloatingPointError) as e:     # OSError: e.g. cache_dir is a file
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         console.error(f"{type(e).__name__}: {msg}")
         if claim is not None and state.is_main_process:

@@ -2,6 +2,7 @@
 never silent and never a traceback. The loader and row checks first, then end to end through the CLI."""
 import gzip
 import json
+import os
 import random
 import sys
 
@@ -104,6 +105,9 @@ def test_parquet_rows_are_numbered(tmp_path):
     ("bom.json", b"\xef\xbb\xbf  \n", "empty"),
     ("latin1.csv", "prompt,chosen,rejected\ncaf\xe9,a,b\n".encode("latin-1"), "latin1.csv:2: not UTF-8 text"),
     ("pretty.jsonl", b'[\n {"prompt": "q"}\n]\n', "a JSON array, not JSON Lines"),
+    ("semi.csv", b"prompt;chosen;rejected\nq;a;b, c\n", "semi.csv:1: .* semicolon-separated"),
+    ("tabs.csv", b"prompt\tchosen\trejected\nq\ta\tb\n", "tabs.csv:1: .* tab-separated"),
+    ("deep.json", b"[" + b"[" * 100_000 + b"]" * 100_000 + b"]", "deep.json:1: not valid JSON .*nested too deeply"),
 ])
 def test_unreadable_files_are_one_error_naming_the_file(tmp_path, name, content, message):
     f = tmp_path / name
@@ -127,6 +131,42 @@ def test_directory_missing_and_unreadable_files(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "open", denied, raising=False)
     with pytest.raises(DataFileError, match="part-0.jsonl: cannot be read .permission denied"):
         read_file(cfg(d / "part-0.jsonl"))
+
+
+def test_rows_json_would_misread_are_bad_rows(tmp_path):
+    """A key given twice (json keeps the last value without a word), nesting too deep for the parser (a
+    RecursionError) and a lone surrogate escape (no tokenizer can read it) are bad rows, in JSON Lines, JSON
+    arrays and csv cells alike."""
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = ['{"prompt": "q", "chosen": "a", "rejected": "b", "rejected": "a"}', deep,
+             '{"prompt": "q", "chosen": "a", "rejected": "b", "x": %s}' % deep,
+             '{"prompt": "q\\ud800", "chosen": "a", "rejected": "b"}',
+             '{"prompt": [{"role": "user", "content": "hi \\udc00"}], "chosen": "a", "rejected": "b"}']
+    f = write_lines(tmp_path / "p.jsonl", lines)
+    got = []
+    for row in read_file(cfg(f)):
+        with pytest.raises(BadRow) as e:
+            check_row(row, cfg(f))
+        got.append((row.where, e.value.reason, e.value.detail))
+    assert got == [(f"{f}:1", "key given twice", "'rejected'"),
+                   (f"{f}:2", "not valid JSON", "nested too deeply to parse"),
+                   (f"{f}:3", "not valid JSON", "nested too deeply to parse"),
+                   (f"{f}:4", "column 'prompt': not valid Unicode", "a lone surrogate \\ud800 at character 2"),
+                   (f"{f}:5", "column 'prompt': not valid Unicode",
+                    "message 1 content: a lone surrogate \\udc00 at character 4")]
+    f = tmp_path / "p.json"
+    f.write_text("[\n" + ",\n".join(lines[:1] + lines[3:]) + "\n]")
+    assert [r.problem.reason if r.problem else "" for r in read_file(cfg(f))] == ["key given twice", "", ""]
+    f = tmp_path / "p.csv"
+    f.write_text(f'prompt,chosen,rejected\n"{deep}",a,b\n')
+    assert read_file(cfg(f))[0]["prompt"] == deep                              # a text cell, kept as text
+
+
+def test_a_pipe_is_refused_not_waited_on(tmp_path):
+    f = tmp_path / "p.jsonl"
+    os.mkfifo(f)                                                           # no writer: opening it would block
+    with pytest.raises(DataFileError, match="p.jsonl: a named pipe .FIFO., not a regular file"):
+        read_file(cfg(f))
 
 
 def test_hub_rows_are_named_by_dataset_split_and_row(monkeypatch):
@@ -290,6 +330,18 @@ def test_mixed_formats_train_each_row_in_its_own_format(tmp_path, capsys):
     assert report["formats"] == {"standard": 10, "conversational": 10, "implicit prompt": 10}
     assert report["kept"] == 30 and report["format"] == "mixed"
     assert report["format_examples"]["implicit prompt"][0] == f"{tmp_path / 'mixed.jsonl'}:21"
+
+
+def test_rows_the_tokenizer_cannot_read_are_dropped_not_a_traceback(tmp_path, capsys):
+    lines = [json.dumps(r) for r in GOOD] + ['{"prompt": "q\\ud800", "chosen": "a", "rejected": "b"}',
+                                             '{"prompt": "q", "chosen": "a", "rejected": "b", "chosen": "b"}']
+    f = tmp_path / "s.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    code, _, err, (report, _) = train(tmp_path, f, capsys=capsys)
+    assert code == 0, err
+    assert report["dropped_reasons"] == {"column 'prompt': not valid Unicode": 1, "key given twice": 1}
+    code, _, err, _ = train(tmp_path / "2", f, "dataset.on_bad_rows=error", capsys=capsys)
+    assert code == 1 and "s.jsonl:31: column 'prompt': not valid Unicode (a lone surrogate \\ud800" in err
 
 
 def test_a_huge_line_is_truncated_not_tokenised_whole(tmp_path, capsys):

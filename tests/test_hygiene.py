@@ -53,6 +53,14 @@ def fails(capsys, args) -> str:
     (["--multirun", "prior=glob(*)", "prior.gamma=1"], ["unknown key 'prior.gamma'", "Keys under prior with prior="]),
     (["trainer.max_steps.x=1"], ["unknown key 'trainer.max_steps.x'", "trainer.max_steps is a value"]),
     (["--multirun", "--cfg", "job", "seed=0,1"], ["--multirun and --cfg cannot be combined"]),
+    (["~trainer.max_steps"], ["trainer.max_steps cannot be deleted", "set it instead (trainer.max_steps=<value>)"]),
+    (["~dataset.path"], ["dataset.path cannot be deleted"]),
+    (["trainer.max_steps=abc"], ["trainer.max_steps='abc' is not an integer"]),
+    (["seed=1e30"], ["seed=1e+30 is not an integer"]),
+    (["seed=null"], ["seed=null is not an integer"]),
+    (["optimizer.lr=fast"], ["optimizer.lr='fast' is not a number"]),
+    (["trainer.save_model=maybe"], ["trainer.save_model='maybe' is not true or false"]),
+    (["--multirun", "trainer.batch_size=4,many"], ["trainer.batch_size='many' is not an integer"]),
 ])
 def test_unknown_train_overrides_fail_in_one_line(tmp_path, capsys, args, words):
     err = fails(capsys, ["train", *args, f"hydra.run.dir={tmp_path}/r", f"hydra.sweep.dir={tmp_path}/s"])
@@ -81,7 +89,7 @@ def test_unknown_verify_overrides_fail_in_one_line(tmp_path, capsys, args, words
     ("train", ["--multirun", "prior=glob(sim*)", "prior.gamma=1", "seed=range(0,3)"]),
     ("train", ["--multirun", "prior=simpo,dpo", "prior.beta=0.5", "optimizer=adamw,sgd", "optimizer.lr=1e-3"]),
     ("train", ["--cfg", "job", "prior=simpo", "++prior.gamma=1"]),
-    ("train", ["trainer={max_steps:2}", "~trainer.trackers", "model.lora.r=4", "dataset.task.kind=reverse"]),
+    ("train", ["trainer={max_steps:2}", "trainer.trackers=[]", "model.lora.r=4", "dataset.task.kind=reverse"]),
     ("train", ["model=hf", "model.name_or_path=x", "model.trust_remote_code=true"]),
     ("train", ["--help"]),
     ("verify", ["priors=[dpo,simpo]", "atol=1e-9", "seed=1"]),
@@ -120,6 +128,10 @@ def compose_train(overrides):
     ("trainer.log_every=0", ["trainer.log_every=0", ">= 1"]),
     ("trainer.max_grad_norm=inf", ["trainer.max_grad_norm=inf", "finite"]),
     ("dataset.eval_fraction=1.0", ["dataset.eval_fraction=1.0", "[0, 1)"]),
+    ("dataset.max_rows=0", ["dataset.max_rows=0", ">= 1"]),                  # was: every row, without a word
+    ("dataset.max_rows=-1", ["dataset.max_rows=-1", ">= 1"]),                # was: every row but the last
+    ("seed=-1", ["seed=-1", "2**32 - 1"]),                                    # was numpy's message, no key
+    ("seed=4294967296", ["seed=4294967296", "2**32 - 1"]),
 ])
 def test_check_rejects_bad_values(override, words):
     with pytest.raises(ValueError) as e:
@@ -318,3 +330,16 @@ def test_a_broken_plugin_is_one_line_naming_its_file(tmp_path, plugin, words):
                        text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and all(w in r.stderr for w in words), r.stderr
+
+
+def test_a_file_where_a_directory_belongs_is_one_line(tmp_path, capsys):
+    """hydra.run.dir / cache_dir naming a file (or a path under one): one line, never Hydra's or the cache's
+    traceback."""
+    f = tmp_path / "taken.txt"
+    f.write_text("x")
+    for run_dir in (f, f / "sub" / "run"):
+        err = fails(capsys, ["train", "dataset=local", f"dataset.path={DATA}", f"hydra.run.dir={run_dir}"])
+        assert f"{f} is a file, not a directory" in err
+    err = fails(capsys, ["train", "dataset=local", f"dataset.path={DATA}", "trainer.max_steps=1",
+                         "trainer.batch_size=2", f"cache_dir={f}", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert err.startswith("error: NotADirectoryError") and str(f) in err

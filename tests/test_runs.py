@@ -257,3 +257,80 @@ def test_damaged_reference_cache_entry_is_recomputed(tmp_path, fast, caplog):
     assert strict_json(tmp_path / "a" / "results.json")["final"]["loss"] == res["final"]["loss"]
     main(["train", *args, f"hydra.run.dir={tmp_path / 'c'}"])              # repaired: a hit again
     assert strict_json(tmp_path / "c" / "results.json")["ref_cache"]["hit"] is True
+
+
+LOCAL = ["dataset=local", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_every=0",
+         "trainer.save_model=false", "prior=learned_adapter"]                 # a prior with its own state file
+
+
+@pytest.fixture(scope="module")
+def local_checkpoint(tmp_path_factory):
+    """A step-1 checkpoint of a 2-step learned_adapter run on a local file, and the run's overrides."""
+    root = tmp_path_factory.mktemp("forged")
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}+1?", "chosen": f" {i + 1}.",
+                                        "rejected": f" {i + 2}, I think."}) + "\n" for i in range(24)))
+    args = [*LOCAL, f"dataset.path={data}", f"cache_dir={root / 'cache'}"]
+    main(["train", *args, "trainer.save_every=1", f"hydra.run.dir={root / 'run'}"])
+    return root / "run" / "checkpoints" / "step-1", args
+
+
+def _state_file(text):
+    def forge(ckpt):
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / "trainer_state.json").write_text(text.replace("HASH", state["config_hash"]))
+        _rewrite_manifest(ckpt)
+    return forge
+
+
+def _pickled(name):
+    def forge(ckpt):
+        import pickle
+        (ckpt / name).write_bytes(pickle.dumps({"state": Planted()}))
+        _rewrite_manifest(ckpt)
+    return forge
+
+
+@pytest.mark.parametrize("forge, message", [
+    (_pickled("model.safetensors"), "a file is not a plain tensor/state file, refused without running it"),
+    (_pickled("prior.safetensors"), "prior.safetensors is not this prior's state"),
+    (lambda c: (c / "manifest.json").write_text("{}"), "model.safetensors is not in manifest.json"),
+    (lambda c: (c / "manifest.json").write_text("[1, 2]"), "manifest.json is missing or unreadable"),
+    (lambda c: (c / "manifest.json").write_text('{"model.safetensors": 5}'), "manifest.json is missing or unreadable"),
+    (_state_file('{"step": "one", "config_hash": "HASH"}'), "trainer_state.json is not a trainer state"),
+    (_state_file('{"step": [1], "config_hash": "HASH"}'), "trainer_state.json is not a trainer state"),
+    (_state_file("[1]"), "trainer_state.json is not a trainer state"),
+    (_state_file('{"step": 1000000, "config_hash": "HASH"}'), "its step 1000000 is past trainer.max_steps=2"),
+    (lambda c: (c / "trainer_state.json").write_text('{"step": 1}'), "trainer_state.json is truncated or changed"),
+], ids=["pickle-as-safetensors", "pickle-as-prior", "empty-manifest", "manifest-list", "manifest-entry",
+        "step-text", "step-list", "state-list", "step-past-end", "state-damaged"])
+def test_forged_or_damaged_checkpoint_is_one_line_never_run(tmp_path, local_checkpoint, capsys, forge, message):
+    """A checkpoint someone else wrote or damaged: a consistent manifest over a pickle, a manifest that
+    lists nothing or is not one, a trainer state that is not one. Each is refused in one line naming the
+    file (no traceback, nothing run, nothing trained), never resumed from."""
+    import shutil
+    src, args = local_checkpoint
+    ckpt = tmp_path / "checkpoints" / "step-1"
+    shutil.copytree(src, ckpt)
+    Path(MARK).unlink(missing_ok=True)
+    forge(ckpt)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args, f"trainer.resume={ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and not Path(MARK).exists()
+    assert message in err and err.startswith("error: ") and "Traceback" not in err, err
+    assert not (tmp_path / "resumed" / "results.json").exists()
+
+
+def test_a_cached_json_entry_that_parses_but_is_not_one_is_rebuilt(tmp_path, caplog):
+    """Valid JSON of the wrong shape (an emptied or hand-edited entry) is damaged like a truncated one:
+    removed with a warning and rebuilt, not a KeyError in every later run."""
+    from midpo_cli.engine.cache import read_json_entry
+    path = tmp_path / "pairs-x.json"
+    for text in ("[]", "{}", '{"pairs": []}', "{ half"):
+        path.write_text(text)
+        assert read_json_entry(path, "pairs", ("pairs", "eval_strings")) is None and not path.exists()
+    assert caplog.text.count("is damaged: building it again") == 4
+    path.write_text('{"pairs": [], "eval_strings": []}')
+    assert read_json_entry(path, "pairs", ("pairs", "eval_strings")) == {"pairs": [], "eval_strings": []}

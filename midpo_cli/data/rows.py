@@ -59,12 +59,23 @@ def describe(value) -> str:
     return f"{kind} ({text[:40]}{'...' if len(text) > 40 else ''})"
 
 
+def _unicode(text: str, where: str, part: str = "") -> None:
+    """A lone surrogate (a JSON escape like "\\ud800" without its pair) is not text: no tokenizer can read it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRow(f"{where}: not valid Unicode", f"{part}a lone surrogate \\u{ord(text[e.start]):04x} at "
+                     f"character {e.start + 1}", "escapes \\ud800-\\udfff only come in pairs (one character): fix the "
+                     "text, or delete the row") from None
+
+
 def _text_or_messages(value, column: str, empty_ok: bool = False) -> str:
     """'text' or 'messages'; anything else raises BadRow. `empty_ok`: an empty text is a real (empty) answer."""
     where = f"column '{column}'"
     if value is None:
         raise BadRow(f"{where}: null", hint=f"give the {column} as text (or messages), or delete the row")
     if isinstance(value, str):
+        _unicode(value, where)
         if not value.strip() and not empty_ok:
             raise BadRow(f"{where}: empty", hint=f"give the {column}, or delete the row (or, if an empty answer "
                                                  "is meant, dataset.allow_empty_completions=true)")
@@ -77,6 +88,8 @@ def _text_or_messages(value, column: str, empty_ok: bool = False) -> str:
             if not isinstance(m.get("content"), str):
                 raise BadRow(f"{where}: not a message list", f"message {k} content is {describe(m.get('content'))}",
                              "each message is {\"role\": ..., \"content\": ...} with text values")
+            _unicode(m["role"], where, f"message {k} role: ")
+            _unicode(m["content"], where, f"message {k} content: ")
         if not any(m["content"].strip() for m in value):
             raise BadRow(f"{where}: empty", "every message's content is empty", f"give the {column}, or delete the row")
         return "messages"

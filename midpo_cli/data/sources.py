@@ -3,10 +3,11 @@
 Local files are read here, row by row, so each row keeps where it came from (`Row.where`):
 "FILE:LINE" for jsonl (the physical line), json arrays and csv (the line the row starts on), lines
 1-based; "FILE row N" for parquet (N 1-based); "ID SPLIT row N" for the hub. A row that cannot be read
-(not JSON, not UTF-8, not an object, a csv row with the wrong number of cells) becomes a bad row with
-its reason, dropped and counted or refused like any other (dataset.on_bad_rows). A file that cannot be
-read at all (missing, a directory, unreadable, empty, binary or compressed, an unknown extension, a
-JSON array that does not parse) is one error naming it: DataFileError / DataFileNotFound.
+(not JSON, nested too deeply, a key given twice, not UTF-8, not an object, a csv row with the wrong number
+of cells) becomes a bad row with its reason, dropped and counted or refused like any other
+(dataset.on_bad_rows). A file that cannot be read at all (missing, a directory, a pipe or device,
+unreadable, empty, binary or compressed, an unknown extension, a JSON array that does not parse, a csv
+file with another delimiter) is one error naming it: DataFileError / DataFileNotFound.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import csv
 import json
 import random
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -33,13 +35,51 @@ class DataFileNotFound(FileNotFoundError):
     """dataset.path names nothing."""
 
 
+class _Strict:
+    """JSON parsing that hides nothing: a key given twice in an object (json keeps the last value without a
+    word) is recorded in `duplicates` (reset by the caller per row), and nesting too deep for the parser
+    (RecursionError) becomes a ValueError."""
+    DEEP = "nested too deeply to parse"
+
+    def __init__(self):
+        self.duplicates: list[str] = []
+        self.decoder = json.JSONDecoder(object_pairs_hook=self._object)
+
+    def _object(self, pairs):
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen = set()
+            self.duplicates.append(next(k for k, _ in pairs if k in seen or seen.add(k)))
+        return obj
+
+    def loads(self, text: str):
+        try:
+            return self.decoder.decode(text)
+        except RecursionError:
+            raise ValueError(self.DEEP) from None
+
+    def raw_decode(self, text: str, i: int):
+        try:
+            return self.decoder.raw_decode(text, i)
+        except RecursionError:
+            raise ValueError(self.DEEP) from None
+
+
+def _duplicate(parser: _Strict, where: str, index: int):
+    """The bad row for an object with a key given twice (None when there is none)."""
+    if not parser.duplicates:
+        return None
+    return _bad(where, index, "key given twice", f"'{parser.duplicates[0]}'",
+                "JSON keeps only the last value of a repeated key: keep the one you mean")
+
+
 def _decode(value, text: bool, any_json: bool):
     """A string cell holding a JSON list: messages in a text column, any list (e.g. per-token values) in a
     csv file's other columns. Anything else stays as it is (and is checked later)."""
     if not (isinstance(value, str) and value.lstrip()[:1] == "[") or not (text or any_json):
         return value
     try:
-        parsed = json.loads(value)
+        parsed = _Strict().loads(value)
     except ValueError:
         if text and value.lstrip()[:2] == "[{":
             return BadRow("cell is not valid JSON", "a message list must be written as JSON",
@@ -70,6 +110,11 @@ def _open(path: Path, shown: str, kind: str) -> bytes:
         raise DataFileError(f"dataset.path={shown} is a directory, not a file; "
                             + (f"point it at a file inside ({', '.join(inside)})" if inside else
                                "point it at a jsonl, json, csv or parquet file"))
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        what = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise DataFileError(f"{shown}: {what}, not a regular file (it would be read more than once, or block); "
+                            "write the data to a file first")
     try:
         with open(path, "rb") as f:
             head = f.read(8192)
@@ -103,16 +148,21 @@ def _text(path: Path, shown: str) -> str:
         raise DataFileError(f"{shown}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
 
 
-def _json_line(raw: bytes, where: str, n: int, text_columns: set) -> Row:
+def _json_line(raw: bytes, where: str, n: int, text_columns: set, parser: _Strict) -> Row:
     try:
         line = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
         return _bad(where, n, "not valid UTF-8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1}",
                     "save the file as UTF-8")
+    parser.duplicates.clear()
     try:
-        obj = json.loads(line)
+        obj = parser.loads(line)
     except json.JSONDecodeError as e:
         return _bad(where, n, "not valid JSON", f"{e.msg} at column {e.colno}", "fix or delete the line")
+    except ValueError as e:
+        return _bad(where, n, "not valid JSON", str(e), "a row is one object of texts or message lists")
+    if isinstance(obj, dict) and parser.duplicates:
+        return _duplicate(parser, where, n)
     if not isinstance(obj, dict):
         return _bad(where, n, "not a JSON object", describe(obj),
                     'each row is one object: {"prompt": ..., "chosen": ..., "rejected": ...}')
@@ -122,14 +172,14 @@ def _json_line(raw: bytes, where: str, n: int, text_columns: set) -> Row:
 def read_jsonl(path: Path, shown: str, text_columns: set) -> list[Row]:
     """One object per line, parsed line by line: a bad line is a bad row; blank lines are skipped."""
     _open(path, shown, "JSON Lines")
-    rows = []
+    rows, parser = [], _Strict()
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if n == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")                     # a UTF-8 byte-order mark
             if not raw.strip():
                 continue
-            row = _json_line(raw, f"{shown}:{n}", n, text_columns)
+            row = _json_line(raw, f"{shown}:{n}", n, text_columns, parser)
             if not rows and row.problem is not None and raw.lstrip()[:1] == b"[":
                 raise DataFileError(f"{shown}:{n}: a JSON array, not JSON Lines; name the file .json "
                                     "(or write one object per line)")
@@ -146,14 +196,14 @@ def read_json(path: Path, shown: str, text_columns: set) -> list[Row]:
         raise DataFileError(f"{shown}: the file is empty (no rows)")
     if text[i] == "{":
         try:
-            json.loads(text)
-        except json.JSONDecodeError:
+            _Strict().loads(text)
+        except ValueError:
             return read_jsonl(path, shown, text_columns)                   # JSON Lines named .json
         raise DataFileError(f"{shown}: one JSON object, not a list of rows; write an array [{{...}}, ...] "
                             "or one object per line (JSON Lines)")
     if text[i] != "[":
         raise DataFileError(f"{shown}: not a JSON array of rows (it starts with {text[i:i + 10]!r})")
-    decoder, rows, line, last = json.JSONDecoder(), [], 1, 0
+    parser, rows, line, last = _Strict(), [], 1, 0
     i += 1
     while True:
         i = _WS.match(text, i).end()
@@ -161,14 +211,19 @@ def read_json(path: Path, shown: str, text_columns: set) -> list[Row]:
             break
         line += text.count("\n", last, i)
         last = i
+        parser.duplicates.clear()
         try:
-            obj, i = decoder.raw_decode(text, i)
+            obj, i = parser.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataFileError(f"{shown}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); a JSON array "
                                 "cannot be read past an error: fix it (in JSON Lines a bad line drops only "
                                 "that line)") from None
+        except ValueError as e:
+            raise DataFileError(f"{shown}:{line}: not valid JSON (an item {e}); a JSON array cannot be read past "
+                                "an error: fix it (in JSON Lines a bad line drops only that line)") from None
         where = f"{shown}:{line}"
-        rows.append(_row(obj, where, len(rows), text_columns) if isinstance(obj, dict) else
+        dup = _duplicate(parser, where, len(rows)) if isinstance(obj, dict) else None
+        rows.append(dup if dup is not None else _row(obj, where, len(rows), text_columns) if isinstance(obj, dict) else
                     _bad(where, len(rows), "not a JSON object", describe(obj),
                          'each item is one object: {"prompt": ..., "chosen": ..., "rejected": ...}'))
         i = _WS.match(text, i).end()
@@ -195,6 +250,12 @@ def read_csv(path: Path, shown: str, text_columns: set) -> list[Row]:
             raise DataFileError(f"{shown}: the file is empty (no header, no rows)")
         if len(set(header)) != len(header):
             raise DataFileError(f"{shown}:1: repeated column names in the header {header}")
+        other = next((d for d in ";\t|" if len(header) == 1 and d in header[0]), None)
+        if other is not None:
+            name = {";": "semicolon", "\t": "tab", "|": "pipe"}[other]
+            raise DataFileError(f"{shown}:1: the header is one column ({header[0][:60]!r}): the file looks "
+                                f"{name}-separated, and midpo reads comma-separated csv; save it with commas "
+                                f"(e.g. pandas.read_csv(path, sep={other!r}).to_csv(new_path, index=False))")
         start = reader.line_num + 1
         for cells in reader:
             where, start = f"{shown}:{start}", reader.line_num + 1

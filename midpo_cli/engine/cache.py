@@ -83,13 +83,16 @@ def readable_model(path: Path) -> bool:
         return False
 
 
-def read_json_entry(path: Path, what: str):
+def read_json_entry(path: Path, what: str, keys: tuple[str, ...] = ()):
     """A cached JSON entry, or None when there is none or it is damaged (then it is removed, with a warning,
-    and the caller builds it again instead of failing every later run)."""
+    and the caller builds it again instead of failing every later run). `keys`: what a whole entry holds (an
+    object with these keys); anything else is damaged too."""
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text())
+        if keys and not (isinstance(data, dict) and all(k in data for k in keys)):
+            raise ValueError("not a whole entry")
     except (OSError, ValueError):
         log.warning("%s: cache entry %s is damaged: building it again", what, path)
         path.unlink(missing_ok=True)

@@ -4,7 +4,8 @@ A checkpoint is <run>/checkpoints/step-N/: accelerate's save_state (safetensors 
 and RNG states loaded back with torch.load(weights_only=True), so a planted pickle is refused, never run),
 `prior.safetensors` for a prior with state, `trainer_state.json` (step, config hash) and `manifest.json`
 (size and xxh3-128 hash of every file). It is written under a temporary name and renamed when complete;
-a damaged file (truncated, changed) is found by the manifest before anything is loaded.
+a damaged file (truncated, changed, missing, or one the manifest does not list) and a damaged manifest or
+trainer state are found before anything is loaded: one line naming the file and the previous good step.
 
 `trainer.resume`: auto (default) continues this run directory's latest intact checkpoint when it holds the
 same config (engine/rundir.py decides; a damaged one is skipped with a warning, so a requeued job goes on
@@ -80,11 +81,24 @@ def save(acc, run_dir: Path, step: int, cfg, prior) -> Path:
     return path
 
 
+def _state(ckpt: Path) -> dict | None:
+    """The checkpoint's trainer state when it is well formed: {"step": N >= 1, "config_hash": "..."}."""
+    state = read_json(ckpt / STATE)
+    ok = isinstance(state, dict) and type(state.get("step")) is int and state["step"] >= 1 \
+        and isinstance(state.get("config_hash"), str)
+    return state if ok else None
+
+
 def damage(ckpt: Path) -> str | None:
     """Why a checkpoint directory is not a complete, intact checkpoint (None when it is)."""
     manifest = read_json(ckpt / MANIFEST)
-    if manifest is None:
+    entries = manifest.values() if isinstance(manifest, dict) else [None]
+    if not all(isinstance(v, list) and len(v) == 2 and type(v[0]) is int and isinstance(v[1], str) for v in entries):
         return f"{ckpt / MANIFEST} is missing or unreadable"
+    unlisted = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST
+                      and not p.name.startswith(".") and str(p.relative_to(ckpt)) not in manifest)
+    if unlisted:
+        return f"{ckpt / unlisted[0]} is not in {MANIFEST} (not written with this checkpoint)"
     for name, (size, digest) in manifest.items():
         f = ckpt / name
         if not f.is_file():
@@ -93,6 +107,8 @@ def damage(ckpt: Path) -> str | None:
             return f"{f} is truncated or changed ({f.stat().st_size} bytes, {size} written)"
         if file_hash(f) != digest:
             return f"{f} does not match what was written (hash differs)"
+    if _state(ckpt) is None:
+        return f"{ckpt / STATE} is not a trainer state ({{\"step\": N >= 1, \"config_hash\": ...}})"
     return None
 
 
@@ -116,22 +132,34 @@ def verify(ckpt: Path) -> None:
         raise ValueError(f"checkpoint {ckpt} is damaged: {why}; {_previous_good(ckpt)}")
 
 
-def load(acc, ckpt: Path, prior) -> int:
+def load(acc, ckpt: Path, prior, max_steps: int | None = None) -> int:
     """Restore every state from an intact checkpoint; returns its step. Pickled objects are refused."""
     import pickle
 
+    from safetensors import SafetensorError
+
     verify(ckpt)
+    step = step_of(ckpt)
+    if max_steps is not None and step > max_steps:
+        raise ValueError(f"checkpoint {ckpt}: its step {step} is past trainer.max_steps={max_steps} of the same "
+                         f"config, so {ckpt / STATE} is not what this run wrote; {_previous_good(ckpt)}")
+    refused = (pickle.UnpicklingError, SafetensorError, RuntimeError, EOFError, KeyError, OSError)
     try:
         acc.load_state(str(ckpt))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, OSError) as e:
+    except refused as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {ckpt}: a file is not a plain tensor/state file, refused without running it "
                          f"({type(e).__name__}: {first})") from None
     _check_rng_files(ckpt)
     if (ckpt / PRIOR).exists():
         from safetensors.torch import load_file
-        prior.load_state_dict(load_file(str(ckpt / PRIOR)))
-    return step_of(ckpt)
+        try:
+            prior.load_state_dict(load_file(str(ckpt / PRIOR)))
+        except refused as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"checkpoint {ckpt}: {PRIOR} is not this prior's state ({type(e).__name__}: "
+                             f"{first[:200]})") from None
+    return step
 
 
 def _check_rng_files(ckpt: Path) -> None:
@@ -168,6 +196,7 @@ def find(resume: str, run_dir: Path, cfg) -> Path | None:
             raise ValueError(f"trainer.resume={resume}: no checkpoint there (expected a step-N directory "
                              f"holding {STATE}, or a run directory with checkpoints/)")
         if _hash_of(ckpt) != want:
+            verify(ckpt)                                                   # a damaged one is named as such
             theirs = (read_json(ckpt.parent.parent / "run.json") or {}).get("settings")
             raise ValueError(f"trainer.resume={resume}: that checkpoint was trained with a different config "
                              f"({differences(theirs, run_settings(cfg)) or 'see its run config.yaml'}); "
@@ -182,7 +211,7 @@ def find(resume: str, run_dir: Path, cfg) -> Path | None:
 
 
 def _hash_of(ckpt: Path) -> str | None:
-    return (read_json(ckpt / STATE) or {}).get("config_hash")
+    return (_state(ckpt) or {}).get("config_hash")
 
 
 def _siblings(run_dir: Path) -> list[Path]:
@@ -191,4 +220,9 @@ def _siblings(run_dir: Path) -> list[Path]:
 
 
 def step_of(ckpt: Path) -> int:
-    return int((read_json(ckpt / STATE) or {"step": ckpt.name.split("-")[-1]})["step"])
+    """The checkpoint's step: its trainer state's, else its name's (step-N), else -1."""
+    state = _state(ckpt)
+    if state is not None:
+        return state["step"]
+    tail = ckpt.name.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else -1

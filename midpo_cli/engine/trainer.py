@@ -228,7 +228,7 @@ def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id,
     device = acc.device
     start_step = 0
     if resume_from is not None:
-        start_step = checkpoint.load(acc, resume_from, prior)              # weights, optimisers, schedules, RNG
+        start_step = checkpoint.load(acc, resume_from, prior, tc.max_steps)  # weights, optimisers, schedules, RNG
         metrics_upto(run_dir, resume_from.parent.parent, start_step) if acc.is_main_process else None
         log.info("resumed from %s at step %d", resume_from, start_step)
     elif acc.is_main_process:

@@ -130,7 +130,7 @@ def preference_pairs(task, reference, tokenizer, sft_key: str, seed: int, cache_
     key = config_hash({"sft": sft_key, "task": task, "seed": seed})
     path = cache_root / f"pairs-{key}.json"
     with build_lock(path):                                              # a concurrent job with this key waits
-        data = read_json_entry(path, "preference pairs")
+        data = read_json_entry(path, "preference pairs", ("pairs", "eval_strings"))
         if data is not None:
             return data
         rng = random.Random(seed + 1)

@@ -157,7 +157,7 @@ def preference_pairs(task, reference, ctx: Context) -> dict:
     key = config_hash({"model": _sampling_key(ctx.model_cfg), "task": {k: task[k] for k in keep}, "seed": ctx.seed})
     path = ctx.cache_root / f"sentiment-pairs-{key}.json"
     with build_lock(path):                                              # a concurrent job with this key waits
-        data = read_json_entry(path, "sentiment pairs")
+        data = read_json_entry(path, "sentiment pairs", ("pairs",))
         if data is not None:
             return data
         train_p, _ = split_prompts(task)
