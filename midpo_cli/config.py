@@ -186,6 +186,11 @@ def check(cfg) -> None:
         raise ValueError(f"dataset.max_rows={rows} must be >= 1 (null = every row)")
     if not 0 <= cfg.seed < 2 ** 32:
         raise ValueError(f"seed={cfg.seed} must be in [0, 2**32 - 1] (numpy's seed range)")
+    model = cfg.model
+    for key in ("name_or_path", "gguf_file"):
+        if model[key] and str(model.source) != "hf":                    # silently ignored otherwise
+            raise ValueError(f"model.{key}={model[key]} is read by model=hf only; model.source={model.source} builds "
+                             f"its own model: add model=hf to load {model[key]}")
 
 
 def register_schemas() -> None:

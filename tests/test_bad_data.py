@@ -366,3 +366,19 @@ def test_unreadable_files_exit_1_with_one_line(tmp_path, capsys, name, content, 
     code, _, err, _ = train(tmp_path, f, capsys=capsys)
     assert code == 1 and message in err and name in err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_an_eval_fraction_that_holds_out_nothing_says_so(tmp_path, caplog):
+    """Five rows at eval_fraction=0.1 hold out none: the run has no eval/* metrics, and a warning says why."""
+    path = tmp_path / "five.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:5]))
+
+    def with_fraction(f):
+        return OmegaConf.structured(DatasetConfig(source="local", path=str(path), eval_fraction=f))
+
+    train, evals = load_rows(with_fraction(0.1))
+    assert (len(train), len(evals)) == (5, 0)
+    assert "holds out no row" in caplog.text and "dataset.eval_split" in caplog.text
+    caplog.clear()
+    train, evals = load_rows(with_fraction(0.4))
+    assert (len(train), len(evals)) == (3, 2) and "holds out no row" not in caplog.text

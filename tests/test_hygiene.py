@@ -132,6 +132,8 @@ def compose_train(overrides):
     ("dataset.max_rows=-1", ["dataset.max_rows=-1", ">= 1"]),                # was: every row but the last
     ("seed=-1", ["seed=-1", "2**32 - 1"]),                                    # was numpy's message, no key
     ("seed=4294967296", ["seed=4294967296", "2**32 - 1"]),
+    ("model.name_or_path=./my-model", ["model.name_or_path=./my-model", "model=hf only", "add model=hf"]),  # was ignored
+    ("model.gguf_file=m.gguf", ["model.gguf_file=m.gguf", "model=hf only"]),
 ])
 def test_check_rejects_bad_values(override, words):
     with pytest.raises(ValueError) as e:

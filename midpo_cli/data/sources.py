@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 import re
 import stat
@@ -20,6 +21,8 @@ import sys
 from pathlib import Path
 
 from midpo_cli.data.rows import BadRow, BadRowError, Row, check_row, describe, is_messages
+
+log = logging.getLogger("midpo")
 
 _WS = re.compile(r"[ \t\r\n]*")
 _COMPRESSED = {b"\x1f\x8b": "gzip-compressed: decompress it first (gunzip)", b"PK\x03\x04": "a zip archive "
@@ -350,6 +353,10 @@ def load_rows(cfg, reader: str | None = None) -> tuple[list[dict], list[dict]]:
         random.Random(0).shuffle(train)
         n_eval = int(len(train) * cfg.eval_fraction)
         evals, train = train[:n_eval], train[n_eval:]
+        if cfg.eval_fraction > 0 and not evals:
+            log.warning("dataset.eval_fraction=%s of %d rows holds out no row: no held-out metrics (eval/*) in "
+                        "this run; give more rows, a larger fraction or dataset.eval_split", cfg.eval_fraction,
+                        len(train))
     if cfg.max_rows:
         train = train[:cfg.max_rows]
     if getattr(cfg, "on_bad_rows", "drop") == "error":
