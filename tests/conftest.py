@@ -13,6 +13,16 @@ FAST = ["dataset.task.sft_steps=120", "dataset.task.sft_examples=1000", "dataset
         "dataset.task.eval_prompts=16", "trainer.batch_size=8", "trainer.eval_every=0", "trainer.log_every=1"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def outside_the_repository(tmp_path_factory):
+    """Tests run in a scratch directory: runs and caches that use the default relative paths (outputs/,
+    outputs/cache) land there, never in the checkout."""
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(here)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("midpo-cache"))
