@@ -123,9 +123,10 @@ def run(cfg: DictConfig) -> float | None:
             from accelerate.state import AcceleratorState, GradientState   # precision: start each from a clean state
             AcceleratorState._reset_state()
             GradientState._reset_state()
-    if state.is_main_process:
-        console.final_table(results)
-        log.info("run directory: %s", run_dir)
+    if not state.is_main_process:                                          # the others hold no final results
+        return None
+    console.final_table(results)
+    log.info("run directory: %s", run_dir)
     return objective_of(results, cfg.trainer.objective)
 
 

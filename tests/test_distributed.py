@@ -31,6 +31,7 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path, fast):
                         "-m", "midpo_cli", "train", *args, "trainer.batch_size=4", f"hydra.run.dir={two}"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "WARNING" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]   # e.g. rank 1 on its objective
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == STEPS
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
