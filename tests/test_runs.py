@@ -334,3 +334,21 @@ def test_a_cached_json_entry_that_parses_but_is_not_one_is_rebuilt(tmp_path, cap
     assert caplog.text.count("is damaged: building it again") == 4
     path.write_text('{"pairs": [], "eval_strings": []}')
     assert read_json_entry(path, "pairs", ("pairs", "eval_strings")) == {"pairs": [], "eval_strings": []}
+
+
+def test_a_stop_signal_at_the_last_step_finishes_the_run(tmp_path, fast, monkeypatch):
+    """SIGTERM/SIGUSR2 arriving during the last step: nothing is left to continue, so the run evaluates and
+    saves as usual (it used to exit with no checkpoint and no results, and the requeue redid everything)."""
+    from midpo_cli.engine import trainer
+
+    enter = trainer.Signals.__enter__
+
+    def signalled(self):                                                   # the signal is already pending
+        enter(self)
+        self.got = signal.SIGTERM
+        return self
+
+    monkeypatch.setattr(trainer.Signals, "__enter__", signalled)
+    run = tmp_path / "run"
+    main(["train", *fast, "trainer.max_steps=1", "trainer.save_model=false", f"hydra.run.dir={run}"])
+    assert strict_json(run / "results.json")["final"]["step"] == 1

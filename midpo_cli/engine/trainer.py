@@ -331,7 +331,10 @@ def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id,
                     raise NonFinite(f"the weights are not finite at step {step}; no checkpoint was written"
                                     + (f"; last good checkpoint: {last_ckpt}" if last_ckpt else ""))
                 last_ckpt = str(checkpoint.save(acc, run_dir, step, cfg, prior))
-            if stop:
+            if stop and step == tc.max_steps:                              # nothing left to continue: finish
+                log.warning("signal %d at the last step: finishing the run (evaluation, saving) instead of "
+                            "stopping", int(signals.got or 0))
+            elif stop:
                 log.warning("stopped by signal %d at step %d; checkpoint %s. The same command continues it "
                             "(trainer.resume=auto).", int(signals.got or 0), step, last_ckpt)
                 if metrics_file:
