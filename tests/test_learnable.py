@@ -245,6 +245,18 @@ def test_trains_logs_and_saves_beside_the_policy(name, tmp_path, fast):
         assert (run / "prior" / "adapter" / "adapter_config.json").exists()
 
 
+def test_adapter_wraps_the_modules_it_is_given(tmp_path, fast):
+    """prior.target_modules (architectures whose linear layers do not all take an adapter, e.g. Mamba's): only those
+    modules get the prior's adapter, and the list is saved with the prior as plain JSON."""
+    run = tmp_path / "run"
+    main(["train", *fast, "prior=learned_adapter", "prior.target_modules=[q_proj,v_proj]", "trainer.max_steps=2",
+          "trainer.save_model=false", f"hydra.run.dir={run}"])
+    saved = json.loads((run / "prior" / "prior.json").read_text())
+    assert saved["target_modules"] == ["q_proj", "v_proj"]
+    adapter = json.loads((run / "prior" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+
+
 def test_alternating_run_steps_only_the_scheduled_side(tmp_path, fast, monkeypatch):
     """policy_steps=1, prior_steps=1: the policy's weights change at odd steps only, the prior's at even steps."""
     from midpo_cli.priors.learned_tilt import LearnedTilt

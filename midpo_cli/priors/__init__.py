@@ -12,6 +12,7 @@ import typing
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from midpo_cli.plugins import import_all
 from midpo_cli.priors.base import Needs, PairView, Prior, Reduction
@@ -62,10 +63,12 @@ def unregister_prior(name: str) -> None:
 
 
 def _coerce(cls, key: str, value):
-    """A config value as the prior's field expects it: enum members back to their plain value, checked."""
+    """A config value as the prior's field expects it: enum members back to their plain value, checked; lists and
+    mappings as plain Python (saved with the prior as JSON)."""
     allowed = choices(typing.get_type_hints(cls)[key])
     if allowed is None:
-        return value
+        return OmegaConf.to_container(value, enum_to_str=True) if isinstance(value, (DictConfig, ListConfig)) \
+            else value
     value = value.value if isinstance(value, Enum) else value
     for v in allowed:                                   # "2" (from a YAML or the command line) matches 2
         if value == v or str(value) == str(v):

@@ -1,6 +1,7 @@
 """learned_adapter (P1, spec/priors.md Section 13, our proposal): the reference plus a low-rank adapter, learned."""
 import copy
 import itertools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -39,6 +40,7 @@ class LearnedAdapter(LearnablePrior):
     rank: int = 4                # LoRA rank r of the prior's adapter (its capacity)
     lora_alpha: float = 8.0      # LoRA scaling numerator (scale = lora_alpha / rank)
     lr: float = 0.001            # the adapter's learning rate (LoRA weights, not scalars)
+    target_modules: Optional[list[str]] = None   # peft module names the adapter wraps; None = every linear layer
 
     loss_knobs = ("anchor",)
 
@@ -61,9 +63,13 @@ class LearnedAdapter(LearnablePrior):
             raise ValueError("prior=learned_adapter needs peft: `pip install peft` "
                              "(or `pip install midpo[lora]`)") from e
         base = reference_module(policy, reference).eval()
-        conf = LoraConfig(r=self.rank, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+        targets = list(self.target_modules) if self.target_modules else "all-linear"
+        conf = LoraConfig(r=self.rank, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=targets,
                           init_lora_weights=True)                                # B = 0: zeta = pi_ref at step 0
-        self.adapter = get_peft_model(base, conf)
+        try:
+            self.adapter = get_peft_model(base, conf)
+        except ValueError as e:                              # e.g. Mamba: some linear layers take no adapter
+            raise ValueError(f"prior=learned_adapter: {e} (the option is prior.target_modules=[...])") from None
 
     def owned_models(self) -> dict:
         if self.adapter is None:
