@@ -12,8 +12,10 @@ console = Console(stderr=False)
 log = logging.getLogger("midpo")
 
 
-def setup_logging(file: Path | None = None) -> None:
-    log.setLevel(logging.INFO)
+def setup_logging(file: Path | None = None, main_process: bool = True) -> None:
+    """Rich console logging (and `file`); the other processes of a multi-process run log errors only, so each
+    message appears once."""
+    log.setLevel(logging.INFO if main_process else logging.ERROR)
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from midpo_cli.data.prepare import build_pairs, save_report
+from midpo_cli.data.prepare import build_pairs, check_bad_fraction, save_report
 from midpo_cli.engine import refcache
 from midpo_cli.engine.lora import AdapterOff, add_lora
 from midpo_cli.engine.models import check_lengths, frozen, load_model, load_tokenizer
@@ -69,6 +69,8 @@ def prepare(cfg, prior, acc, run_dir: Path) -> Setup:
     eval_pairs, eval_report = build_pairs(eval_rows, tokenizer, cfg.dataset, needs.token_columns, "eval")
     if acc.is_main_process:
         save_report([train_report, eval_report], run_dir)
+    else:                                                                  # the same verdict, without the table
+        check_bad_fraction([train_report, eval_report], str(run_dir / "data_report.json"))
     if not train_pairs:
         raise ValueError("no training pairs left (see the data report above: data_report.json)")
     data = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),

@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> float | None:
         check_config(cfg)
         claim = claim_directory(cfg, state)
         run_dir = claim.path
-        console.setup_logging(run_dir / "train.log" if state.is_main_process else None)
+        console.setup_logging(run_dir / "train.log" if state.is_main_process else None, state.is_main_process)
         if claim.state == "finished":
             results = reuse(run_dir)
         else:

@@ -42,3 +42,21 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path, fast):
     assert res["final"]["tokens"] == json.loads((one / "metrics.jsonl").read_text().splitlines()[-1])["tokens"]
     siblings = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert sorted(p.name for p in siblings) == ["one", "two"]                  # one run directory per run
+
+
+@pytest.mark.slow
+def test_two_processes_fail_alike_on_bad_data(tmp_path):
+    """Bad data under torchrun: every rank stops with the same one-line verdict (not a follow-on error), the data
+    report and the warnings appear once (the other ranks log errors only), and no rank hangs."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join('{"prompt": "p%d", "chosen": "c"}\n' % i for i in range(12)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "midpo_cli", "train", "dataset=local", f"dataset.path={data}", "trainer.batch_size=2",
+                        "trainer.max_steps=2", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all(e.startswith("error: TooManyBadRows") for e in errors), out[-3000:]
+    assert out.count("data report") == 1 and out.count("WARNING") <= 1, out[-3000:]
