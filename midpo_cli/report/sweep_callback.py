@@ -49,8 +49,8 @@ def after_launcher_failure() -> None:
             not any(p.is_dir() and not p.name.startswith(".") for p in sweep_dir.iterdir()):
         return
     from midpo_cli import console
-    console.error("the launcher stopped the sweep before every job returned (its error is above: e.g. a job's "
-                  "process was killed); the sweep table lists what the sweep directory holds, and the same command "
+    console.error("the sweep stopped before its end (the error is above: e.g. the launcher lost a job whose process "
+                  "was killed); the sweep table lists what the sweep directory holds, and the same command "
                   "finishes the rest")
     try:
         SweepTable().on_multirun_end(config)

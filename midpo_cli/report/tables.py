@@ -105,6 +105,14 @@ def reused(run_dir: Path) -> bool:
     return mark.exists() and results.exists() and mark.stat().st_mtime >= results.stat().st_mtime
 
 
+def job_name(run_dir: Path, root: Path) -> str:
+    """The run's path inside the sweep directory (either may be relative: launchers and Hydra mix the two)."""
+    run, top = Path(run_dir).resolve(), Path(root).resolve()
+    if run == top:
+        return run.name
+    return str(run.relative_to(top)) if run.is_relative_to(top) else str(run)
+
+
 def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = None,
              overrides: list[str] | None = None) -> dict:
     """One row of the sweep table for one run directory (`status`/`overrides`: for a job never started)."""
@@ -113,7 +121,7 @@ def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = N
     overrides = overrides or (results or error or job or {}).get("overrides", [])
     status = status or ("ok" if results else "failed" if error else "incomplete")
     prior = (config or {}).get("prior", {})
-    row = {"job": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name, "run": str(run_dir),
+    row = {"job": job_name(run_dir, root), "run": str(run_dir),
            "status": status, "reused": reused(run_dir), "starts": (job or {}).get("starts"),
            "error": (error or {}).get("error", ""), "overrides": " ".join(overrides),
            "prior": prior.get("name") or _from_overrides(overrides, "prior") or "",
