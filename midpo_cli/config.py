@@ -187,6 +187,10 @@ def check(cfg) -> None:
     if not 0 <= cfg.seed < 2 ** 32:
         raise ValueError(f"seed={cfg.seed} must be in [0, 2**32 - 1] (numpy's seed range)")
     model = cfg.model
+    if str(model.source) == "tiny" and cfg.dataset.max_length > model.max_position_embeddings:   # before any SFT
+        raise ValueError(f"dataset.max_length={cfg.dataset.max_length} exceeds the model's context length "
+                         f"{model.max_position_embeddings} (model.max_position_embeddings); set dataset.max_length<="
+                         f"{model.max_position_embeddings} or raise model.max_position_embeddings")
     for key in ("name_or_path", "gguf_file"):
         if model[key] and str(model.source) != "hf":                    # silently ignored otherwise
             raise ValueError(f"model.{key}={model[key]} is read by model=hf only; model.source={model.source} builds "

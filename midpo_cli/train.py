@@ -16,6 +16,7 @@ from midpo_cli import console
 from midpo_cli.config import check as check_config
 from midpo_cli.engine import checkpoint, rundir
 from midpo_cli.priors import build_prior
+from midpo_cli.tasks import build_task
 
 log = logging.getLogger("midpo")
 RESUME = ("auto", "latest", "never")
@@ -73,6 +74,18 @@ def claim_directory(cfg, state) -> rundir.Claim | None:
     return claim
 
 
+def _drop_unclaimed() -> None:
+    """A config refused before the run directory was claimed: remove the empty directory Hydra made for it
+    (and its empty date folder), so a typo leaves nothing behind."""
+    from hydra.core.hydra_config import HydraConfig
+    path = Path(HydraConfig.get().runtime.output_dir)
+    for p in (path, path.parent):
+        try:
+            p.rmdir()                                                      # only when empty
+        except OSError:
+            return
+
+
 def run(cfg: DictConfig) -> float | None:
     """Hydra task. Bad input exits 1 with one message and no traceback; in a sweep, a failing job is
     recorded (error.json) and the sweep continues. Returns trainer.objective (what a sweeper optimises);
@@ -84,6 +97,7 @@ def run(cfg: DictConfig) -> float | None:
     claim = None
     try:
         check_config(cfg)
+        build_task(cfg.dataset)                                            # the task's own settings, checked
         claim = claim_directory(cfg, state)
         run_dir = claim.path
         console.setup_logging(run_dir / "train.log" if state.is_main_process else None, state.is_main_process)
@@ -104,6 +118,8 @@ def run(cfg: DictConfig) -> float | None:
     except (ValueError, KeyError, OSError, FloatingPointError) as e:     # OSError: e.g. cache_dir is a file
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         console.error(f"{type(e).__name__}: {msg}")
+        if claim is None and state.is_main_process:
+            _drop_unclaimed()
         if claim is not None and state.is_main_process:
             record_failure(claim.path, e)
         if in_sweep():

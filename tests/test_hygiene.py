@@ -134,6 +134,7 @@ def compose_train(overrides):
     ("seed=4294967296", ["seed=4294967296", "2**32 - 1"]),
     ("model.name_or_path=./my-model", ["model.name_or_path=./my-model", "model=hf only", "add model=hf"]),  # was ignored
     ("model.gguf_file=m.gguf", ["model.gguf_file=m.gguf", "model=hf only"]),
+    ("dataset.max_length=5000", ["dataset.max_length=5000", "context length 1024"]),   # was: after the built-in SFT
 ])
 def test_check_rejects_bad_values(override, words):
     with pytest.raises(ValueError) as e:
@@ -151,7 +152,9 @@ def test_check_accepts_every_shipped_config():
 def test_train_checks_values_before_training(tmp_path, capsys):
     err = fails(capsys, ["train", "optimizer.lr=0", f"hydra.run.dir={tmp_path}/r"])
     assert "optimizer.lr=0.0 must be a finite number > 0" in err
-    assert not (tmp_path / "r" / "config.yaml").exists()
+    assert not (tmp_path / "r").exists()                                  # not even the empty directory
+    err = fails(capsys, ["train", "dataset.task.kind=revers", f"hydra.run.dir={tmp_path}/r"])  # the task's own
+    assert "Did you mean 'reverse'?" in err and not (tmp_path / "r").exists()
 
 
 # ----- prior hyperparameters must be finite (Prior.check_scale) --------------------------------------------

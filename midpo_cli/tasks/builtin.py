@@ -7,6 +7,7 @@ sampling held-out prompts from policy and reference. (a) and (b) are cached by c
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import random
@@ -91,7 +92,9 @@ def random_strings(rng: random.Random, n: int, task) -> list[str]:
 
 def check(task) -> None:
     if task.kind not in KINDS:
-        raise ValueError(f"dataset.task.kind='{task.kind}' is not one of {KINDS}")
+        close = difflib.get_close_matches(str(task.kind), KINDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"dataset.task.kind='{task.kind}' is not one of {', '.join(KINDS)}.{hint}")
     if not 0 < task.min_len <= task.max_len:
         raise ValueError("dataset.task needs 0 < min_len <= max_len")
 
