@@ -8,7 +8,6 @@ Shared hand example (one pair, per-token values; rejected is one token longer, c
     per-token log-ratios: chosen [1, 1] (sum 2), rejected [-1, -1, 1] (sum -1); DPO's u = 2 - (-1) = 3.
 Every loss below is -log sigmoid(h) = log(1 + e^-h).
 """
-import math
 from pathlib import Path
 
 import pytest

@@ -211,7 +211,7 @@ def test_tune_writes_best_beta_per_prior_and_the_comparison(tmp_path, fast):
     are absolute: the summary once failed on the mix)."""
     d = tmp_path / "tune"
     r = sweep(["+experiment=tune", *fast, "prior=dpo,simpo", "trainer.max_steps=2", "hydra.sweeper.n_trials=2",
-               "hydra.sweeper.confirm_seeds=[]"], "tune", cwd=tmp_path)
+               "hydra.sweeper.confirm_seeds=[1]"], "tune", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     best = json.loads((d / "tune_best.json").read_text())
     assert best["objective"] == "task/true_reward" and best["direction"] == "maximize"
@@ -222,7 +222,10 @@ def test_tune_writes_best_beta_per_prior_and_the_comparison(tmp_path, fast):
         assert trial["prior"] == p and trial["eval"]["true_reward/policy"] == e["value"]
     md = (d / "tune_best.md").read_text()
     assert "Best setting per prior" in md and "Priors each at its best setting" in md and "seed=0,1,2,3,4" in md
-    assert len(pd.read_csv(d / "sweep_table.csv")) == 4 and "tune_best.md" in r.stdout
+    for p in ("dpo", "simpo"):                                            # each at its best beta, seed 1
+        (job,) = best["priors"][p]["confirm"]["jobs"]
+        assert json.loads((d / job / "results.json").read_text())["seed"] == 1
+    assert len(pd.read_csv(d / "sweep_table.csv")) == 6 and "tune_best.md" in r.stdout
 
 
 def test_joblib_two_job_sweep_ends_ok(tmp_path, fast, basic):

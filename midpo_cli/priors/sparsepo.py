@@ -1,7 +1,6 @@
 """SparsePO (Christopoulou et al., arXiv:2410.05102): token masks on the reward and on the KL."""
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from midpo_cli.priors import Needs, PairView, Prior, Reduction, register_prior
+from midpo_cli.priors import Needs, PairView, Prior, register_prior
 
 
 @register_prior("tdpo")

@@ -46,16 +46,19 @@ def short(v: Any) -> str:
 def summary(objective: str, direction: str, studies: dict, winners: dict, confirm: dict, plan: dict,
             sweep_dir: Path) -> dict:
     """tune_best.json's content (see the module docstring)."""
+    def job(ret) -> str:
+        return tables.job_name(run_dir(ret), sweep_dir)
+
     priors = {}
     for p, rets in studies.items():
         w, keys = winners.get(p), plan[p]["keys"]
         values = [score(r) for r in confirm.get(p, [])]
         ok = [v for v in values if v is not None]
         priors[p] = {"best": setting(w, keys) if w else None, "default": plan[p]["defaults"],
-                     "search": plan[p]["space"], "value": score(w) if w else None, "job": tables.job_name(run_dir(w), sweep_dir) if w else None,
+                     "search": plan[p]["space"], "value": score(w) if w else None, "job": job(w) if w else None,
                      "trials": len(rets), "finished": sum(score(r) is not None for r in rets),
                      "confirm": {"values": values, "mean": sum(ok) / len(ok) if ok else None,
-                                 "jobs": [rel(r) for r in confirm.get(p, [])]}}
+                                 "jobs": [job(r) for r in confirm.get(p, [])]}}
     return {"objective": objective, "direction": direction, "priors": priors}
 
 
