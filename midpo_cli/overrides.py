@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
+import shutil
 
 from omegaconf import DictConfig, ListConfig
 
@@ -51,6 +52,10 @@ def check_overrides(command: str, argv: list[str], config_path: str) -> None:
     for o in overrides:
         if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and isinstance(o.value(), str):
             _check_directory(o)
+        if o.key_or_group == "hydra/launcher" and o.value() == "slurm" and args.multirun and not shutil.which("sbatch"):
+            raise BadOverride("hydra/launcher=slurm submits jobs with SLURM's sbatch, and there is none here: run it "
+                              "on the cluster's login node, or try the same sweep on this machine with "
+                              f"hydra/launcher=local (in `{o.input_line}`)")
     overrides = [o for o in overrides if o.package is None and not _is_hydras(o.key_or_group)]
     if not overrides:
         return

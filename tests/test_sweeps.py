@@ -275,3 +275,18 @@ def test_launcher_that_raises_still_leaves_the_sweep_table(tmp_path, fast, monke
     table = pd.read_csv(d / "sweep_table.csv")
     assert list(table["status"]) == ["ok", "not started"]
     assert "the sweep stopped before its end" in capsys.readouterr().err
+
+
+def test_slurm_without_slurm_is_one_line(capsys, monkeypatch):
+    """hydra/launcher=slurm on a machine without sbatch: one line saying where to run it and what works here
+    (it was submitit's traceback, 'Could not detect srun'); --cfg still shows the config."""
+    import shutil
+
+    from midpo_cli.__main__ import main
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--multirun", "hydra/launcher=slurm", "seed=0,1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "sbatch" in err and "hydra/launcher=local" in err and "Traceback" not in err
+    main(["train", "--cfg", "hydra", "hydra/launcher=slurm"])
+    assert "SlurmLauncher" in capsys.readouterr().out
