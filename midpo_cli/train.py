@@ -118,10 +118,10 @@ def run(cfg: DictConfig) -> float | None:
     except (ValueError, KeyError, OSError, FloatingPointError) as e:     # OSError: e.g. cache_dir is a file
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         console.error(f"{type(e).__name__}: {msg}")
-        if claim is None and state.is_main_process:
-            _drop_unclaimed()
-        if claim is not None and state.is_main_process:
+        if state.is_main_process and claim is not None:
             record_failure(claim.path, e)
+        elif state.is_main_process:
+            _drop_unclaimed()
         if in_sweep():
             return None
         sys.exit(1)

@@ -225,10 +225,13 @@ def read_json(path: Path, shown: str, text_columns: set) -> list[Row]:
             raise DataFileError(f"{shown}:{line}: not valid JSON (an item {e}); a JSON array cannot be read past "
                                 "an error: fix it (in JSON Lines a bad line drops only that line)") from None
         where = f"{shown}:{line}"
-        dup = _duplicate(parser, where, len(rows)) if isinstance(obj, dict) else None
-        rows.append(dup if dup is not None else _row(obj, where, len(rows), text_columns) if isinstance(obj, dict) else
-                    _bad(where, len(rows), "not a JSON object", describe(obj),
-                         'each item is one object: {"prompt": ..., "chosen": ..., "rejected": ...}'))
+        if not isinstance(obj, dict):
+            rows.append(_bad(where, len(rows), "not a JSON object", describe(obj),
+                             'each item is one object: {"prompt": ..., "chosen": ..., "rejected": ...}'))
+        elif parser.duplicates:
+            rows.append(_duplicate(parser, where, len(rows)))
+        else:
+            rows.append(_row(obj, where, len(rows), text_columns))
         i = _WS.match(text, i).end()
         if text[i:i + 1] == ",":
             i += 1

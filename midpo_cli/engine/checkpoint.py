@@ -147,19 +147,23 @@ def load(acc, ckpt: Path, prior, max_steps: int | None = None) -> int:
     try:
         acc.load_state(str(ckpt))
     except refused as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {ckpt}: a file is not a plain tensor/state file, refused without running it "
-                         f"({type(e).__name__}: {first})") from None
+                         f"({type(e).__name__}: {_first_line(e)})") from None
     _check_rng_files(ckpt)
     if (ckpt / PRIOR).exists():
         from safetensors.torch import load_file
         try:
             prior.load_state_dict(load_file(str(ckpt / PRIOR)))
         except refused as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"checkpoint {ckpt}: {PRIOR} is not this prior's state ({type(e).__name__}: "
-                             f"{first[:200]})") from None
+                             f"{_first_line(e)[:200]})") from None
     return step
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _check_rng_files(ckpt: Path) -> None:
@@ -180,13 +184,14 @@ def find(resume: str, run_dir: Path, cfg) -> Path | None:
     what was looked at."""
     want = run_hash(cfg)
     if resume == "auto":                                                   # a requeue: nobody to ask, so a
-        for ckpt in complete(run_dir):                                     # damaged checkpoint is skipped, loudly
+        found = complete(run_dir)                                          # damaged checkpoint is skipped, loudly
+        for ckpt in found:
             why = damage(ckpt)
             if why is None:
                 return ckpt
             log.warning("checkpoint %s is damaged (%s); trainer.resume=auto continues from the one before it",
                         ckpt, why)
-        if complete(run_dir):
+        if found:
             log.warning("no intact checkpoint in %s: the run starts over", run_dir)
         return None
     if resume != "latest":
