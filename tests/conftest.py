@@ -32,3 +32,22 @@ def cache_dir(tmp_path_factory):
 def fast(cache_dir):
     """Overrides for a quick run sharing the session cache."""
     return [*FAST, f"cache_dir={cache_dir}"]
+
+
+def kill_after_first_checkpoint(args, run) -> None:
+    """Start `midpo train *args` in `run`, SIGKILL it once its first checkpoint is published, and check that it
+    had not finished by then."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "midpo_cli", "train", *args, f"hydra.run.dir={run}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(run.glob("checkpoints/step-*/manifest.json")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "results.json").exists(), "the run finished before it could be killed"

@@ -1,14 +1,10 @@
 """Checkpoint and resume: a run killed with SIGKILL after a checkpoint, resumed with trainer.resume=latest,
 ends where the uninterrupted run ends."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
+from conftest import kill_after_first_checkpoint
 from midpo_cli.__main__ import main
 
 STEPS = 60
@@ -24,14 +20,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, fast):
             "optimizer.lr=3e-4"]
     main(["train", *args, f"hydra.run.dir={tmp_path / 'outputs/a/full'}"])
     killed = tmp_path / "outputs" / "b" / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "midpo_cli", "train", *args, f"hydra.run.dir={killed}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(killed.glob("checkpoints/step-*/trainer_state.json")) and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    kill_after_first_checkpoint(args, killed)
     step = max(int(p.parent.name.split("-")[1]) for p in killed.glob("checkpoints/step-*/trainer_state.json"))
     assert step < STEPS
     resumed = tmp_path / "outputs" / "b" / "resumed"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import kill_after_first_checkpoint
 from midpo_cli.__main__ import main
 
 MIDPO = [sys.executable, "-m", "midpo_cli", "train"]
@@ -117,17 +118,6 @@ def test_skip_counts_non_finite_steps(tmp_path, fast, monkeypatch):
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1] and rows[1]["loss"] is None
 
 
-def _kill_after_first_checkpoint(args, run):
-    proc = subprocess.Popen([*MIDPO, *args, f"hydra.run.dir={run}"], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(run.glob("checkpoints/step-*/manifest.json")) and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (run / "results.json").exists(), "the run finished before it could be killed"
-
-
 @pytest.mark.slow
 def test_resume_auto_same_command_same_directory(tmp_path, fast):
     """Killed after its first checkpoint, the identical command (resume=auto, the default) continues the run
@@ -136,7 +126,7 @@ def test_resume_auto_same_command_same_directory(tmp_path, fast):
     full = tmp_path / "full"
     main(["train", *args, f"hydra.run.dir={full}"])
     run = tmp_path / "job"
-    _kill_after_first_checkpoint(args, run)
+    kill_after_first_checkpoint(args, run)
     main(["train", *args, f"hydra.run.dir={run}"])
     a, b = strict_json(full / "results.json"), strict_json(run / "results.json")
     assert b["resumed_from"] and abs(a["final"]["loss"] - b["final"]["loss"]) <= 1e-6
