@@ -309,13 +309,13 @@ def test_kill_and_resume_ends_at_the_uninterrupted_loss(name, tmp_path, fast):
     """SIGKILL after a checkpoint, then the same command in the same directory (trainer.resume=auto): the prior's
     parameters, its optimiser and schedule (and learned_mix's snapshot) are restored: the final loss matches, and
     so does the saved prior (a resume that skipped the prior's state moves learned_mix's loss by only ~1e-6)."""
-    from test_runs import _kill_after_first_checkpoint
+    from conftest import kill_after_first_checkpoint
     args = [*fast, f"prior={name}", "trainer.max_steps=16", "trainer.save_every=5", "trainer.save_model=false",
             "optimizer.lr=3e-4", "prior.sync_every=3" if name == "learned_mix" else "prior.rank=2"]
     full = tmp_path / "full"
     main(["train", *args, f"hydra.run.dir={full}"])
     run = tmp_path / "job"
-    _kill_after_first_checkpoint(args, run)
+    kill_after_first_checkpoint(args, run)
     main(["train", *args, f"hydra.run.dir={run}"])
     a, b = (json.loads((d / "results.json").read_text()) for d in (full, run))
     assert b["resumed_from"] and abs(a["final"]["loss"] - b["final"]["loss"]) <= 1e-3
