@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         raise
     finally:
         sys.argv = old
+        if argv[0] == "train":
+            from midpo_cli.report.sweep_callback import release_sweep_dir
+            release_sweep_dir()
 
 
 if __name__ == "__main__":

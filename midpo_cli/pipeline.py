@@ -14,6 +14,8 @@ from pathlib import Path
 
 from midpo_cli.data.prepare import build_pairs, check_bad_fraction, save_report
 from midpo_cli.engine import refcache
+from midpo_cli.engine.inputs import pairs_digest, weights_digest
+from midpo_cli.engine.rundir import check_derived
 from midpo_cli.engine.lora import AdapterOff, add_lora
 from midpo_cli.engine.models import check_lengths, frozen, load_model, load_tokenizer
 from midpo_cli.engine.views import live_reference
@@ -40,7 +42,7 @@ def _reference_of(policy, cfg, device):
     return AdapterOff(policy) if cfg.model.lora.r > 0 else frozen(copy.deepcopy(policy)).to(device)
 
 
-def prepare(cfg, prior, acc, run_dir: Path) -> Setup:
+def prepare(cfg, prior, acc, run_dir: Path, resume_from: Path | None = None) -> Setup:
     from midpo_cli.engine.trainer import seed_everything
 
     needs, device = prior.needs(), acc.device
@@ -51,6 +53,7 @@ def prepare(cfg, prior, acc, run_dir: Path) -> Setup:
     with acc.main_process_first():                                         # e.g. SFT, cached for the others
         path = task.reference_weights(ctx)
     policy = load_model(cfg.model, tokenizer, path=path)
+    reference_digest = weights_digest(policy)                          # what the run starts from, for resume
     check_lengths(cfg.dataset, policy)
     if cfg.model.lora.r > 0:
         policy = add_lora(policy, cfg.model.lora)
@@ -67,6 +70,8 @@ def prepare(cfg, prior, acc, run_dir: Path) -> Setup:
     seed_everything(cfg.seed)
     train_pairs, train_report = build_pairs(train_rows, tokenizer, cfg.dataset, needs.token_columns, "train")
     eval_pairs, eval_report = build_pairs(eval_rows, tokenizer, cfg.dataset, needs.token_columns, "eval")
+    derived = {"pairs": pairs_digest(train_pairs + eval_pairs), "reference": reference_digest}
+    check_derived(run_dir, derived, resume_from.parent.parent if resume_from else None, acc.is_main_process)
     if acc.is_main_process:
         save_report([train_report, eval_report], run_dir)
     else:                                                                  # the same verdict, without the table

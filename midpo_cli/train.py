@@ -15,11 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from midpo_cli import console
 from midpo_cli.config import check as check_config
 from midpo_cli.engine import checkpoint, rundir
+from midpo_cli.engine.inputs import run_inputs
 from midpo_cli.priors import build_prior
 from midpo_cli.tasks import build_task
 
 log = logging.getLogger("midpo")
-RESUME = ("auto", "latest", "never")
+RESUME = ("auto", "latest", "never", "restart")
 
 
 def in_sweep() -> bool:
@@ -33,11 +34,14 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def _default_name() -> bool:
-    """Whether the run directory is Hydra's default time-stamped one (then a taken name moves on to a fresh one)."""
+def _claim_mode() -> str:
+    """How the run directory is chosen: `sweep` (a --multirun job), `default` (Hydra's time-stamped name: a
+    taken name moves on to a fresh one) or `explicit` (hydra.run.dir given: exactly that directory)."""
     from hydra.core.hydra_config import HydraConfig
-    hc = HydraConfig.get()
-    return not in_sweep() and not any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in hc.overrides.hydra)
+    if in_sweep():
+        return "sweep"
+    explicit = any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in HydraConfig.get().overrides.hydra)
+    return "explicit" if explicit else "default"
 
 
 def record_failure(run_dir: Path, exc: BaseException) -> None:
@@ -49,7 +53,7 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
         "traceback": "".join(traceback.format_exception(exc))})
 
 
-def claim_directory(cfg, state) -> rundir.Claim | None:
+def claim_directory(cfg, state, inputs: dict | None) -> rundir.Claim | None:
     """The main process claims the run directory; every process learns its path (None on the others)."""
     from hydra.core.hydra_config import HydraConfig
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -58,20 +62,30 @@ def claim_directory(cfg, state) -> rundir.Claim | None:
         raise ValueError(f"trainer.resume={resume}: not one of {RESUME} and no such checkpoint or run directory")
     claim = None
     if state.is_main_process:
-        claim = rundir.claim(hydra_dir, checkpoint.run_hash(cfg), resume, _default_name(),
-                             settings=checkpoint.run_settings(cfg))
+        claim = rundir.claim(hydra_dir, checkpoint.run_hash(cfg), resume, _claim_mode(),
+                             settings=checkpoint.run_settings(cfg), inputs=inputs, on_refusal=record_failure)
+        if claim.path != hydra_dir:                                        # a fresh name: drop Hydra's empty one
+            _drop_empty(hydra_dir)
+        if in_sweep():
+            from midpo_cli.sweeps.resources import record_job
+            record_job(claim.path)
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
         box = broadcast_object_list([None if claim is None else (str(claim.path), claim.state)], from_process=0)
         path, st = box[0]
         if claim is None:
             if Path(path) != hydra_dir:                                    # this process's own time-stamped dir
-                try:
-                    hydra_dir.rmdir()
-                except OSError:
-                    pass
+                _drop_empty(hydra_dir)
             claim = rundir.Claim(Path(path), st, -1)
     return claim
+
+
+def _drop_empty(path: Path) -> None:
+    """Remove a directory Hydra made for this process that stayed empty (another name was claimed)."""
+    try:
+        path.rmdir()                                                       # only when empty
+    except OSError:
+        pass
 
 
 def _drop_unclaimed() -> None:
@@ -95,20 +109,22 @@ def run(cfg: DictConfig) -> float | None:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     claim = None
+    console.setup_logging(None, state.is_main_process)                     # the claim may log (a restart, a wait)
     try:
         check_config(cfg)
-        build_task(cfg.dataset)                                            # the task's own settings, checked
-        claim = claim_directory(cfg, state)
+        task = build_task(cfg.dataset)                                     # the task's own settings, checked
+        prior = build_prior(cfg.prior)
+        inputs = run_inputs(cfg, task, prior) if state.is_main_process else None
+        claim = claim_directory(cfg, state, inputs)
         run_dir = claim.path
         console.setup_logging(run_dir / "train.log" if state.is_main_process else None, state.is_main_process)
         if claim.state == "finished":
             results = reuse(run_dir)
         else:
-            prior = build_prior(cfg.prior)
             resume = cfg.trainer.resume or "never"
             resume_from = None
-            if claim.state == "resume" or resume not in ("auto", "never"):
-                resume_from = checkpoint.find(resume, run_dir, cfg)
+            if claim.state == "resume" or resume not in ("auto", "never", "restart"):
+                resume_from = checkpoint.find(resume, run_dir, cfg, inputs)
             for w in prior.warnings():
                 log.warning(w)
             if state.is_main_process:
@@ -152,6 +168,7 @@ def reuse(run_dir: Path) -> dict:
     if results is None:
         raise ValueError(f"{run_dir / 'results.json'} is unreadable; move the run directory away to rerun it")
     rundir.write_json(run_dir / "reused.json", {"reused_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    (run_dir / "error.json").unlink(missing_ok=True)                       # an earlier attempt's refusal
     console.console.print(f"{run_dir}: this config already finished here; its results are reused (reused.json)",
                           highlight=False)
     return results
@@ -197,7 +214,7 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
                           num_steps=cfg.trainer.grad_accum, sync_with_dataloader=False))
     if trackers and acc.is_main_process:
         acc.init_trackers("tracking", config=flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
-    s = prepare(cfg, prior, acc, run_dir)
+    s = prepare(cfg, prior, acc, run_dir, resume_from)
     models = {"reference": s.reference, "snapshot": s.snapshot}
     out = train_loop(acc, cfg, s.policy, prior, models, s.train_pairs, s.eval_pairs,
                      s.tokenizer.pad_token_id, run_dir, resume_from)

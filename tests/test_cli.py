@@ -53,7 +53,7 @@ def test_existing_run_dir_is_never_overwritten(tmp_path, fast, capsys):
         main(["train", *fast, "trainer.max_steps=2", f"hydra.run.dir={run}"])
     assert e.value.code == 1
     assert json.loads((run / "results.json").read_text()) == {"keep": True}
-    assert "already holds a run" in capsys.readouterr().err
+    assert "not a midpo run directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("override, words", [

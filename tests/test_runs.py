@@ -71,7 +71,7 @@ def test_explicit_directory_in_use_is_refused(tmp_path, fast):
     """An explicit run directory held by a live run: the second run stops with one line, touching nothing."""
     from midpo_cli.engine import rundir
     run = tmp_path / "busy"
-    held = rundir.claim(run, "x", "auto", default_name=False)
+    held = rundir.claim(run, "x", "auto", "explicit")
     try:
         r = subprocess.run([*MIDPO, *fast, "trainer.max_steps=2", f"hydra.run.dir={run}"], env=ENV,
                            capture_output=True, text=True, timeout=300)
@@ -81,19 +81,58 @@ def test_explicit_directory_in_use_is_refused(tmp_path, fast):
     assert not (run / "results.json").exists() and not (run / "config.yaml").exists()
 
 
-def test_run_driven_to_nan_stops_and_writes_nothing_non_finite(tmp_path, fast, capsys):
+def test_run_driven_to_nan_stops_and_writes_nothing_non_finite(tmp_path, fast, capsys, monkeypatch):
+    """The loss turns NaN at step 4 (injected, as a diverging run would: a huge learning rate diverges on some
+    CPUs within a few steps and not on others): the run stops naming the step and the last good checkpoint, and
+    nothing non-finite is on disk."""
+    import midpo_cli.engine.trainer as trainer
+    real, calls = trainer.preference_loss, {"n": 0}
+
+    def diverges(prior, view, yardstick=None):
+        out = real(prior, view, yardstick)
+        calls["n"] += 1
+        if calls["n"] >= 4:                                                # the 4th training micro-batch on
+            out.loss = out.loss * float("inf")
+            out.metrics["loss"] = float("nan")
+        return out
+    monkeypatch.setattr(trainer, "preference_loss", diverges)
     run = tmp_path / "nan"
     with pytest.raises(SystemExit) as e:
-        main(["train", *fast, "trainer.max_steps=6", "trainer.save_every=1", "optimizer.lr=1e6",
-              "trainer.max_grad_norm=0", f"hydra.run.dir={run}"])
+        main(["train", *fast, "trainer.max_steps=6", "trainer.save_every=1", f"hydra.run.dir={run}"])
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert "non-finite" in err and "step" in err and "Traceback" not in err
+    assert "non-finite values at step 4" in err and "Traceback" not in err
+    assert f"last good checkpoint: {run / 'checkpoints' / 'step-3'}" in err
     assert not (run / "model").exists() and not (run / "results.json").exists()
     assert strict_json(run / "error.json")["status"] == "failed"
-    strict_json(run / "metrics.jsonl")                                     # valid strict JSON lines
+    assert [m["step"] for m in strict_json(run / "metrics.jsonl")] == [1, 2, 3]   # strict JSON lines
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2", "step-3"]
     for ckpt in (run / "checkpoints").glob("step-*"):
         assert finite_safetensors(ckpt), f"{ckpt} holds non-finite weights"
+
+
+def test_weights_gone_non_finite_are_never_checkpointed(tmp_path, fast, capsys, monkeypatch):
+    """A finite loss but weights that became non-finite in the optimiser step (injected at step 2): the checkpoint
+    of that step is refused and the run stops naming the last good one; no non-finite tensor is written."""
+    steps = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def poisons(self, *a, **k):
+        out = original(self, *a, **k)
+        steps["n"] += 1
+        if steps["n"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisons)
+    run = tmp_path / "poisoned"
+    with pytest.raises(SystemExit) as e:
+        main(["train", *fast, "trainer.max_steps=4", "trainer.save_every=1", f"hydra.run.dir={run}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert "not finite" in err and str(run / "checkpoints" / "step-1") in err, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
+    assert finite_safetensors(run / "checkpoints" / "step-1") and not (run / "model").exists()
 
 
 def test_skip_counts_non_finite_steps(tmp_path, fast, monkeypatch):

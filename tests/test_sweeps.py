@@ -141,7 +141,8 @@ def test_submitit_local_sweep_and_report_rebuilt_from_the_sweep_dir(tmp_path, fa
     assert list(pd.read_csv(d / "sweep_table.csv")["status"]) == ["ok", "ok"]
     assert (d / ".submitit").is_dir() and finals(d) == basic
     assert json.loads((d / "0" / "job.json").read_text())["launcher"] == "submitit_local"
-    for f in ("results.json", "metrics.jsonl", "config.yaml", "job.json", "train.log", "data_report.json"):
+    for f in ("results.json", "metrics.jsonl", "config.yaml", "job.json", "train.log", "data_report.json",
+              "run.json"):
         os.remove(d / "1" / f)                                                      # as if job 1 never ran
     main(["report", str(d)])
     runs = pd.read_csv(d / "report" / "runs.csv")

@@ -24,11 +24,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from midpo_cli.engine.cache import config_hash
+from midpo_cli.engine.inputs import InputsChanged, changed, file_hash  # noqa: F401 (file_hash: the manifest's hash)
 from midpo_cli.engine.rundir import differences, read_json
 
 STATE, MANIFEST, PRIOR = "trainer_state.json", "manifest.json", "prior.safetensors"
 IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers", "eval_train")
-CHUNK = 1 << 22
 log = logging.getLogger("midpo")
 
 
@@ -44,15 +44,6 @@ def run_settings(cfg) -> dict:
 def run_hash(cfg) -> str:
     """The config hash of a run: the hash of its run_settings."""
     return config_hash(run_settings(cfg))
-
-
-def file_hash(path: Path) -> str:
-    import xxhash
-    h = xxhash.xxh3_128()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save(acc, run_dir: Path, step: int, cfg, prior) -> Path:
@@ -179,9 +170,16 @@ def _check_rng_files(ckpt: Path) -> None:
                              f"it ({type(e).__name__})") from None
 
 
-def find(resume: str, run_dir: Path, cfg) -> Path | None:
+def _other_inputs(ckpt: Path, inputs: dict | None) -> str:
+    """What differs between the files the checkpoint's run read (its run.json) and this run's ('' when the same
+    or unknown)."""
+    record = read_json(ckpt.parent.parent / "run.json")
+    return changed(record.get("inputs"), inputs) if isinstance(record, dict) and inputs is not None else ""
+
+
+def find(resume: str, run_dir: Path, cfg, inputs: dict | None = None) -> Path | None:
     """The checkpoint to continue from (None for a fresh start under resume=auto); raises ValueError saying
-    what was looked at."""
+    what was looked at. `inputs`: this run's input fingerprints, which the checkpoint's run must share."""
     want = run_hash(cfg)
     if resume == "auto":                                                   # a requeue: nobody to ask, so a
         found = complete(run_dir)                                          # damaged checkpoint is skipped, loudly
@@ -206,12 +204,20 @@ def find(resume: str, run_dir: Path, cfg) -> Path | None:
             raise ValueError(f"trainer.resume={resume}: that checkpoint was trained with a different config "
                              f"({differences(theirs, run_settings(cfg)) or 'see its run config.yaml'}); "
                              "resume with the same overrides")
+        what = _other_inputs(ckpt, inputs)
+        if what:
+            raise InputsChanged(f"trainer.resume={resume}: that checkpoint was trained on other inputs ({what}); "
+                                "resuming would train on a mix. Start a new run instead")
         return ckpt
     candidates = [c for d in [run_dir, *_siblings(run_dir)] for c in complete(d)[:1]]
     candidates = [c for c in candidates if _hash_of(c) == want]
+    other = [c for c in candidates if _other_inputs(c, inputs)]
+    candidates = [c for c in candidates if c not in other]
     if not candidates:
-        raise ValueError(f"trainer.resume=latest: no checkpoint of a run with this config under "
-                         f"{run_dir.parent.parent}; checkpoints are written every trainer.save_every steps")
+        why = f" ({len(other)} of this config were trained on other inputs: {_other_inputs(other[0], inputs)})" \
+            if other else ""
+        raise ValueError(f"trainer.resume=latest: no checkpoint of a run with this config and these inputs under "
+                         f"{run_dir.parent.parent}{why}; checkpoints are written every trainer.save_every steps")
     return max(candidates, key=lambda c: (c / STATE).stat().st_mtime)
 
 

@@ -7,6 +7,14 @@ prints a summary (failed, unfinished and reused jobs named), and exits 1 (after 
 not finish, so scripts and CI see it. In a search (`+experiment=tune`) a failed trial is part of the
 search: it exits 1 only when a prior has no finished trial at all (tune_best.json).
 
+Several sweeps may share a sweep directory, one at a time: a sweep holds the directory's `.midpo-sweep.lock`
+from its start to its end, so a second sweep started into it while the first runs is refused before it writes
+anything (one line, exit 1); Hydra's default time-stamped directory moves on to a fresh name (`<time>-1`)
+instead. Each sweep keeps its own record (`.sweeps/<time>-<pid>.yaml`, the config Hydra also writes as
+multirun.yaml, which the latest sweep overwrites). Jobs of different sweeps never share a job directory (a job
+whose slot holds another config takes a fresh slot `<n>-1`: engine/rundir.py). The table files list every job
+directory of the sweep directory; the printed summary and the exit code are those of this sweep's own jobs.
+
 When the launcher itself raises before every job has returned (a joblib worker killed, a submitit job that
 died or ran out of requeues), Hydra never calls on_multirun_end; `midpo train` then calls `after_launcher_failure`,
 which writes the same table from the sweep directory (the jobs that did not return are rows: incomplete or not
@@ -14,7 +22,11 @@ started) and exits 1.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +49,85 @@ def unsearched(sweep_dir: Path) -> list[str]:
 
 
 _unfinished: DictConfig | None = None                           # the sweep running in this process, until its end
+_lock_fd: int | None = None                                     # its hold on the sweep directory
+LOCK = ".midpo-sweep.lock"
+
+
+def _explicit_dir(config: DictConfig) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+") == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
+
+
+def _try_lock(sweep_dir: Path) -> int | None:
+    """The sweep directory's lock (an open descriptor), or None when another running sweep holds it."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(sweep_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "command": " ".join(sys.argv)}).encode())
+    return fd
+
+
+def _holder(sweep_dir: Path) -> str:
+    try:
+        h = json.loads((sweep_dir / LOCK).read_text())
+        return f"pid {h['pid']}, started {h['started']}: {h['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _move_to(config: DictConfig, sweep_dir: Path) -> None:
+    """Point this sweep (the launcher's own copy of the config, and every job composed from it) at `sweep_dir`."""
+    from omegaconf import open_dict, read_write
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.sweep.dir = str(sweep_dir)
+        config.hydra.overrides.hydra.append(f"hydra.sweep.dir={sweep_dir}")
+
+
+def claim_sweep_dir(config: DictConfig) -> Path:
+    """Hold the sweep directory for this sweep (see the module docstring); exits 1, writing nothing, when an
+    explicit hydra.sweep.dir is held by another running sweep."""
+    global _lock_fd
+    from midpo_cli import console
+    sweep_dir = Path(config.hydra.sweep.dir)
+    explicit = _explicit_dir(config)
+    try:
+        for k in range(1000):
+            candidate = sweep_dir if k == 0 else sweep_dir.with_name(f"{sweep_dir.name}-{k}")
+            if not explicit and candidate.exists() and any(candidate.iterdir()):
+                continue                                                   # another sweep's time-stamped name
+            fd = _try_lock(candidate)
+            if fd is not None:
+                break
+            if explicit:
+                console.error(f"sweep directory {sweep_dir} is in use by another running sweep ({_holder(sweep_dir)}); "
+                              "nothing was written: wait for it to end (then the same command reuses its finished "
+                              "jobs), or pick another hydra.sweep.dir")
+                raise SystemExit(1)
+        else:
+            raise OSError(f"no free sweep directory next to {sweep_dir}")
+    except OSError as e:
+        console.error(f"sweep directory {sweep_dir}: {e}")
+        raise SystemExit(1) from None
+    if candidate != sweep_dir:
+        _move_to(config, candidate)
+    _lock_fd = fd
+    from omegaconf import OmegaConf
+    record = candidate / ".sweeps" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{os.getpid()}.yaml"
+    record.parent.mkdir(exist_ok=True)
+    OmegaConf.save(config, record)
+    return candidate
+
+
+def release_sweep_dir() -> None:
+    global _lock_fd
+    if _lock_fd is not None:
+        os.close(_lock_fd)
+        _lock_fd = None
 
 
 def after_launcher_failure() -> None:
@@ -47,6 +138,7 @@ def after_launcher_failure() -> None:
     sweep_dir = None if config is None else Path(config.hydra.sweep.dir)
     if sweep_dir is None or not sweep_dir.is_dir() or \
             not any(p.is_dir() and not p.name.startswith(".") for p in sweep_dir.iterdir()):
+        release_sweep_dir()
         return
     from midpo_cli import console
     console.error("the sweep stopped before its end (the error is above: e.g. the launcher lost a job whose process "
@@ -61,11 +153,18 @@ def after_launcher_failure() -> None:
 class SweepTable(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _unfinished
+        claim_sweep_dir(config)
         _unfinished = config
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global _unfinished
         _unfinished = None
+        try:
+            self._end(config)
+        finally:
+            release_sweep_dir()
+
+    def _end(self, config: DictConfig) -> None:
         from midpo_cli import console
         from midpo_cli.report import tables                        # deferred: single runs never need pandas
 
@@ -79,9 +178,12 @@ class SweepTable(Callback):
         except Exception as e:                                        # Hydra would turn it into a warning
             console.error(f"sweep table not written: {type(e).__name__}: {e}")
             raise SystemExit(1) from e
+        everything, df = df, tables.own_rows(df, tables.jobs_of(config.hydra))
         tables.print_table(tables.sweep_summary(df), f"sweep {sweep_dir}: {len(df)} jobs")
-        console.console.print(f"sweep table: {', '.join(str(p) for p in paths)}\n"
-                              f"report and plots: midpo report {sweep_dir}", highlight=False, soft_wrap=True)
+        others = len(everything) - len(df)
+        console.console.print(f"sweep table: {', '.join(str(p) for p in paths)}"
+                              + (f" (with {others} job(s) of earlier sweeps in this directory)" if others else "")
+                              + f"\nreport and plots: midpo report {sweep_dir}", highlight=False, soft_wrap=True)
         reused = df[df["reused"]]
         if not reused.empty:
             console.console.print(f"{len(reused)} of {len(df)} jobs reused the finished results already in their "

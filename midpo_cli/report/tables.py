@@ -24,8 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 from midpo_cli.console import console
+from midpo_cli.engine.checkpoint import IGNORED
 
-MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl", "job.json")
+MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl", "job.json", "run.json")
 FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin", "logratio/margins",
          "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/margin", "eval/logratio/margins",
          "eval/logratio/accuracies", "prior/margin", "prior/shift", "eval/prior/shift", "train/loss")
@@ -118,11 +119,11 @@ def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = N
     """One row of the sweep table for one run directory (`status`/`overrides`: for a job never started)."""
     results, error, job = _json(run_dir / "results.json"), _json(run_dir / "error.json"), _json(run_dir / "job.json")
     config = results["config"] if results else _yaml(run_dir / "config.yaml")
-    overrides = overrides or (results or error or job or {}).get("overrides", [])
-    status = status or ("ok" if results else "failed" if error else "incomplete")
+    overrides = overrides or overrides_of(run_dir)
+    status = status or ("failed" if error else "ok" if results else "incomplete")   # error.json: the latest attempt
     prior = (config or {}).get("prior", {})
     row = {"job": job_name(run_dir, root), "run": str(run_dir),
-           "status": status, "reused": reused(run_dir), "starts": (job or {}).get("starts"),
+           "status": status, "reused": reused(run_dir) and status == "ok", "starts": (job or {}).get("starts"),
            "error": (error or {}).get("error", ""), "overrides": " ".join(overrides),
            "prior": prior.get("name") or _from_overrides(overrides, "prior") or "",
            "prior_params": " ".join(f"{k}={v}" for k, v in prior.items() if k != "name"),
@@ -167,16 +168,39 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+def overrides_of(run_dir: Path) -> list[str]:
+    """The overrides a run directory's job ran with (results.json, error.json or job.json)."""
+    for name in ("job.json", "results.json", "error.json"):             # job.json: the job that last claimed it
+        found = (_json(run_dir / name) or {}).get("overrides")
+        if isinstance(found, list):
+            return [str(o) for o in found]
+    return []
+
+
+# Overrides that do not change what a run computes (engine/checkpoint.py IGNORED): not part of a job's identity.
+BYSTANDERS = re.compile(rf"[+~]*(trainer\.({'|'.join(IGNORED)})=|cache_dir=|hydra[./])")
+
+
+def job_key(overrides: list[str]) -> tuple[str, ...]:
+    """What identifies a sweep job: its overrides that change the run, in any order (its directory may be a
+    fresh slot `<n>-1`, and a rerun may add trainer.resume=restart)."""
+    return tuple(sorted(o for o in overrides if not BYSTANDERS.match(o)))
+
+
 def collect(dirs: list[Path]) -> pd.DataFrame:
-    """The table: a row per run directory found under each of dirs, in directory order."""
+    """The table: a row per run directory found under each of dirs, in directory order, then a row per job that
+    a sweep of the directory listed (multirun.yaml, .sweeps/*.yaml) but no directory holds ("not started")."""
     commit = git_commit()
     rows = []
     for d in map(Path, dirs):                          # job names: relative to the dir, or to its parent if many
         root = d.parent if len(dirs) > 1 else d
         runs = find_runs(d)
         rows += [read_run(run, root, commit) for run in runs]
-        rows += [read_run(d / name, root, commit, "not started", job) for name, job in (expected_jobs(d) or [])
-                 if d / name not in runs]
+        started = {job_key(overrides_of(run)) for run in runs}
+        for name, job in expected_jobs(d) or []:
+            if job_key(job) not in started:
+                started.add(job_key(job))
+                rows.append(read_run(d / name, root, commit, "not started", job))
     df = pd.DataFrame(rows)
     if not df.empty:
         df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
@@ -184,30 +208,60 @@ def collect(dirs: list[Path]) -> pd.DataFrame:
     return df
 
 
+SWEEPS = ".sweeps"                                     # each sweep started in a directory: its own record
+
+
 def expected_jobs(sweep_dir: Path) -> list[tuple[str, list[str]]] | None:
-    """(job directory name, overrides) of every job of a basic-sweeper sweep, from the multirun.yaml Hydra
-    writes when the sweep starts; None when there is none, or another sweeper or job directory layout."""
+    """(job directory name, overrides) of every job of the basic-sweeper sweeps started in `sweep_dir`: each
+    invocation's own record (.sweeps/*.yaml, written when it starts) and Hydra's multirun.yaml (the latest
+    one's); None when there is none, or only other sweepers or job directory layouts."""
+    from omegaconf import OmegaConf
+
+    jobs, known = [], False
+    for record in [sweep_dir / "multirun.yaml", *sorted((sweep_dir / SWEEPS).glob("*.yaml"))]:
+        try:
+            found = jobs_of(OmegaConf.load(record).hydra)
+        except Exception:                              # unreadable, or not a sweep record
+            found = None
+        if found is not None:
+            known = True
+            jobs += [j for j in found if job_key(j[1]) not in {job_key(k[1]) for k in jobs}]
+    return jobs if known else None
+
+
+def jobs_of(h) -> list[tuple[str, list[str]]] | None:
+    """(job directory name, overrides) of every job of a basic-sweeper sweep, from its `hydra` config node; None
+    for another sweeper or job directory layout, or a sweep it cannot replay (glob)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     try:
-        h = OmegaConf.load(sweep_dir / "multirun.yaml").hydra
         if not str(h.sweeper._target_).endswith("BasicSweeper") or \
                 OmegaConf.to_container(h.sweep)["subdir"] != "${hydra.job.num}":
             return None
         params = [f"{k}={v}" for k, v in (h.sweeper.get("params") or {}).items()]
         parsed = OverridesParser.create().parse_overrides([*params, *h.overrides.task])
         jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-    except Exception:                                  # no multirun.yaml, or a sweep it cannot replay (glob)
+    except Exception:                                  # a sweep it cannot replay (glob)
         return None
     return [(str(i), list(job)) for i, job in enumerate(jobs)]
+
+
+def own_rows(df: pd.DataFrame, jobs: list[tuple[str, list[str]]] | None) -> pd.DataFrame:
+    """The rows of `df` that are jobs of one sweep (`jobs`, from jobs_of); all of them when the sweep's jobs are
+    not known (another sweeper, a glob)."""
+    if jobs is None:
+        return df
+    keys = {job_key(j) for _, j in jobs}
+    return df[[job_key(o.split()) in keys for o in df["overrides"]]]
 
 
 def _groups(df: pd.DataFrame) -> list[str]:
     """What a row is a seed of: its prior (or its `arm`, conf/arm/: a prior with settings) plus the overrides that
     differ between rows, seed excluded."""
-    keep = [[o for o in s.split() if not re.match(r"[+~]?(seed|prior|arm)=", o)] for s in df["overrides"]]
+    keep = [[o for o in s.split() if not re.match(r"[+~]?(seed|prior|arm)=", o) and not BYSTANDERS.match(o)]
+            for s in df["overrides"]]
     known = [set(k) for k, s in zip(keep, df["overrides"]) if s]         # incomplete runs have no overrides
     common = set.intersection(*known) if known else set()
     names = [_from_overrides(s.split(), "arm") or p or "?" for p, s in zip(df["prior"], df["overrides"])]

@@ -11,7 +11,10 @@ process (the joblib launcher's workers, submitit's job processes), before the ta
   starting at job number % GPUs; when all are taken it shares GPU job number % GPUs (and says so).
   On SLURM each job has its own allocation (CUDA_VISIBLE_DEVICES set by SLURM) and nothing is changed.
 - job.json in the job's directory: job number, overrides, launcher, the launcher's job id (SLURM's, or
-  submitit_local's process id), host, threads, device and the start count (a requeued job starts again). The sweep table reads it for jobs that never finished.
+  submitit_local's process id), host, threads, device and the start count (a requeued job starts again). The
+  sweep table reads it for jobs that never finished. It is written by `midpo train` once the job has claimed its
+  directory (`record_job`), never before: a job that is refused, or that moves to a fresh slot because its
+  slot holds another sweep's job, writes nothing into another job's files.
 
 Single runs and the basic launcher (one job at a time) are left alone: the job has the whole machine.
 """
@@ -113,9 +116,14 @@ class JobResources(Callback):
         if threads is not None:
             _set_threads(threads)
         device = self._device(config, launcher, cores)
-        write_job_file(Path(config.hydra.runtime.output_dir), config, launcher_kind(launcher), threads, device)
+        global _job
+        _job = {"job_num": int(config.hydra.job.num), "overrides": list(config.hydra.overrides.task),
+                "launcher": launcher_kind(launcher), "job_id": OmegaConf.select(config, "hydra.job.id"),
+                "threads": threads, "device": device}
 
     def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _job
+        _job = None
         if self._gpu_lock is not None:
             self._gpu_lock.close()
             self._gpu_lock = None
@@ -137,20 +145,22 @@ class JobResources(Callback):
         return f"cuda:{index}"
 
 
-def write_job_file(run_dir: Path, config: DictConfig, launcher: str, threads: int | None, device: str | None) -> Path:
-    """<run dir>/job.json; `starts` counts how often the job started in this directory (requeues)."""
+_job: dict | None = None                 # this process's sweep job, from on_job_start until record_job
+
+
+def record_job(run_dir: Path) -> Path | None:
+    """<run dir>/job.json for the sweep job running in this process, once it has claimed `run_dir`; `starts`
+    counts how often the job started in this directory (requeues). None outside a sweep job."""
+    from midpo_cli.engine.rundir import read_json, write_json
+
+    if _job is None:
+        return None
     path = run_dir / "job.json"
-    try:
-        starts = json.loads(path.read_text()).get("starts", 0) + 1
-    except (OSError, ValueError):
-        starts = 1
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "job_num": int(config.hydra.job.num), "overrides": list(config.hydra.overrides.task),
-        "launcher": launcher, "job_id": OmegaConf.select(config, "hydra.job.id"), "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "threads": threads, "device": device, "starts": starts,
-        "started_at": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2))
+    before = read_json(path)
+    starts = before.get("starts", 0) + 1 if isinstance(before, dict) and isinstance(before.get("starts"), int) else 1
+    write_json(path, {**_job, "host": socket.gethostname(), "pid": os.getpid(),
+                      "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "starts": starts,
+                      "started_at": datetime.datetime.now().isoformat(timespec="seconds")})
     return path
 
 

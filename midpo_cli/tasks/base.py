@@ -4,6 +4,8 @@ The train command asks the task for exactly three things and never looks at whic
 
     reference_weights(ctx)          -> a directory holding the reference policy (e.g. after SFT), or None
                                        to use the model config's own weights
+    inputs()                        -> the files the task reads, as (label, path): fingerprinted, so that a
+                                       finished run is not reused (nor resumed) after they change
     pairs(ctx, reference)           -> (train rows, eval rows) in TRL's prompt/chosen/rejected format
     evaluate(ctx, policy, reference)-> true-reward evaluation of sampled answers on held-out prompts,
                                        or {} when the task has no reward (a user's data file)
@@ -52,6 +54,9 @@ class Task:
 
     def check(self) -> None:
         """Raise ValueError naming the setting when the task's settings are inconsistent."""
+
+    def inputs(self) -> list[tuple[str, Path]]:
+        return []
 
     def reference_weights(self, ctx: Context) -> str | None:
         return None
