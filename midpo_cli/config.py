@@ -91,7 +91,7 @@ class TrainerConfig:
     grad_accum: int = 1                   # micro-batches per optimiser step
     eval_every: int = 50                  # held-out preference metrics every N steps (0 = only at the end)
     save_every: int = 0                   # checkpoint every N steps (0 = only the final model)
-    resume: Optional[str] = "auto"        # auto | latest | never | a checkpoint or run directory path
+    resume: Optional[str] = "auto"        # auto | latest | never | restart | a checkpoint or run directory path
     on_nonfinite: OnNonFinite = OnNonFinite.stop   # stop | skip: a non-finite loss or gradient stops the run, or skips the step
     precision: Precision = Precision.fp32  # fp32 | bf16 | fp16 (mixed precision through accelerate)
     max_grad_norm: float = 1.0            # gradient clipping (0 = off)
