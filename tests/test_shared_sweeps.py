@@ -118,11 +118,28 @@ def test_a_sweep_rerun_after_the_data_changed_refuses_each_job_and_says_so(tmp_p
 
 def test_a_sweep_slot_holding_someone_elses_folder_is_passed_over(tmp_path):
     d = tmp_path / "sweep"
-    (d / "0").mkdir(parents=True)
-    (d / "0" / "notes.txt").write_text("mine")
-    main(["train", "--multirun", *local(tmp_path), "prior=dpo", f"hydra.sweep.dir={d}"])
-    assert sorted(p.name for p in (d / "0").iterdir()) == ["notes.txt"]
-    assert json.loads((d / "0-1" / "results.json").read_text())["prior"] == "dpo"
+    args = ["train", "--multirun", *local(tmp_path), f"hydra.sweep.dir={d}"]
+    main([*args, "prior=simpo"])
+    (d / "1").mkdir()
+    (d / "1" / "notes.txt").write_text("mine")                              # a folder dropped into the sweep
+    main([*args, "prior=dpo,tdpo"])
+    assert sorted(p.name for p in (d / "1").iterdir()) == ["notes.txt"]
+    assert [json.loads((d / s / "results.json").read_text())["prior"] for s in ("0", "0-1", "1-1")] == \
+        ["simpo", "dpo", "tdpo"]
+
+
+@pytest.mark.parametrize("contents", [["notes.txt"], ["0/notes.txt"]])
+def test_a_sweep_directory_that_is_someone_elses_folder_is_refused_untouched(tmp_path, capsys, contents):
+    d = tmp_path / "theirs"
+    for name in contents:
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text("mine")
+    before = sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--multirun", *local(tmp_path), "prior=dpo", f"hydra.sweep.dir={d}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "not a midpo sweep directory" in err and "Traceback" not in err
+    assert sorted(str(p.relative_to(d)) for p in d.rglob("*")) == before
 
 
 def test_default_sweep_directory_taken_in_the_same_second_moves_on(tmp_path):

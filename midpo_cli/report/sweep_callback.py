@@ -88,6 +88,17 @@ def _move_to(config: DictConfig, sweep_dir: Path) -> None:
         config.hydra.overrides.hydra.append(f"hydra.sweep.dir={sweep_dir}")
 
 
+def _foreign(sweep_dir: Path) -> list[str]:
+    """What an existing sweep directory holds when it is not a midpo sweep directory (no lock, no sweep record,
+    no multirun.yaml, no job directory with a run in it): someone's folder. [] when it is one, or empty."""
+    if not sweep_dir.is_dir():
+        return []
+    entries = sorted(p.name for p in sweep_dir.iterdir())
+    marked = any(m in entries for m in (LOCK, ".sweeps", "multirun.yaml")) or any(
+        (sweep_dir / e / m).exists() for e in entries for m in ("run.json", "results.json", "job.json"))
+    return [] if marked else entries
+
+
 def claim_sweep_dir(config: DictConfig) -> Path:
     """Hold the sweep directory for this sweep (see the module docstring); exits 1, writing nothing, when an
     explicit hydra.sweep.dir is held by another running sweep."""
@@ -100,6 +111,12 @@ def claim_sweep_dir(config: DictConfig) -> Path:
             candidate = sweep_dir if k == 0 else sweep_dir.with_name(f"{sweep_dir.name}-{k}")
             if not explicit and candidate.exists() and any(candidate.iterdir()):
                 continue                                                   # another sweep's time-stamped name
+            found = _foreign(candidate)
+            if found:
+                shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+                console.error(f"sweep directory {candidate} is not empty and is not a midpo sweep directory (it "
+                              f"holds {shown}); nothing was written into it: pick a new or empty hydra.sweep.dir")
+                raise SystemExit(1)
             fd = _try_lock(candidate)
             if fd is not None:
                 break
