@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from midpo_cli import console
 from midpo_cli.config import check as check_config
 from midpo_cli.engine import checkpoint, rundir
+from midpo_cli.engine.models import check_source
 from midpo_cli.priors import build_prior
 from midpo_cli.tasks import build_task
 
@@ -98,6 +99,7 @@ def run(cfg: DictConfig) -> float | None:
     try:
         check_config(cfg)
         build_task(cfg.dataset)                                            # the task's own settings, checked
+        check_source(cfg.model)                                            # a broken model directory, by its headers
         claim = claim_directory(cfg, state)
         run_dir = claim.path
         console.setup_logging(run_dir / "train.log" if state.is_main_process else None, state.is_main_process)
