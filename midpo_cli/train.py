@@ -16,6 +16,7 @@ from midpo_cli import console
 from midpo_cli.config import check as check_config
 from midpo_cli.engine import checkpoint, rundir
 from midpo_cli.engine.inputs import run_inputs
+from midpo_cli.engine.models import check_source
 from midpo_cli.priors import build_prior
 from midpo_cli.tasks import build_task
 
@@ -113,6 +114,7 @@ def run(cfg: DictConfig) -> float | None:
     try:
         check_config(cfg)
         task = build_task(cfg.dataset)                                     # the task's own settings, checked
+        check_source(cfg.model)                                            # a broken model directory, by its headers
         prior = build_prior(cfg.prior)
         inputs = run_inputs(cfg, task, prior) if state.is_main_process else None
         claim = claim_directory(cfg, state, inputs)

@@ -11,6 +11,8 @@ from transformers import GPT2Config, LlamaConfig
 import midpo_cli.priors  # noqa: F401
 from midpo_cli.__main__ import config_path, main
 from midpo_cli.config import ModelConfig, check, register_schemas
+from midpo_cli.engine import models
+from midpo_cli.engine.model_dir import BadModelDir
 from midpo_cli.engine.models import check_lengths, check_source, context_length, load_model, load_tokenizer
 from midpo_cli.overrides import BadOverride, check_overrides
 from midpo_cli.priors import PRIORS, build_prior
@@ -224,8 +226,9 @@ def test_model_directory_without_config_json(tmp_path):
         check_source(hf(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"model.gguf_file=m.gguf: no such file .*none"):
         check_source(hf(tmp_path, gguf_file="m.gguf"))
-    (tmp_path / "config.json").write_text("{}")
-    check_source(hf(tmp_path))
+    (tmp_path / "config.json").write_text("{}")                        # the rest: tests/test_model_dirs.py
+    with pytest.raises(BadModelDir, match="config.json has no \"model_type\""):
+        check_source(hf(tmp_path))
 
 
 def test_hub_ids_are_left_to_the_hub():
@@ -251,12 +254,13 @@ def test_trust_remote_code_is_off_by_default_and_passed_to_every_load(tmp_path, 
         raise OSError("stop here")
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record)
+    monkeypatch.setattr(models, "check_source", lambda cfg: None)     # only what reaches from_pretrained, here
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "m.gguf").write_text("")
     for trust in (False, True):
         for cfg in (hf(tmp_path, trust_remote_code=trust), hf(tmp_path, gguf_file="m.gguf", trust_remote_code=trust)):
             for load in (lambda: load_tokenizer(cfg), lambda: load_model(cfg, None)):
-                with pytest.raises(FileNotFoundError, match="stop here"):
+                with pytest.raises(BadModelDir, match="stop here"):
                     load()
         with pytest.raises(OSError):
             load_model(hf(tmp_path, trust_remote_code=trust), None, path=str(tmp_path))

@@ -1,8 +1,8 @@
 """Models and tokenizers: the tiny default built in code, any HF name or directory, offline SmolLM2.
 
-A local-looking `model.name_or_path` that does not exist fails in one line (not a hub traceback); remote
-code runs only with `model.trust_remote_code=true`; `check_lengths` holds dataset.max_length to the
-model's context length.
+A local-looking `model.name_or_path` that does not exist, or is a broken model directory, fails in one line
+(not a hub traceback; the directory checks are in model_dir.py); remote code runs only with
+`model.trust_remote_code=true`; `check_lengths` holds dataset.max_length to the model's context length.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 
 import torch
+
+from midpo_cli.engine import model_dir
 
 log = logging.getLogger("midpo")
 
@@ -96,8 +98,11 @@ def local_path(name: str) -> Path | None:
 
 
 def check_source(cfg) -> None:
-    """model=hf: a local name_or_path (and gguf_file in it) must exist and hold a saved model; one-line
-    FileNotFoundError naming the key otherwise. Hub ids are left to the hub."""
+    """model=hf: a local name_or_path (and gguf_file in it) must exist and hold a loadable model (model_dir.check:
+    config, weights, tokenizer, by their headers); one line naming the key otherwise. Hub ids are left to the
+    hub; other sources build their own model (nothing to check)."""
+    if cfg.source != "hf":
+        return
     if not cfg.name_or_path:
         raise ValueError("model=hf needs model.name_or_path=<hub id or local directory>")
     path = local_path(str(cfg.name_or_path))
@@ -110,23 +115,25 @@ def check_source(cfg) -> None:
     if path.is_file():
         raise FileNotFoundError(f"{key} is a file; give the directory holding the model (a .gguf file: "
                                 "model.name_or_path=<its directory> model.gguf_file=<its name>)")
-    if cfg.gguf_file:
-        if not (path / cfg.gguf_file).is_file():
-            found = sorted(p.name for p in path.glob("*.gguf"))
-            raise FileNotFoundError(f"model.gguf_file={cfg.gguf_file}: no such file in {path} "
-                                    f"(.gguf files there: {', '.join(found) or 'none'})")
-    elif not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{key}: {path} has no config.json, so it is not a saved transformers model; "
-                                "point at the directory save_pretrained wrote (or give model.gguf_file)")
+    model_dir.check(path, cfg)
+    if cfg.gguf_file and importlib.util.find_spec("gguf") is None:
+        raise NotInstalled("reading model.gguf_file needs the `gguf` package: `pip install gguf==0.19.0`.")
 
 
-def _from_hub(load, cfg):
-    """Run a from_pretrained of model=hf; the hub's OSError (unknown id, offline, missing file) as one line."""
+def _from_pretrained(load, cfg, what: str = "model"):
+    """Run a from_pretrained of model=hf. A hub id: its OSError (unknown id, offline, missing file) as one line.
+    A local directory: anything it raises as one line naming the directory (and the damaged file, when
+    model_dir.explain finds it), never a traceback."""
+    path = local_path(str(cfg.name_or_path))
     try:
         return load()
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path}: could not load it: {first}") from e
+    except Exception as e:
+        if path is not None:
+            raise model_dir.explain(path, cfg, what, e) from e
+        if isinstance(e, OSError):
+            raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path}: could not load it: "
+                                    f"{model_dir.first_line(e)}") from e
+        raise
 
 
 def load_tokenizer(cfg):
@@ -140,8 +147,8 @@ def load_tokenizer(cfg):
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=file, trust_remote_code=trust)
     else:
         check_source(cfg)
-        tok = _from_hub(lambda: AutoTokenizer.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file,
-                                                              trust_remote_code=trust), cfg)
+        tok = _from_pretrained(lambda: AutoTokenizer.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file,
+                                                                     trust_remote_code=trust), cfg, "tokenizer")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -165,9 +172,13 @@ def load_model(cfg, tokenizer, path: str | None = None):
     elif cfg.source == "hf":
         check_source(cfg)
         if cfg.gguf_file:
-            model = _from_hub(lambda: _from_gguf(cfg.name_or_path, cfg.gguf_file, dtype, trust), cfg)
-        else:
-            model = _from_hub(lambda: AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs), cfg)
+            model = _from_pretrained(lambda: _from_gguf(cfg.name_or_path, cfg.gguf_file, dtype, trust), cfg)
+        elif local_path(str(cfg.name_or_path)) is None:
+            model = _from_pretrained(lambda: AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs), cfg)
+        else:                           # a local directory: weights that do not fit its config are one line too
+            model, info = _from_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
+                cfg.name_or_path, **kwargs, ignore_mismatched_sizes=True, output_loading_info=True), cfg)
+            model_dir.check_shapes(cfg, info)
     else:
         raise ValueError(f"model.source='{cfg.source}' is not one of tiny, hf, smollm2")
     if cfg.gradient_checkpointing:
