@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from midpo_cli.__main__ import main
@@ -260,3 +260,15 @@ def test_a_lora_merged_run_model_trains(tmp_path):
     second = tmp_path / "again"
     main(["train", *RUN, f"model.name_or_path={first / 'model'}", f"hydra.run.dir={second}"])
     assert (second / "results.json").is_file()
+
+
+def test_renamed_tensors_are_not_loaded_as_random_values(saved, tmp_path, capsys):
+    """Weights under other tensor names: transformers would start those tensors from random values (its warning is
+    hidden by the quiet log); midpo refuses in one line naming a missing tensor."""
+    folder = tmp_path / "model"
+    shutil.copytree(saved / "qwen2", folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k.replace("layers.0.", "blocks.0."): v for k, v in weights.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    err = fails(capsys, [*RUN, f"model.name_or_path={folder}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert "lack" in err and "layers.0." in err and "random values" in err and "blocks.0." in err

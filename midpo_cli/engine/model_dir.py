@@ -322,7 +322,17 @@ def _gguf_unreadable(file: Path) -> bool:
 
 
 def check_shapes(cfg, info: dict) -> None:
-    """Weights whose shapes do not fit config.json (from_pretrained's loading info): one line with the first."""
+    """Weights whose shapes do not fit config.json, or tensors of the model the weights do not hold (they would be
+    left at random values: renamed tensors, another architecture's checkpoint), from from_pretrained's loading
+    info: one line with the first."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        extra = sorted(info.get("unexpected_keys") or ())
+        seen = f"; the weights hold {len(extra)} tensors the model does not use (e.g. {extra[0]})" if extra else ""
+        raise BadModelDir(f"{key_of(cfg)}: the weights lack {len(missing)} tensors of the model config.json describes "
+                          f"(e.g. {missing[0]}), which would start from random values{seen}; the weights and "
+                          "config.json come from different models or tensor names: save them together with "
+                          "save_pretrained")
     mismatched = sorted(info.get("mismatched_keys") or ())
     if mismatched:
         name, saved, wanted = mismatched[0]
