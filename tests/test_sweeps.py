@@ -33,6 +33,16 @@ def finals(sweep_dir) -> dict:
     return out
 
 
+def same_finals(a: dict, b: dict) -> bool:
+    """The same jobs with the same final metrics, to float32 rounding: a job with 1 thread and one with several
+    may sum in another order on some CPUs (exact equality would hold on one machine and fail on another)."""
+    def close(x, y):
+        return x is None and y is None or (x is not None and y is not None and
+                                           math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7))
+    return a.keys() == b.keys() and all(a[k].keys() == b[k].keys() and all(close(a[k][m], b[k][m]) for m in a[k])
+                                        for k in a)
+
+
 @pytest.fixture(scope="module")
 def basic(tmp_path_factory, cache_dir):
     """The same 2-job sweep through Hydra's basic launcher (in this process): the reference results."""
@@ -127,7 +137,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_with_the_basic_launchers_results(tmp
     assert sorted(csv["status"]) == ["failed", "failed", "ok", "ok"]
     for job in csv[csv["status"] == "failed"]["job"]:
         assert json.loads((d / str(job) / "error.json").read_text())["status"] == "failed"
-    assert finals(d) == basic
+    assert same_finals(finals(d), basic)
     jobs = [json.loads((d / str(i) / "job.json").read_text()) for i in range(4)]
     cores = resources.available_cores()
     assert {j["launcher"] for j in jobs} == {"joblib"} and {j["threads"] for j in jobs} == {max(1, cores // 2)}
@@ -139,7 +149,7 @@ def test_submitit_local_sweep_and_report_rebuilt_from_the_sweep_dir(tmp_path, fa
     r = sweep([*fast, *SMALL, "hydra/launcher=local"], d)
     assert r.returncode == 0, r.stderr[-3000:]
     assert list(pd.read_csv(d / "sweep_table.csv")["status"]) == ["ok", "ok"]
-    assert (d / ".submitit").is_dir() and finals(d) == basic
+    assert (d / ".submitit").is_dir() and same_finals(finals(d), basic)
     assert json.loads((d / "0" / "job.json").read_text())["launcher"] == "submitit_local"
     for f in ("results.json", "metrics.jsonl", "config.yaml", "job.json", "train.log", "data_report.json",
               "run.json"):
@@ -235,7 +245,7 @@ def test_joblib_two_job_sweep_ends_ok(tmp_path, fast, basic):
     d = tmp_path / "sweep"
     r = sweep([*fast, *SMALL, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], d)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert list(pd.read_csv(d / "sweep_table.csv")["status"]) == ["ok", "ok"] and finals(d) == basic
+    assert list(pd.read_csv(d / "sweep_table.csv")["status"]) == ["ok", "ok"] and same_finals(finals(d), basic)
 
 
 def test_rerun_of_a_sweep_reruns_only_the_deleted_job(tmp_path, fast, capsys):
