@@ -60,6 +60,14 @@ def error(message: str) -> None:
     line(message, "error", "bold red")
 
 
+def stopped(message: str) -> None:
+    """Where a stopped run stands (console and train.log)."""
+    line(message, "stopped", "bold yellow")
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, f"stopped: {message}", None, None))
+
+
 def final_table(results: dict) -> None:
     final = results.get("final", {})
     t = Table(title=f"midpo train: prior={results.get('prior')} seed={results.get('seed')}")
