@@ -27,12 +27,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
 LIMIT = 1 << 20                                                            # bytes a file may reach
 
 
-def limited():
-    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
-
-
-def midpo(args, run, limit=False):
-    """`midpo train *args hydra.run.dir=run` to its end: (exit code, stderr)."""
+def midpo(args, run, limit: int = 0):
+    """`midpo train *args hydra.run.dir=run` to its end, files limited to `limit` bytes: (exit code, stderr)."""
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     p = subprocess.run([*MIDPO, *args, f"hydra.run.dir={run}"], env=ENV, capture_output=True, text=True,
                        timeout=600, preexec_fn=limited if limit else None)
     return p.returncode, p.stderr
@@ -132,14 +130,14 @@ def test_ctrl_c_before_training_leaves_no_half_written_cache_entry(tmp_path, fas
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_none(tmp_path, warm):
     run = tmp_path / "full"
     args = [*warm, "trainer.max_steps=40", "trainer.save_every=2", "trainer.save_model=false"]
-    code, err = midpo(args, run, limit=True)
+    code, err = midpo(args, run, LIMIT)
     assert code == 1
     line = one_line(err, "error")
     assert f"could not write checkpoint {run / 'checkpoints' / 'step-2'}: File too large (EFBIG)" in line
     assert "no checkpoint was written" in line and not only_complete_checkpoints(run)
     kill_after_first_checkpoint(args, run)                                 # now a good one, written without limit
     good = latest(run)
-    code, err = midpo(args, run, limit=True)                               # resumes from it, fails at the next
+    code, err = midpo(args, run, LIMIT)                                    # resumes from it, fails at the next
     assert code == 1
     line = one_line(err, "error")
     assert "could not write checkpoint" in line and "(EFBIG)" in line and f"last good checkpoint: {good}" in line
@@ -148,7 +146,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_none(tmp_pat
 
 def test_a_final_model_that_cannot_be_written_leaves_no_model(tmp_path, warm):
     run = tmp_path / "model"
-    code, err = midpo([*warm, "trainer.max_steps=2"], run, limit=True)
+    code, err = midpo([*warm, "trainer.max_steps=2"], run, LIMIT)
     assert code == 1
     line = one_line(err, "error")
     assert f"could not write the final model {run / 'model'}: File too large (EFBIG)" in line
@@ -156,9 +154,18 @@ def test_a_final_model_that_cannot_be_written_leaves_no_model(tmp_path, warm):
     assert json.loads((run / "error.json").read_text())["status"] == "failed"
 
 
+def test_results_that_cannot_be_written_leave_no_results(tmp_path, warm):
+    """4 KiB: run.json, config.yaml, the data report, metrics and the log fit; results.json (5 kB) does not."""
+    run = tmp_path / "results"
+    code, err = midpo([*warm, "trainer.max_steps=2", "trainer.save_model=false"], run, 4096)
+    assert code == 1
+    assert f"could not write {run / 'results.json'}: File too large (EFBIG)" in one_line(err, "error")
+    assert not list(run.glob("*results*")) and (run / "error.json").exists()
+
+
 def test_a_cache_entry_that_cannot_be_written_is_one_line(tmp_path, fast):
     cache = tmp_path / "cache"
-    code, err = midpo([*fast, f"cache_dir={cache}", "trainer.max_steps=2"], tmp_path / "run", limit=True)
+    code, err = midpo([*fast, f"cache_dir={cache}", "trainer.max_steps=2"], tmp_path / "run", LIMIT)
     assert code == 1
     line = one_line(err, "error")
     assert "could not write cache entry" in line and "sft-" in line and "(EFBIG)" in line
