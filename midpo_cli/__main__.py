@@ -87,11 +87,17 @@ def main(argv: list[str] | None = None) -> None:
     _check(argv[0], argv[1:])
     try:
         _app(argv[0])()
-    except SystemExit as e:
-        if argv[0] == "train" and e.code not in (0, None):           # a sweep cut short: its table all the same
+    except (SystemExit, KeyboardInterrupt) as e:                     # a Ctrl-C that no run caught: composing
+        code = e.code if isinstance(e, SystemExit) else 130            # the config, between sweep jobs, verify
+        if isinstance(e, KeyboardInterrupt):
+            from midpo_cli import console
+            console.stopped(f"Ctrl-C: midpo {argv[0]} stopped")
+        if argv[0] == "train" and code not in (0, None):             # a sweep cut short: its table all the same
             from midpo_cli.report.sweep_callback import after_launcher_failure
             after_launcher_failure()
-        raise
+        if code == 130:          # CPython remembers a Ctrl-C that passed through exec'd source (dataclasses, sympy)
+            exec("pass")         # and, under `python -m`, dies by SIGINT at exit instead; a new exec forgets it
+        raise SystemExit(code) from None
     finally:
         sys.argv = old
         if argv[0] == "train":

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=False)
@@ -21,7 +23,7 @@ def setup_logging(file: Path | None = None, main_process: bool = True) -> None:
         log.removeHandler(h)
     log.addHandler(RichHandler(console=console, show_path=False, show_time=False, markup=False))
     if file is not None:
-        fh = logging.FileHandler(file)
+        fh = LogFile(file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(fh)
     for noisy in ("transformers", "accelerate", "datasets"):
@@ -31,8 +33,39 @@ def setup_logging(file: Path | None = None, main_process: bool = True) -> None:
     hf_logging.set_verbosity_error()
 
 
+class LogFile(logging.FileHandler):
+    """train.log. A failed write (a full disk, a file-size limit) is one warning, once, and the log goes on on
+    the console only (logging would print '--- Logging error ---' and a traceback at every message)."""
+    failed = False
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record):
+        if self.failed:
+            return
+        from midpo_cli.engine.rundir import reason
+        self.failed = True
+        line(f"could not write {self.baseFilename}: {reason(sys.exc_info()[1])}; the log goes on on the console "
+             "only", "warning", "bold yellow")
+
+
+def line(message: str, label: str, style: str) -> None:
+    """One line on stderr, never wrapped (it may hold a path or a command to copy), markup in it kept as text."""
+    Console(stderr=True, soft_wrap=True).print(f"[{style}]{label}:[/] {escape(message)}", highlight=False)
+
+
 def error(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    line(message, "error", "bold red")
+
+
+def stopped(message: str) -> None:
+    """Where a stopped run stands (console and train.log)."""
+    line(message, "stopped", "bold yellow")
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, f"stopped: {message}", None, None))
 
 
 def final_table(results: dict) -> None:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from midpo_cli import console
 from midpo_cli.config import check as check_config
-from midpo_cli.engine import checkpoint, rundir
+from midpo_cli.engine import checkpoint, rundir, stops
 from midpo_cli.engine.inputs import run_inputs
 from midpo_cli.engine.models import check_source
 from midpo_cli.priors import build_prior
@@ -45,13 +45,24 @@ def _claim_mode() -> str:
     return "explicit" if explicit else "default"
 
 
+def rerun_command(run_dir: Path) -> str:
+    """The command that continues this run: its task overrides (a sweep job's own) and its directory, named
+    (a default directory is time-stamped, so the same command line would start a new run)."""
+    import shlex
+    return shlex.join(["midpo", "train", *_overrides(), f"hydra.run.dir={run_dir.resolve()}"])
+
+
 def record_failure(run_dir: Path, exc: BaseException) -> None:
-    """A failed run leaves error.json (its row in the sweep table, status failed)."""
+    """A failed run leaves error.json (its row in the sweep table, status failed); when that cannot be written
+    either (the disk that failed the run is full), one warning follows the run's own error."""
     import traceback
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rundir.write_json(run_dir / "error.json", {
-        "status": "failed", "error": f"{type(exc).__name__}: {exc}", "overrides": _overrides(),
-        "traceback": "".join(traceback.format_exception(exc))})
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.write_json(run_dir / "error.json", {
+            "status": "failed", "error": f"{type(exc).__name__}: {exc}", "overrides": _overrides(),
+            "traceback": "".join(traceback.format_exception(exc))})
+    except OSError as e:
+        console.line(f"error.json not written either: {e}", "warning", "bold yellow")
 
 
 def claim_directory(cfg, state, inputs: dict | None) -> rundir.Claim | None:
@@ -133,9 +144,14 @@ def run(cfg: DictConfig) -> float | None:
                 (run_dir / "error.json").unlink(missing_ok=True)               # an earlier attempt's failure
                 rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             results = train(cfg, prior, run_dir, resume_from)
+    except KeyboardInterrupt as e:                                         # Ctrl-C (in training: a second one)
+        if state.is_main_process:
+            console.stopped(stops.interrupted(e, claim and claim.path, claim and rerun_command(claim.path)))
+        raise SystemExit(stops.EXIT_INTERRUPTED) from None                 # a sweep stops too
     except (ValueError, KeyError, OSError, FloatingPointError) as e:     # OSError: e.g. cache_dir is a file
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        console.error(f"{type(e).__name__}: {msg}")
+        console.error(f"{e}; {stops.on_disk(claim and claim.path, claim and rerun_command(claim.path))}"
+                      if isinstance(e, rundir.WriteFailed) else f"{type(e).__name__}: {msg}")
         if state.is_main_process and claim is not None:
             record_failure(claim.path, e)
         elif state.is_main_process:
@@ -219,7 +235,7 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
     s = prepare(cfg, prior, acc, run_dir, resume_from)
     models = {"reference": s.reference, "snapshot": s.snapshot}
     out = train_loop(acc, cfg, s.policy, prior, models, s.train_pairs, s.eval_pairs,
-                     s.tokenizer.pad_token_id, run_dir, resume_from)
+                     s.tokenizer.pad_token_id, run_dir, resume_from, rerun_command(run_dir))
     policy = out.pop("policy")
     results = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "overrides": _overrides(),
                "prior": prior.name, "seed": cfg.seed, "data": s.data, "ref_cache": s.ref_cache,
@@ -231,14 +247,17 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
             results["eval"], results["eval_title"] = ev, s.task.title
     if not finite_parameters(policy, prior):
         raise NonFinite("the trained weights are not finite; nothing was saved. Lower optimizer.lr")
-    if cfg.trainer.save_model:
+    if cfg.trainer.save_model:                                             # model/ appears only when whole
         saved = merged_for_saving(policy) if cfg.model.lora.r > 0 else policy
-        saved.save_pretrained(run_dir / "model", safe_serialization=True, is_main_process=acc.is_main_process,
-                              state_dict=None if acc.num_processes == 1 else acc.get_state_dict(saved))
-        if acc.is_main_process:
-            s.tokenizer.save_pretrained(run_dir / "model")
+        with rundir.published_dir(run_dir / "model", "the final model", acc.is_main_process) as tmp:
+            saved.save_pretrained(tmp, safe_serialization=True, is_main_process=acc.is_main_process,
+                                  state_dict=None if acc.num_processes == 1 else acc.get_state_dict(saved))
+            if acc.is_main_process:
+                s.tokenizer.save_pretrained(tmp)
+            acc.wait_for_everyone()
     if acc.is_main_process and prior.state_dict():
-        prior.save(run_dir / "prior")
+        with rundir.published_dir(run_dir / "prior", "the learned prior") as tmp:
+            prior.save(tmp)
     if trackers:
         acc.end_training()
     results["wall_time_s"] = time.perf_counter() - t_start

@@ -20,6 +20,7 @@ from pathlib import Path
 from midpo_cli.data.rows import BadRow, BadRowError, check_row, split_implicit, where_of  # noqa: F401
 from midpo_cli.data.sources import check_settings
 from midpo_cli.data.tokenize import Dropped, char_limit, encode_pair
+from midpo_cli.engine.rundir import write_text
 
 log = logging.getLogger("midpo")
 EXAMPLES = 3                                                               # locations kept per reason
@@ -139,7 +140,7 @@ def save_report(reports: list[dict], run_dir: Path) -> None:
     from rich.table import Table
     from midpo_cli.console import console
 
-    (run_dir / "data_report.json").write_text(json.dumps(reports, indent=2))
+    write_text(run_dir / "data_report.json", json.dumps(reports, indent=2))
     t = Table(title="data report")
     for c in ("split", "format", "rows read", "kept", "dropped", "truncated"):
         t.add_column(c)

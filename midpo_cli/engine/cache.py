@@ -29,16 +29,20 @@ def config_hash(obj) -> str:
 @contextlib.contextmanager
 def publish(path: Path):
     """Write into a private temporary path, then move it into place atomically: readers never see
-    half-written cache entries, and concurrent writers of the same key do not corrupt each other."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    half-written cache entries (a failed or interrupted write removes its temporary path), and concurrent
+    writers of the same key do not corrupt each other. A failed write is one WriteFailed naming the entry."""
+    from midpo_cli.engine.rundir import writing
+
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    if not path.suffix:
-        tmp.mkdir()
     try:
-        yield tmp
-        if path.exists():                                                  # another writer won the race
-            return
-        os.replace(tmp, path)
+        with writing(path, "cache entry"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.suffix:
+                tmp.mkdir()
+            yield tmp
+            if path.exists():                                              # another writer won the race
+                return
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()

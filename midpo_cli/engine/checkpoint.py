@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from midpo_cli.engine.cache import config_hash
 from midpo_cli.engine.inputs import InputsChanged, changed, file_hash  # noqa: F401 (file_hash: the manifest's hash)
-from midpo_cli.engine.rundir import differences, read_json
+from midpo_cli.engine.rundir import differences, read_json, writing
 
 STATE, MANIFEST, PRIOR = "trainer_state.json", "manifest.json", "prior.safetensors"
 IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers", "eval_train")
@@ -47,9 +47,21 @@ def run_hash(cfg) -> str:
 
 
 def save(acc, run_dir: Path, step: int, cfg, prior) -> Path:
-    """Write the checkpoint of `step` (every process takes part; the main process publishes it)."""
+    """Write the checkpoint of `step` (every process takes part; the main process publishes it). A failed or
+    interrupted write leaves no part of it: WriteFailed names the checkpoint and the OS error."""
     path = run_dir / "checkpoints" / f"step-{step}"
     tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with writing(path, "checkpoint"):
+            _write(acc, path, tmp, step, cfg, prior)
+    except BaseException:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write(acc, path: Path, tmp: Path, step: int, cfg, prior) -> None:
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
@@ -69,7 +81,6 @@ def save(acc, run_dir: Path, step: int, cfg, prior) -> Path:
             shutil.rmtree(path)
         tmp.rename(path)                                                   # complete checkpoints only
     acc.wait_for_everyone()
-    return path
 
 
 def _state(ckpt: Path) -> dict | None:
@@ -107,6 +118,11 @@ def complete(run_dir: Path) -> list[Path]:
     """The run's checkpoint directories (step-N with a trainer state), newest first."""
     found = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / STATE).exists()]
     return sorted(found, key=step_of, reverse=True)
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The run's newest checkpoint (published by rename only when complete; not re-hashed: used in messages)."""
+    return next(iter(complete(run_dir)), None)
 
 
 def _previous_good(ckpt: Path) -> str:

@@ -9,6 +9,7 @@ and schedule, steps as the prior's `updates(step)` says, and is saved in every c
 Nothing non-finite is ever trained on or written: a non-finite loss or gradient stops the run
 (`trainer.on_nonfinite=stop`, naming the step, the term that went non-finite and the last good checkpoint)
 or skips the step (`skip`, counted and reported); weights are checked before every checkpoint and save.
+A stop signal (Ctrl-C, SIGTERM, SIGUSR2) ends the step, writes a checkpoint and exits (engine/stops.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import json
 import logging
 import math
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -30,11 +30,11 @@ from midpo_cli.engine import checkpoint
 from midpo_cli.engine.forward import pair_view
 from midpo_cli.engine.logps import to_pairs
 from midpo_cli.engine.optim import finite_parameters, grad_norm, schedule
-from midpo_cli.engine.rundir import clean
+from midpo_cli.engine.rundir import clean, write_text, writing
+from midpo_cli.engine.stops import Signals
 from midpo_cli.loss import preference_loss
 
 log = logging.getLogger("midpo")
-STOP_SIGNALS = ("SIGUSR2", "SIGTERM")   # SLURM/submitit's pre-timeout and preemption signals: checkpoint, then exit
 
 
 class NonFinite(FloatingPointError):
@@ -164,7 +164,6 @@ def peak_memory_mb(device) -> float:
 
 def metrics_upto(run_dir: Path, source: Path, step: int) -> None:
     """Start this run's metrics.jsonl with `source`'s lines up to `step` (none past it)."""
-    from midpo_cli.engine.rundir import write_text
     src = source / "metrics.jsonl"
     lines = src.read_text().splitlines() if src.exists() else []
     kept = []
@@ -177,40 +176,17 @@ def metrics_upto(run_dir: Path, source: Path, step: int) -> None:
     write_text(run_dir / "metrics.jsonl", "".join(x + "\n" for x in kept))
 
 
-class Signals:
-    """Remember STOP_SIGNALS instead of dying mid-step; the loop checkpoints, then hands the signal on."""
-
-    def __init__(self):
-        self.got, self.previous = 0, {}
-
-    def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            for name in STOP_SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self.previous[sig] = signal.signal(sig, self._note)
-        return self
-
-    def _note(self, signum, frame):
-        self.got = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def hand_on(self) -> None:
-        """Let the signal do what it would have done (submitit: requeue the job and exit)."""
-        handler = self.previous.get(self.got)
-        self.__exit__()
-        if callable(handler):
-            handler(self.got, None)
-        raise SystemExit(128 + self.got)
+def append_row(metrics_file, row: dict) -> None:
+    """One metrics.jsonl line, on disk at once (a killed run keeps its rows); a failed write is one line."""
+    with writing(Path(metrics_file.name)):
+        metrics_file.write(json.dumps(clean(row), allow_nan=False) + "\n")
+        metrics_file.flush()
 
 
 def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id, run_dir: Path,
-               resume_from: Path | None = None) -> dict:
-    """Run cfg.trainer.max_steps optimiser steps; returns final train metrics, eval metrics and throughput."""
+               resume_from: Path | None = None, rerun: str = "") -> dict:
+    """Run cfg.trainer.max_steps optimiser steps; returns final train metrics, eval metrics and throughput.
+    `rerun`: the command that continues this run, named when a stop signal ends it early."""
     from hydra.utils import instantiate
 
     tc = cfg.trainer
@@ -232,7 +208,7 @@ def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id,
         metrics_upto(run_dir, resume_from.parent.parent, start_step) if acc.is_main_process else None
         log.info("resumed from %s at step %d", resume_from, start_step)
     elif acc.is_main_process:
-        (run_dir / "metrics.jsonl").write_text("")                         # a restart without checkpoint
+        write_text(run_dir / "metrics.jsonl", "")                          # a restart without checkpoint
     it = endless(acc, loader, start_step * tc.grad_accum)
     metrics_file = (run_dir / "metrics.jsonl").open("a") if acc.is_main_process else None
     window, history, tokens, skipped, warnings, t0 = [], {}, 0, 0, [], time.perf_counter()
@@ -321,8 +297,7 @@ def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id,
                         log.warning("step %d: %s", step, w)
                     warnings.append({"step": step, "warning": w})
             if row and acc.is_main_process:
-                metrics_file.write(json.dumps(clean(row), allow_nan=False) + "\n")
-                metrics_file.flush()
+                append_row(metrics_file, row)
                 if acc.trackers:
                     acc.log({k: v for k, v in clean(row).items() if k != "step" and v is not None}, step=step)
                 history.update(row)
@@ -335,11 +310,9 @@ def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id,
                 log.warning("signal %d at the last step: finishing the run (evaluation, saving) instead of "
                             "stopping", int(signals.got or 0))
             elif stop:
-                log.warning("stopped by signal %d at step %d; checkpoint %s. The same command continues it "
-                            "(trainer.resume=auto).", int(signals.got or 0), step, last_ckpt)
                 if metrics_file:
                     metrics_file.close()
-                signals.hand_on()
+                signals.stop(step, last_ckpt, rerun)
     if metrics_file:
         metrics_file.close()
     wall = time.perf_counter() - t0
