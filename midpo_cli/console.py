@@ -45,7 +45,7 @@ class LogFile(logging.FileHandler):
     def handleError(self, record):
         if self.failed:
             return
-        from midpo_cli.engine.rundir import reason
+        from midpo_cli.engine.files import reason
         self.failed = True
         line(f"could not write {self.baseFilename}: {reason(sys.exc_info()[1])}; the log goes on on the console "
              "only", "warning", "bold yellow")

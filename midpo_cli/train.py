@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from midpo_cli import console
 from midpo_cli.config import check as check_config
-from midpo_cli.engine import checkpoint, rundir, stops
+from midpo_cli.engine import checkpoint, files, rundir, stops
 from midpo_cli.engine.inputs import run_inputs
 from midpo_cli.engine.models import check_source
 from midpo_cli.priors import build_prior
@@ -58,7 +58,7 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
     import traceback
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        rundir.write_json(run_dir / "error.json", {
+        files.write_json(run_dir / "error.json", {
             "status": "failed", "error": f"{type(exc).__name__}: {exc}", "overrides": _overrides(),
             "traceback": "".join(traceback.format_exception(exc))})
     except OSError as e:
@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> float | None:
                 log.warning(w)
             if state.is_main_process:
                 (run_dir / "error.json").unlink(missing_ok=True)               # an earlier attempt's failure
-                rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+                files.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             results = train(cfg, prior, run_dir, resume_from)
     except KeyboardInterrupt as e:                                         # Ctrl-C (in training: a second one)
         if state.is_main_process:
@@ -151,7 +151,7 @@ def run(cfg: DictConfig) -> float | None:
     except (ValueError, KeyError, OSError, FloatingPointError) as e:     # OSError: e.g. cache_dir is a file
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         console.error(f"{e}; {stops.on_disk(claim and claim.path, claim and rerun_command(claim.path))}"
-                      if isinstance(e, rundir.WriteFailed) else f"{type(e).__name__}: {msg}")
+                      if isinstance(e, files.WriteFailed) else f"{type(e).__name__}: {msg}")
         if state.is_main_process and claim is not None:
             record_failure(claim.path, e)
         elif state.is_main_process:
@@ -182,10 +182,10 @@ def run(cfg: DictConfig) -> float | None:
 
 def reuse(run_dir: Path) -> dict:
     """A finished run of the same config: its results stand; nothing is retrained."""
-    results = rundir.read_json(run_dir / "results.json")
+    results = files.read_json(run_dir / "results.json")
     if results is None:
         raise ValueError(f"{run_dir / 'results.json'} is unreadable; move the run directory away to rerun it")
-    rundir.write_json(run_dir / "reused.json", {"reused_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    files.write_json(run_dir / "reused.json", {"reused_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     (run_dir / "error.json").unlink(missing_ok=True)                       # an earlier attempt's refusal
     console.console.print(f"{run_dir}: this config already finished here; its results are reused (reused.json)",
                           highlight=False)
@@ -249,19 +249,19 @@ def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None
         raise NonFinite("the trained weights are not finite; nothing was saved. Lower optimizer.lr")
     if cfg.trainer.save_model:                                             # model/ appears only when whole
         saved = merged_for_saving(policy) if cfg.model.lora.r > 0 else policy
-        with rundir.published_dir(run_dir / "model", "the final model", acc.is_main_process) as tmp:
+        with files.published_dir(run_dir / "model", "the final model", acc.is_main_process) as tmp:
             saved.save_pretrained(tmp, safe_serialization=True, is_main_process=acc.is_main_process,
                                   state_dict=None if acc.num_processes == 1 else acc.get_state_dict(saved))
             if acc.is_main_process:
                 s.tokenizer.save_pretrained(tmp)
             acc.wait_for_everyone()
     if acc.is_main_process and prior.state_dict():
-        with rundir.published_dir(run_dir / "prior", "the learned prior") as tmp:
+        with files.published_dir(run_dir / "prior", "the learned prior") as tmp:
             prior.save(tmp)
     if trackers:
         acc.end_training()
     results["wall_time_s"] = time.perf_counter() - t_start
     if acc.is_main_process:
-        rundir.write_json(run_dir / "results.json", results)
+        files.write_json(run_dir / "results.json", results)
     acc.wait_for_everyone()
     return results

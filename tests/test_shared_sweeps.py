@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from midpo_cli.__main__ import main
 from midpo_cli.engine import rundir
-from midpo_cli.report import sweep_callback, tables
+from midpo_cli.report import sweep_callback
 
 DATA = Path(__file__).parent / "data" / "standard.jsonl"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import FAST, kill_after_first_checkpoint
 from midpo_cli.__main__ import main
-from midpo_cli.engine import rundir
+from midpo_cli.engine import files
 from midpo_cli.engine.checkpoint import latest
 
 MIDPO = [sys.executable, "-m", "midpo_cli", "train"]
@@ -173,14 +173,14 @@ def test_a_cache_entry_that_cannot_be_written_is_one_line(tmp_path, fast):
 
 
 def test_atomic_writes_leave_nothing_when_they_fail(tmp_path):
-    """results.json and the other run files (rundir.write_text) and model/ or prior/ (published_dir)."""
+    """results.json and the other run files (files.write_text) and model/ or prior/ (published_dir)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
     try:
-        with pytest.raises(rundir.WriteFailed, match=r"results.json: File too large \(EFBIG\)"):
-            rundir.write_json(tmp_path / "results.json", {"x": "y" * 2000})
-        with pytest.raises(rundir.WriteFailed, match=r"could not write the final model .*model: File too large"):
-            with rundir.published_dir(tmp_path / "model", "the final model") as tmp:
+        with pytest.raises(files.WriteFailed, match=r"results.json: File too large \(EFBIG\)"):
+            files.write_json(tmp_path / "results.json", {"x": "y" * 2000})
+        with pytest.raises(files.WriteFailed, match=r"could not write the final model .*model: File too large"):
+            with files.published_dir(tmp_path / "model", "the final model") as tmp:
                 tmp.mkdir()
                 (tmp / "weights").write_bytes(b"0" * 2000)
     finally:
@@ -207,5 +207,5 @@ def test_a_log_file_that_cannot_be_written_is_one_warning(capsys):
 def test_a_metrics_row_that_cannot_be_written_is_one_error():
     from midpo_cli.engine.trainer import append_row
     metrics = open("/dev/full", "a")                                       # every write: No space left on device
-    with pytest.raises(rundir.WriteFailed, match=r"could not write /dev/full: No space left on device \(ENOSPC\)"):
+    with pytest.raises(files.WriteFailed, match=r"could not write /dev/full: No space left on device \(ENOSPC\)"):
         append_row(metrics, {"step": 1, "loss": 0.5})

@@ -20,7 +20,7 @@ from pathlib import Path
 from midpo_cli.data.rows import BadRow, BadRowError, check_row, split_implicit, where_of  # noqa: F401
 from midpo_cli.data.sources import check_settings
 from midpo_cli.data.tokenize import Dropped, char_limit, encode_pair
-from midpo_cli.engine.rundir import write_text
+from midpo_cli.engine.files import write_text
 
 log = logging.getLogger("midpo")
 EXAMPLES = 3                                                               # locations kept per reason

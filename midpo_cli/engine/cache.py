@@ -31,7 +31,7 @@ def publish(path: Path):
     """Write into a private temporary path, then move it into place atomically: readers never see
     half-written cache entries (a failed or interrupted write removes its temporary path), and concurrent
     writers of the same key do not corrupt each other. A failed write is one WriteFailed naming the entry."""
-    from midpo_cli.engine.rundir import writing
+    from midpo_cli.engine.files import writing
 
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     try:

@@ -24,8 +24,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from midpo_cli.engine.cache import config_hash
-from midpo_cli.engine.inputs import InputsChanged, changed, file_hash  # noqa: F401 (file_hash: the manifest's hash)
-from midpo_cli.engine.rundir import differences, read_json, writing
+from midpo_cli.engine.files import read_json, writing
+from midpo_cli.engine.inputs import InputsChanged, changed, file_hash
+from midpo_cli.engine.rundir import differences
 
 STATE, MANIFEST, PRIOR = "trainer_state.json", "manifest.json", "prior.safetensors"
 IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers", "eval_train")

@@ -30,7 +30,7 @@ from midpo_cli.engine import checkpoint
 from midpo_cli.engine.forward import pair_view
 from midpo_cli.engine.logps import to_pairs
 from midpo_cli.engine.optim import finite_parameters, grad_norm, schedule
-from midpo_cli.engine.rundir import clean, write_text, writing
+from midpo_cli.engine.files import clean, write_text, writing
 from midpo_cli.engine.stops import Signals
 from midpo_cli.loss import preference_loss
 

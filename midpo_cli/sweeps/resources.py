@@ -21,7 +21,6 @@ Single runs and the basic launcher (one job at a time) are left alone: the job h
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import socket
@@ -151,7 +150,7 @@ _job: dict | None = None                 # this process's sweep job, from on_job
 def record_job(run_dir: Path) -> Path | None:
     """<run dir>/job.json for the sweep job running in this process, once it has claimed `run_dir`; `starts`
     counts how often the job started in this directory (requeues). None outside a sweep job."""
-    from midpo_cli.engine.rundir import read_json, write_json
+    from midpo_cli.engine.files import read_json, write_json
 
     if _job is None:
         return None
