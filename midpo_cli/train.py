@@ -65,31 +65,44 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
         console.line(f"error.json not written either: {e}", "warning", "bold yellow")
 
 
-def claim_directory(cfg, state, inputs: dict | None) -> rundir.Claim | None:
-    """The main process claims the run directory; every process learns its path (None on the others)."""
+def claim_directory(cfg, state, inputs: dict | None) -> tuple[rundir.Claim, dict | None]:
+    """The main process claims the run directory; every process learns its path, the claim's state and the
+    input fingerprints (computed once, by the main process), or the main process's refusal."""
     from hydra.core.hydra_config import HydraConfig
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     resume = cfg.trainer.resume or "never"
     if resume not in RESUME and not Path(resume).expanduser().exists():
         raise ValueError(f"trainer.resume={resume}: not one of {RESUME} and no such checkpoint or run directory")
-    claim = None
+    claim, refused = None, None
     if state.is_main_process:
-        claim = rundir.claim(hydra_dir, checkpoint.run_hash(cfg), resume, _claim_mode(),
-                             settings=checkpoint.run_settings(cfg), inputs=inputs, on_refusal=record_failure)
-        if claim.path != hydra_dir:                                        # a fresh name: drop Hydra's empty one
-            _drop_empty(hydra_dir)
-        if in_sweep():
-            from midpo_cli.sweeps.resources import record_job
-            record_job(claim.path)
+        try:
+            claim = rundir.claim(hydra_dir, checkpoint.run_hash(cfg), resume, _claim_mode(),
+                                 settings=checkpoint.run_settings(cfg), inputs=inputs, on_refusal=record_failure)
+        except (ValueError, OSError) as e:
+            if state.num_processes == 1:
+                raise
+            refused = e
+        else:
+            if claim.path != hydra_dir:                                    # a fresh name: drop Hydra's empty one
+                _drop_empty(hydra_dir)
+            if in_sweep():
+                from midpo_cli.sweeps.resources import record_job
+                record_job(claim.path)
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
-        box = broadcast_object_list([None if claim is None else (str(claim.path), claim.state)], from_process=0)
-        path, st = box[0]
+        box = broadcast_object_list([("refused", str(refused)) if refused else
+                                     None if claim is None else (str(claim.path), claim.state, inputs)],
+                                    from_process=0)[0]
+        if refused is not None:
+            raise refused
+        if box[0] == "refused":                                            # the main process's verdict, here too
+            raise rundir.Relayed(box[1])
+        path, st, inputs = box
         if claim is None:
             if Path(path) != hydra_dir:                                    # this process's own time-stamped dir
                 _drop_empty(hydra_dir)
             claim = rundir.Claim(Path(path), st, -1)
-    return claim
+    return claim, inputs
 
 
 def _drop_empty(path: Path) -> None:
@@ -128,7 +141,7 @@ def run(cfg: DictConfig) -> float | None:
         check_source(cfg.model)                                            # a broken model directory, by its headers
         prior = build_prior(cfg.prior)
         inputs = run_inputs(cfg, task, prior) if state.is_main_process else None
-        claim = claim_directory(cfg, state, inputs)
+        claim, inputs = claim_directory(cfg, state, inputs)
         run_dir = claim.path
         console.setup_logging(run_dir / "train.log" if state.is_main_process else None, state.is_main_process)
         if claim.state == "finished":
@@ -150,8 +163,9 @@ def run(cfg: DictConfig) -> float | None:
         raise SystemExit(stops.EXIT_INTERRUPTED) from None                 # a sweep stops too
     except (ValueError, KeyError, OSError, FloatingPointError) as e:     # OSError: e.g. cache_dir is a file
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        console.error(f"{e}; {stops.on_disk(claim and claim.path, claim and rerun_command(claim.path))}"
-                      if isinstance(e, files.WriteFailed) else f"{type(e).__name__}: {msg}")
+        if not isinstance(e, rundir.Relayed):                              # the main process said it already
+            console.error(f"{e}; {stops.on_disk(claim and claim.path, claim and rerun_command(claim.path))}"
+                          if isinstance(e, files.WriteFailed) else f"{type(e).__name__}: {msg}")
         if state.is_main_process and claim is not None:
             record_failure(claim.path, e)
         elif state.is_main_process:

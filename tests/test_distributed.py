@@ -60,3 +60,22 @@ def test_two_processes_fail_alike_on_bad_data(tmp_path):
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and all(e.startswith("error: TooManyBadRows") for e in errors), out[-3000:]
     assert out.count("data report") == 1 and out.count("WARNING") <= 1, out[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_are_refused_alike_and_the_folder_is_untouched(tmp_path):
+    """The main process refuses a folder that is not a midpo run: the other rank gets its verdict (no hang in a
+    collective that the main process never reaches), the refusal is printed once, nothing is written."""
+    from pathlib import Path
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    data = Path(__file__).parent / "data" / "standard.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "midpo_cli", "train", "dataset=local", f"dataset.path={data}", "trainer.max_steps=2",
+                        f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={folder}"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("not a midpo run directory") == 1, r.stderr[-3000:]
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]

@@ -62,6 +62,10 @@ class NotARun(ValueError):
     """A non-empty folder without a midpo run marker: somebody's files, never written into."""
 
 
+class Relayed(ValueError):
+    """The main process's refusal, relayed to the other processes of a multi-process run (printed once, there)."""
+
+
 class _Next(Exception):
     """This name is taken; a time-stamped run or a sweep job tries the next one."""
 
