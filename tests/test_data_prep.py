@@ -132,3 +132,23 @@ def test_preparation_stops_at_the_same_row_with_the_same_words(name, message, tm
         prepare(name, tmp_path, monkeypatch)
     assert str(e.value) == message
 
+def test_the_config_is_read_once_per_file_not_per_row(tmp_path, monkeypatch):
+    """An OmegaConf look-up costs tens of microseconds; the row path reads plain settings (data/settings.py), so
+    preparing 10 or 200 rows reads the config as often."""
+    from omegaconf import DictConfig
+
+    reads = []
+    real = DictConfig.__getattr__
+    monkeypatch.setattr(DictConfig, "__getattr__", lambda self, key: reads.append(key) or real(self, key))
+    counts = []
+    for n in (10, 200):
+        path = tmp_path / f"{n}.jsonl"
+        path.write_text("".join(json.dumps({**VARIED[i % len(VARIED)]}) + "\n" for i in range(n)))
+        cfg = OmegaConf.structured(DatasetConfig(source="local", path=str(path), on_bad_rows="drop",
+                                                 max_bad_fraction=1.0))
+        reads.clear()
+        train, evals = load_rows(cfg)
+        build_pairs(train, TOK, cfg, (), "train")
+        build_pairs(evals, TOK, cfg, (), "eval")
+        counts.append(len(reads))
+    assert counts[0] == counts[1] > 0

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from midpo_cli.data.rows import BadRow, BadRowError, check_row, split_implicit, where_of  # noqa: F401
-from midpo_cli.data.sources import check_settings
+from midpo_cli.data.settings import DataSettings
 from midpo_cli.data.tokenize import Dropped, char_limit, encode_pair
 
 log = logging.getLogger("midpo")
@@ -63,14 +63,15 @@ def _identical(p, cfg) -> BadRow:
 def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "train"):
     """(pairs, report) for one split. Rows that cannot train are dropped and counted, never silently
     (or, under dataset.on_bad_rows=error, the first one stops the run)."""
-    check_settings(cfg)
-    strict = getattr(cfg, "on_bad_rows", "drop") == "error"
+    cfg = DataSettings.of(cfg)                                             # read once, not per row
+    strict = cfg.on_bad_rows == "error"
+    columns = tuple(columns)
     limit = char_limit(tokenizer, cfg.max_length)
     pairs, formats, bad, policy, truncated, hints, first_bad = [], Tally(), Tally(), Tally(), Tally(), {}, None
     for i, raw in enumerate(rows):
         where, order = where_of(raw, split, i), getattr(raw, "index", i)
         try:
-            fmt, row = check_row(raw, cfg, tuple(columns))
+            fmt, row = check_row(raw, cfg, columns)
             formats.add(fmt, where, order)
             p = encode_pair(tokenizer, row, cfg.max_length, cfg.max_prompt_length, columns, cfg.truncation, limit)
             if p.chosen == p.rejected:
@@ -96,7 +97,7 @@ def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "trai
         log.warning("%s: rows in %d formats (%s); each row is read in its own format. First rows of each: %s",
                     split, len(kinds), ", ".join(f"{k} {v}" for k, v in kinds.items()),
                     "; ".join(f"{k}: {', '.join(formats.examples[k])}" for k in kinds))
-    report = {"split": split, "source": getattr(cfg, "path", None) or getattr(cfg, "source", "builtin"),
+    report = {"split": split, "source": cfg.path or cfg.source,
               "format": next(iter(kinds)) if len(kinds) == 1 else ("mixed" if kinds else "none"),
               "formats": kinds, "format_examples": formats.examples,
               "rows_read": len(rows), "kept": len(pairs), "dropped": bad.total() + policy.total(),
@@ -104,7 +105,7 @@ def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "trai
               "dropped_examples": {**bad.examples, **policy.examples}, "hints": hints,
               "truncated": truncated.total(), "truncated_reasons": dict(truncated.counts),
               "truncated_examples": truncated.examples,
-              "on_bad_rows": getattr(cfg, "on_bad_rows", "drop"), "max_bad_fraction": getattr(cfg, "max_bad_fraction", 1.0)}
+              "on_bad_rows": cfg.on_bad_rows, "max_bad_fraction": cfg.max_bad_fraction}
     return pairs, report
 
 
