@@ -1,5 +1,6 @@
-"""Data preparation of the test data, pinned: the pairs, data reports and errors that load_rows + build_pairs give
-(digests of commit 105fb19), so that a faster preparation is known to give bit-identical data."""
+"""Data preparation at scale: tokenising in batches gives exactly the pairs, data reports and errors that one row
+at a time gives, and that midpo gave before it batched (digests pinned from commit 105fb19), for the default
+byte-level tokenizer, a BPE tokenizer that adds BOS (and a chat template that adds it too), and a slow one."""
 import hashlib
 import json
 import shutil
@@ -132,6 +133,7 @@ def test_preparation_stops_at_the_same_row_with_the_same_words(name, message, tm
         prepare(name, tmp_path, monkeypatch)
     assert str(e.value) == message
 
+
 def test_the_config_is_read_once_per_file_not_per_row(tmp_path, monkeypatch):
     """An OmegaConf look-up costs tens of microseconds; the row path reads plain settings (data/settings.py), so
     preparing 10 or 200 rows reads the config as often."""
@@ -152,3 +154,131 @@ def test_the_config_is_read_once_per_file_not_per_row(tmp_path, monkeypatch):
         build_pairs(evals, TOK, cfg, (), "eval")
         counts.append(len(reads))
     assert counts[0] == counts[1] > 0
+
+
+# ---------------------------------------------------------------- batched tokenising == one row at a time
+
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def bpe_tokenizer():
+    """A small byte-level BPE that adds BOS like Llama's, with a chat template that writes BOS too (doubled)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    texts = [json.dumps(r) for r in VARIED] * 20 + [LONG]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.chat_template = BOS_TEMPLATE
+    return tok
+
+
+def slow_tokenizer():
+    """A slow (pure Python) tokenizer: one token per character, BOS added to each text with special tokens."""
+    from transformers import PreTrainedTokenizer
+
+    class Chars(PreTrainedTokenizer):
+        def __init__(self, **kw):
+            tokens = ["<pad>", "<bos>", "<eos>", "<unk>", "\n"] + [chr(c) for c in range(32, 256)]
+            self.vocab = {t: i for i, t in enumerate(tokens)}
+            super().__init__(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", **kw)
+
+        @property
+        def vocab_size(self):
+            return len(self.vocab)
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def _tokenize(self, text, **kw):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self.vocab.get(token, 3)
+
+        def _convert_id_to_token(self, i):
+            return next(t for t, j in self.vocab.items() if j == i)
+
+        def build_inputs_with_special_tokens(self, ids, pair=None):
+            return [self.bos_token_id] + ids
+
+    tok = Chars()
+    tok.chat_template = BOS_TEMPLATE
+    return tok
+
+
+def outcome(fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except Exception as e:                                                  # noqa: BLE001
+        return e
+
+
+def same(a, b) -> bool:
+    """Equal pairs, or exceptions of the same type and words."""
+    if isinstance(a, Exception) or isinstance(b, Exception):
+        return type(a) is type(b) and str(a) == str(b)
+    return a == b
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe", "slow"])
+def test_batched_tokenising_equals_one_row_at_a_time(tokenizer):
+    from midpo_cli.data.rows import check_row
+    from midpo_cli.data.tokenize import Rules, char_limit, encode_pair, encode_pairs
+
+    tok = {"byte": TOK, "bpe": bpe_tokenizer, "slow": slow_tokenizer}[tokenizer]
+    tok = tok if tok is TOK else tok()
+    cfg = OmegaConf.structured(DatasetConfig(allow_empty_completions=True))
+    rows = [outcome(check_row, r, cfg) for r in VARIED]
+    rows = [r[1] for r in rows if not isinstance(r, Exception)]
+    assert len(rows) == 11
+    if tokenizer != "byte":                                                 # the template's BOS and the tokenizer's:
+        assert tok(tok.apply_chat_template(rows[1]["prompt"], tokenize=False))["input_ids"][:2] == [1, 1]
+        p = encode_pair(tok, rows[1], 512, 256)                             # kept once
+        assert p.prompt[0] == tok.bos_token_id != p.prompt[1]
+    settings = [(512, 256, "keep_end", ()), (24, 12, "keep_end", ()), (24, 12, "drop", ()), (12, 12, "keep_end", ()),
+                (40, 20, "keep_end", ("weights",)), (512, 256, "keep_end", ("weights",))]
+    seen = set()
+    for max_length, max_prompt_length, truncation, columns in settings:
+        limit = char_limit(tok, max_length)
+        alone = [outcome(encode_pair, tok, r, max_length, max_prompt_length, columns, truncation) for r in rows]
+        seen |= {type(a).__name__ if isinstance(a, Exception) else a.truncated for a in alone}
+        for chunk in (1, 5, 1024):
+            batched = encode_pairs(tok, rows, Rules(max_length, max_prompt_length, columns, truncation, limit), chunk)
+            assert len(batched) == len(alone) and all(map(same, batched, alone)), (max_length, truncation, chunk)
+    assert seen >= {"", "prompt", "completion", "prompt+completion", "Dropped", "ValueError"}   # every outcome met
+
+
+def test_the_rust_shortcut_is_taken_only_where_it_gives_the_same_ids():
+    """BatchIds skips character offsets through the Rust tokenizer once the first batch of each kind matched the
+    plain call; a tokenizer that changes ids in Python (here: lower-cases the text) keeps the plain call."""
+    from transformers import PreTrainedTokenizerFast
+
+    from midpo_cli.data.rows import check_row
+    from midpo_cli.data.tokenize import BatchIds, Rules, char_limit, encode_pair, encode_pairs
+
+    class Lower(PreTrainedTokenizerFast):
+        def _encode_plus(self, text, *args, **kw):
+            return super()._encode_plus([t.lower() for t in text] if isinstance(text, list) else text.lower(),
+                                        *args, **kw)
+
+    lower = Lower(tokenizer_object=TOK.backend_tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    lower.chat_template = TOK.chat_template
+    rows = [check_row(r, OmegaConf.structured(DatasetConfig()))[1] for r in (VARIED[0], VARIED[2], VARIED[12])] * 3
+    for tok, shortcut in ((TOK, True), (lower, False)):
+        ids = BatchIds(tok)
+        assert ids(["Ab c", "D"], specials=True) == [tok("Ab c")["input_ids"], tok("D")["input_ids"]]
+        assert ids(["Ab c"], specials=False) == [tok("Ab c", add_special_tokens=False)["input_ids"]]
+        assert (ids.rust is not None and ids.trusted == {True, False}) is shortcut
+        alone = [encode_pair(tok, r, 64, 32) for r in rows]
+        assert encode_pairs(tok, rows, Rules(64, 32, (), "keep_end", char_limit(tok, 64)), chunk=2) == alone
+    assert encode_pair(lower, rows[0], 64, 32) != encode_pair(TOK, rows[0], 64, 32)    # the test means something
