@@ -9,12 +9,14 @@ generated text (offline, in code; it adds BOS like Llama's, and its chat templat
 
 Each (code tree, tokenizer) is measured in a fresh subprocess with PYTHONPATH=<tree>, so two trees (e.g. a
 checkout of an older commit and this one) are compared on the same file in the same call; peak RSS is the
-subprocess's own. The subprocesses also print a digest of every pair's token ids, truncation, values and of
-the data reports: equal digests mean the two trees prepared bit-identical data.
+subprocess's own, CPU time counts the Rust tokenizer's threads too. The subprocesses also print a digest of
+every pair's token ids, truncation, values and of the data reports: equal digests mean the two trees prepared
+bit-identical data. On a shared machine, --repeat interleaves the runs and summarises the fastest of each.
 
     python benchmarks/data_prep.py                                   # this tree, 200,000 rows
-    python benchmarks/data_prep.py --code-root /tmp/old --code-root .   # before / after, same file
+    python benchmarks/data_prep.py --code-root /tmp/old --code-root . --repeat 2   # before / after, same file
     python benchmarks/data_prep.py --rows 20000 --profile             # cProfile's top functions as well
+Results: docs/benchmarks.md.
 """
 from __future__ import annotations
 
