@@ -16,6 +16,7 @@ from midpo_cli.data.prepare import build_pairs, check_bad_fraction, save_report
 from midpo_cli.engine import refcache
 from midpo_cli.engine.inputs import pairs_digest, weights_digest
 from midpo_cli.engine.rundir import check_derived
+from midpo_cli.engine.draws import pairs_drawn
 from midpo_cli.engine.lora import AdapterOff, add_lora
 from midpo_cli.engine.models import check_lengths, frozen, load_model, load_tokenizer
 from midpo_cli.engine.views import live_reference
@@ -40,6 +41,21 @@ class Setup:
 
 def _reference_of(policy, cfg, device):
     return AdapterOff(policy) if cfg.model.lora.r > 0 else frozen(copy.deepcopy(policy)).to(device)
+
+
+def scored_train_pairs(cfg, pairs: list, processes: int) -> tuple[list, str]:
+    """The training pairs the reference pass scores, and why: those steps 1..max_steps draw when the run ends
+    within its first epoch (the same permutation the loader deals out: engine/draws.py), else every pair. The
+    cache key covers exactly the pairs scored, so a longer run later gets its own entry."""
+    tc = cfg.trainer
+    if tc.eval_train:
+        return pairs, "trainer.eval_train=true scores every training pair at the end"
+    drawn = pairs_drawn(len(pairs), cfg.seed, tc.batch_size, tc.grad_accum, processes, tc.max_steps)
+    on = f"of batch_size={tc.batch_size} on {processes} process{'es' if processes > 1 else ''}"
+    if drawn is None:
+        return pairs, f"max_steps={tc.max_steps} x grad_accum={tc.grad_accum} micro-batches {on} cover a full epoch"
+    return [pairs[i] for i in drawn], (f"those that max_steps={tc.max_steps} x grad_accum={tc.grad_accum} "
+                                       f"micro-batches {on} draw, and the one micro-batch the loader collates ahead")
 
 
 def prepare(cfg, prior, acc, run_dir: Path, resume_from: Path | None = None) -> Setup:
@@ -84,10 +100,12 @@ def prepare(cfg, prior, acc, run_dir: Path, resume_from: Path | None = None) -> 
     ref_cache = None
     if cfg.trainer.ref_cache:                       # also gives every run, reference-free priors too, logratio/*
         scorer = policy if reference is None else reference                # untrained, the policy is the reference
-        base = policy.get_base_model() if cfg.model.lora.r > 0 else scorer
+        scored, why = scored_train_pairs(cfg, train_pairs, acc.num_processes)
+        log.info("reference log-probs: %d of %d training pairs (%s), and all %d eval pairs", len(scored),
+                 len(train_pairs), why, len(eval_pairs))
         with acc.main_process_first():
-            ref_cache = refcache.attach([train_pairs, eval_pairs], scorer, base, tokenizer, Path(cfg.cache_dir),
-                                        cfg.trainer.precision, device, tokenizer.pad_token_id)
+            ref_cache = refcache.attach([scored, eval_pairs], scorer, reference_digest, tokenizer,
+                                        Path(cfg.cache_dir), cfg.trainer.precision, device, tokenizer.pad_token_id)
     prior.attach(policy, reference)
     prior.to(device)
     needed_live = live_reference(needs, cached=ref_cache is not None) or task.evaluates_reference

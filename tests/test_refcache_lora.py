@@ -8,6 +8,7 @@ from midpo_cli.__main__ import main
 from midpo_cli.data.tokenize import collate, encode_pair
 from midpo_cli.engine import refcache
 from midpo_cli.engine.forward import pair_view
+from midpo_cli.engine.inputs import weights_digest
 from midpo_cli.engine.models import byte_tokenizer, tiny_model
 from midpo_cli.config import ModelConfig
 from midpo_cli.priors.dpo import DPO
@@ -24,18 +25,21 @@ def test_cached_values_equal_live_reference(tmp_path):
     torch.manual_seed(0)
     ref, pol = tiny_model(ModelConfig(), TOK).eval(), tiny_model(ModelConfig(), TOK)
     ps = pairs()
-    info = refcache.attach([ps], ref, ref, TOK, tmp_path, "fp32", "cpu", TOK.pad_token_id)
+    info = refcache.attach([ps], ref, weights_digest(ref), TOK, tmp_path, "fp32", "cpu", TOK.pad_token_id)
     assert not info["hit"]
     b = collate(ps, TOK.pad_token_id)
     live = pair_view({**b, "values": {}}, pol, DPO(), reference=ref)
     cached = pair_view(b, pol, DPO(), reference=None)
     assert torch.allclose(live.ref_logps, cached.ref_logps, atol=1e-5)
     again = pairs()
-    assert refcache.attach([again], ref, ref, TOK, tmp_path, "fp32", "cpu", TOK.pad_token_id)["hit"]
+    assert refcache.attach([again], ref, weights_digest(ref), TOK, tmp_path, "fp32", "cpu",
+                           TOK.pad_token_id)["hit"]
     other = tiny_model(ModelConfig(), TOK)                                  # other weights: other key
-    assert not refcache.attach([pairs()], other, other, TOK, tmp_path, "fp32", "cpu", TOK.pad_token_id)["hit"]
+    assert not refcache.attach([pairs()], other, weights_digest(other), TOK, tmp_path, "fp32", "cpu",
+                               TOK.pad_token_id)["hit"]
     shorter = [encode_pair(TOK, {"prompt": "q0", "chosen": "aaaa", "rejected": "b"}, 3, 2)]
-    assert not refcache.attach([shorter], ref, ref, TOK, tmp_path, "fp32", "cpu", TOK.pad_token_id)["hit"]
+    assert not refcache.attach([shorter], ref, weights_digest(ref), TOK, tmp_path, "fp32", "cpu",
+                               TOK.pad_token_id)["hit"]
 
 
 def test_runs_share_the_cache_and_report_hits(tmp_path, fast):

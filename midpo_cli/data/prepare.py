@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 from midpo_cli.data.rows import BadRow, BadRowError, check_row, split_implicit, where_of  # noqa: F401
-from midpo_cli.data.sources import check_settings
-from midpo_cli.data.tokenize import Dropped, char_limit, encode_pair
+from midpo_cli.data.settings import DataSettings
+from midpo_cli.data.tokenize import CHUNK, BatchIds, Dropped, Rules, char_limit, encode_pairs
 from midpo_cli.engine.files import write_text
 
 log = logging.getLogger("midpo")
@@ -61,35 +61,46 @@ def _identical(p, cfg) -> BadRow:
                   "chat template does not keep (e.g. trailing spaces): fix or delete the row")
 
 
-def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "train"):
+def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "train", chunk: int = CHUNK):
     """(pairs, report) for one split. Rows that cannot train are dropped and counted, never silently
-    (or, under dataset.on_bad_rows=error, the first one stops the run)."""
-    check_settings(cfg)
-    strict = getattr(cfg, "on_bad_rows", "drop") == "error"
-    limit = char_limit(tokenizer, cfg.max_length)
+    (or, under dataset.on_bad_rows=error, the first one stops the run). Rows are checked and tokenised `chunk`
+    at a time (tokenize.encode_pairs), then met one by one in row order: the same pairs, counts, report and
+    errors as one row at a time."""
+    cfg = DataSettings.of(cfg)                                             # read once, not per row
+    strict = cfg.on_bad_rows == "error"
+    columns = tuple(columns)
+    rules = Rules(cfg.max_length, cfg.max_prompt_length, columns, cfg.truncation, char_limit(tokenizer, cfg.max_length))
+    batch_ids = BatchIds(tokenizer)
     pairs, formats, bad, policy, truncated, hints, first_bad = [], Tally(), Tally(), Tally(), Tally(), {}, None
-    for i, raw in enumerate(rows):
-        where, order = where_of(raw, split, i), getattr(raw, "index", i)
-        try:
-            fmt, row = check_row(raw, cfg, tuple(columns))
-            formats.add(fmt, where, order)
-            p = encode_pair(tokenizer, row, cfg.max_length, cfg.max_prompt_length, columns, cfg.truncation, limit)
-            if p.chosen == p.rejected:
-                raise _identical(p, cfg)
-        except BadRow as e:
-            if strict and (first_bad is None or order < first_bad[0]):
-                first_bad = (order, where, e)                                  # refused below: the first in file order
-            bad.add(e.reason, f"{where} ({e.detail})" if e.detail else where, order)
-            hints.setdefault(e.reason, e.hint)
-            continue
-        except Dropped as e:
-            policy.add(str(e), where, order)
-            continue
-        except ValueError as e:                                            # a run-level problem met on this row
-            raise ValueError(f"{where}: {e}") from None
-        if p.truncated:
-            truncated.add(f"{p.truncated} truncated to fit", where, order)
-        pairs.append(p)
+    for start in range(0, len(rows), chunk):
+        checked = [_checked(raw, cfg, columns) for raw in rows[start:start + chunk]]
+        ok = [c[1] for c in checked if not isinstance(c, Exception)]
+        encoded = iter(encode_pairs(tokenizer, ok, rules, chunk, batch_ids))
+        for i, (raw, c) in enumerate(zip(rows[start:start + chunk], checked), start):
+            where, order = where_of(raw, split, i), getattr(raw, "index", i)
+            try:
+                if isinstance(c, Exception):                               # what check_row raised for this row
+                    raise c
+                formats.add(c[0], where, order)
+                p = next(encoded)
+                if isinstance(p, Exception):                               # what encode_pair raised for this row
+                    raise p
+                if p.chosen == p.rejected:
+                    raise _identical(p, cfg)
+            except BadRow as e:
+                if strict and (first_bad is None or order < first_bad[0]):
+                    first_bad = (order, where, e)                          # refused below: the first in file order
+                bad.add(e.reason, f"{where} ({e.detail})" if e.detail else where, order)
+                hints.setdefault(e.reason, e.hint)
+                continue
+            except Dropped as e:
+                policy.add(str(e), where, order)
+                continue
+            except ValueError as e:                                        # a run-level problem met on this row
+                raise ValueError(f"{where}: {e}") from None
+            if p.truncated:
+                truncated.add(f"{p.truncated} truncated to fit", where, order)
+            pairs.append(p)
     if first_bad is not None:
         raise BadRowError(first_bad[1], first_bad[2])
     kinds = dict(formats.counts)
@@ -97,7 +108,7 @@ def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "trai
         log.warning("%s: rows in %d formats (%s); each row is read in its own format. First rows of each: %s",
                     split, len(kinds), ", ".join(f"{k} {v}" for k, v in kinds.items()),
                     "; ".join(f"{k}: {', '.join(formats.examples[k])}" for k in kinds))
-    report = {"split": split, "source": getattr(cfg, "path", None) or getattr(cfg, "source", "builtin"),
+    report = {"split": split, "source": cfg.path or cfg.source,
               "format": next(iter(kinds)) if len(kinds) == 1 else ("mixed" if kinds else "none"),
               "formats": kinds, "format_examples": formats.examples,
               "rows_read": len(rows), "kept": len(pairs), "dropped": bad.total() + policy.total(),
@@ -105,8 +116,16 @@ def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "trai
               "dropped_examples": {**bad.examples, **policy.examples}, "hints": hints,
               "truncated": truncated.total(), "truncated_reasons": dict(truncated.counts),
               "truncated_examples": truncated.examples,
-              "on_bad_rows": getattr(cfg, "on_bad_rows", "drop"), "max_bad_fraction": getattr(cfg, "max_bad_fraction", 1.0)}
+              "on_bad_rows": cfg.on_bad_rows, "max_bad_fraction": cfg.max_bad_fraction}
     return pairs, report
+
+
+def _checked(raw, cfg: DataSettings, columns: tuple) -> tuple[str, dict] | Exception:
+    """check_row's (format, row), or what it raised (met in row order by build_pairs)."""
+    try:
+        return check_row(raw, cfg, columns)
+    except Exception as e:                                                 # noqa: BLE001
+        return e
 
 
 def _summary(reports: list[dict], n: int = 3) -> str:

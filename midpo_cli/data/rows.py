@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from midpo_cli.data.settings import DataSettings
+
 FORMATS = ("standard", "conversational", "implicit prompt")
 _CHUNK = 1 << 16
 
@@ -134,18 +136,20 @@ def _numbers(value, column: str) -> None:
 
 def check_row(row, cfg, columns: tuple[str, ...] = ()) -> tuple[str, dict]:
     """(format, prompt/chosen/rejected row) for one raw row, or BadRow. Applies the column mapping and the
-    implicit-prompt split; `columns` are per-token data columns a prior needs (chosen_<c>, rejected_<c>)."""
+    implicit-prompt split; `columns` are per-token data columns a prior needs (chosen_<c>, rejected_<c>).
+    `cfg`: the dataset settings; loops over rows pass DataSettings.of(cfg), converted once."""
     problem = getattr(row, "problem", None)
     if problem is not None:
         raise problem
-    names = {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column, "rejected": cfg.rejected_column}
+    cfg = DataSettings.of(cfg)
+    names = cfg.columns
     for ours in ("chosen", "rejected"):
         if names[ours] not in row:
             raise BadRow(f"missing column '{names[ours]}'", f"columns: {', '.join(sorted(map(str, row))) or 'none'}",
                          f"TRL's format needs prompt/chosen/rejected (or chosen/rejected for an implicit prompt); "
                          f"name yours with dataset.prompt_column= / chosen_column= / rejected_column=")
     out = {k: v for k, v in row.items() if k not in names.values()}
-    kinds, empty_ok = {}, bool(getattr(cfg, "allow_empty_completions", False))
+    kinds, empty_ok = {}, cfg.allow_empty_completions
     for ours, theirs in names.items():
         if theirs in row:
             out[ours] = row[theirs]

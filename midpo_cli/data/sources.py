@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from midpo_cli.data.rows import BadRow, BadRowError, Row, check_row, describe, is_messages
+from midpo_cli.data.settings import DataSettings
 
 log = logging.getLogger("midpo")
 
@@ -312,21 +313,12 @@ def read_file(cfg) -> list[Row]:
     return rows
 
 
-def check_settings(cfg) -> None:
-    mode = getattr(cfg, "on_bad_rows", "drop")
-    if mode not in ("drop", "error"):
-        raise ValueError(f"dataset.on_bad_rows='{mode}' is not one of ('drop', 'error')")
-    frac = getattr(cfg, "max_bad_fraction", 1.0)
-    if not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
-        raise ValueError(f"dataset.max_bad_fraction={frac} must be between 0 and 1")
-
-
 def load_rows(cfg, reader: str | None = None) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) as Rows that know where they came from. `reader`: "local" (a file) or "hub" (a
     hub dataset id), by default dataset.source (a task of its own that reads a data file passes its reader).
     With dataset.on_bad_rows=error the first bad row in file order stops here (those that need the tokenizer:
     in prepare.build_pairs)."""
-    check_settings(cfg)
+    settings = DataSettings.of(cfg)                                        # checked; read once, not per row
     reader = reader or cfg.source
     if reader == "local":
         ds = {cfg.split: read_file(cfg)}
@@ -362,11 +354,11 @@ def load_rows(cfg, reader: str | None = None) -> tuple[list[dict], list[dict]]:
                         len(train))
     if cfg.max_rows:
         train = train[:cfg.max_rows]
-    if getattr(cfg, "on_bad_rows", "drop") == "error":
+    if settings.on_bad_rows == "error":
         for group in (train, evals) if cfg.eval_split else (sorted(train + evals, key=lambda r: r.index),):
             for row in sorted(group, key=lambda r: r.index):
                 try:
-                    check_row(row, cfg)
+                    check_row(row, settings)
                 except BadRow as bad:
                     raise BadRowError(row.where, bad) from None
     return train, evals

@@ -1,9 +1,11 @@
 """Reference log-prob cache: per-token log pi_ref of every completion token, computed once, kept on disk.
 
 The key hashes everything that changes the values: the reference weights, the tokenizer (vocabulary and
-chat template), the exact token ids of every pair (so the dataset, template rendering and truncation
+chat template), the exact token ids of every pair scored (so the dataset, template rendering and truncation
 settings are all in it), the compute dtype/precision and the device type. A changed input is a new key:
-a stale entry can never be read. Sweep jobs sharing cache_dir share the entries.
+a stale entry can never be read. Sweep jobs sharing cache_dir share the entries. A run that ends within its
+first epoch scores only the training pairs it draws (pipeline.scored_train_pairs): its entry is keyed by
+those, so a longer run gets an entry of its own.
 """
 from __future__ import annotations
 
@@ -22,19 +24,11 @@ log = logging.getLogger("midpo")
 COLUMN = "ref_logps"
 
 
-def weights_hash(model) -> str:
+def key_of(weights: str, tokenizer, pairs: list, precision: str, device) -> str:
+    """The entry's key: the reference weights' digest (engine/inputs.py weights_digest), the tokenizer and chat
+    template, precision and device type, and the token ids of every pair scored."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if "lora_" in name:                                                # the reference is adapters-off
-            continue
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def key_of(reference_model, tokenizer, pairs: list, precision: str, device) -> str:
-    h = hashlib.sha256()
-    h.update(weights_hash(reference_model).encode())
+    h.update(weights.encode())
     h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     h.update(f"{precision}|{torch.device(device).type}".encode())
@@ -104,13 +98,14 @@ def _load(path: Path, n_pairs: int) -> list:
     return out
 
 
-def attach(pair_sets: list[list], reference, ref_model, tokenizer, cache_root: Path, precision: str, device,
+def attach(pair_sets: list[list], reference, weights: str, tokenizer, cache_root: Path, precision: str, device,
            pad_id: int) -> dict:
     """Put cached (or freshly computed) reference log-probs on every pair as the per-token column
-    `ref_logps`; returns {"hit", "key", "path"} for the run's results. A damaged entry (truncated, changed,
-    unreadable) is recomputed with a warning and replaced."""
+    `ref_logps`; `weights`: the digest of the reference weights (LoRA adapters excluded). Returns {"hit", "key",
+    "path"} for the run's results. A damaged entry (truncated, changed, unreadable) is recomputed with a warning
+    and replaced."""
     flat = [p for s in pair_sets for p in s]
-    key = key_of(ref_model, tokenizer, flat, precision, device)
+    key = key_of(weights, tokenizer, flat, precision, device)
     path = cache_root / "ref_logps" / f"{key}.safetensors"
     with build_lock(path):                                              # a concurrent job with this key waits
         values, hit = None, path.exists()

@@ -25,8 +25,8 @@ import torch
 from accelerate.utils import send_to_device
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from midpo_cli.data.tokenize import collate
-from midpo_cli.engine import checkpoint
+from midpo_cli.engine import checkpoint, refcache
+from midpo_cli.engine.draws import checked_collate, data_loader, endless
 from midpo_cli.engine.forward import pair_view
 from midpo_cli.engine.logps import to_pairs
 from midpo_cli.engine.optim import finite_parameters, grad_norm, schedule
@@ -41,42 +41,9 @@ class NonFinite(FloatingPointError):
     """Training met a non-finite value; the message names the step, the term and the last good checkpoint."""
 
 
-class EpochShuffle(torch.utils.data.Sampler):
-    """A fresh permutation per epoch from seed + epoch: the same order for any number of processes."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def data_loader(pairs: list, batch_size: int, seed: int, pad_id: int):
-    """Shuffled micro-batches of `batch_size` pairs (incomplete last batch dropped), collated on the fly."""
-    from functools import partial
-    return torch.utils.data.DataLoader(pairs, batch_size=batch_size, sampler=EpochShuffle(len(pairs), seed),
-                                       drop_last=True, collate_fn=partial(collate, pad_id=pad_id))
-
-
-def endless(acc, loader, position: int):
-    """Micro-batches forever, starting `position` micro-batches in (epoch e uses permutation seed + e).
-    The epoch is set on the prepared loader (accelerate re-sets its sampler's epoch from it at every pass)."""
-    per_epoch = len(loader)
-    if per_epoch == 0:
-        raise ValueError("fewer training pairs than one global batch (trainer.batch_size x processes); "
-                         "lower trainer.batch_size or add data")
-    epoch, skip = divmod(position, per_epoch)
-    while True:
-        part = acc.skip_first_batches(loader, skip) if skip else loader
-        part.set_epoch(epoch)
-        yield from part
-        epoch, skip = epoch + 1, 0
+def _required(tc) -> tuple[str, ...]:
+    """The per-token columns every pair of the run carries: the cached reference log-probs, when cached."""
+    return (refcache.COLUMN,) if tc.ref_cache else ()
 
 
 def step_loss(batch, policy, prior, models, chunk):
@@ -121,7 +88,7 @@ def evaluate_pairs(acc, policy, prior, models, eval_pairs, cfg, pad_id, prefix: 
     sums, keys = {}, None
     for i in range(0, len(mine), cfg.eval_batch_size):
         chunk = mine[i:i + cfg.eval_batch_size]
-        batch = send_to_device(collate(chunk, pad_id), acc.device)
+        batch = send_to_device(checked_collate(chunk, pad_id, _required(cfg)), acc.device)
         with acc.autocast():
             _, m, _ = step_loss(batch, policy, prior, models, cfg.kl_chunk)
         for k, v in m.items():
@@ -192,7 +159,7 @@ def train_loop(acc, cfg, policy, prior, models, train_pairs, eval_pairs, pad_id,
     tc = cfg.trainer
     optimizer = instantiate(cfg.optimizer)([p for p in policy.parameters() if p.requires_grad])
     sched = schedule(optimizer, tc.lr_schedule, tc.warmup_steps, tc.max_steps)
-    loader = data_loader(train_pairs, tc.batch_size, cfg.seed, pad_id)
+    loader = data_loader(train_pairs, tc.batch_size, cfg.seed, pad_id, _required(tc))
     prior_params = prior.trainable()
     extra = []
     if prior_params:                                                       # a learnable prior: its own optimiser
