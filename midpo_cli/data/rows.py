@@ -146,8 +146,8 @@ def check_row(row, cfg, columns: tuple[str, ...] = ()) -> tuple[str, dict]:
     for ours in ("chosen", "rejected"):
         if names[ours] not in row:
             raise BadRow(f"missing column '{names[ours]}'", f"columns: {', '.join(sorted(map(str, row))) or 'none'}",
-                         f"TRL's format needs prompt/chosen/rejected (or chosen/rejected for an implicit prompt); "
-                         f"name yours with dataset.prompt_column= / chosen_column= / rejected_column=")
+                         "TRL's format needs prompt/chosen/rejected (or chosen/rejected for an implicit prompt); "
+                         "name yours with dataset.prompt_column= / chosen_column= / rejected_column=")
     out = {k: v for k, v in row.items() if k not in names.values()}
     kinds, empty_ok = {}, cfg.allow_empty_completions
     for ours, theirs in names.items():
