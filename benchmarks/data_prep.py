@@ -121,7 +121,7 @@ def measure(data: str, tokenizer: str, profile: bool) -> dict:
     import logging
     import resource
 
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_dir, initialize_config_module
 
     from midpo_cli.__main__ import _register, config_path
     from midpo_cli.data.prepare import build_pairs
@@ -130,7 +130,10 @@ def measure(data: str, tokenizer: str, profile: bool) -> dict:
 
     logging.getLogger("midpo").setLevel(logging.ERROR)                    # the mixed-format warning
     _register()
-    with initialize_config_dir(config_dir=config_path(), version_base="1.3"):
+    where = config_path()                                                  # pkg://... for the installed tree
+    init = initialize_config_module(where.removeprefix("pkg://"), version_base="1.3") if where.startswith("pkg://") \
+        else initialize_config_dir(config_dir=where, version_base="1.3")
+    with init:
         cfg = compose("train", overrides=["dataset=local", f"dataset.path={data}"])
     if tokenizer == "byte":
         tok = byte_tokenizer()
