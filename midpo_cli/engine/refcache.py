@@ -18,6 +18,7 @@ import torch
 from midpo_cli.engine.cache import build_lock, publish
 from midpo_cli.data.tokenize import collate
 from midpo_cli.engine.forward import model_logits
+from midpo_cli.engine.inputs import pairs_digest
 from midpo_cli.engine.logps import token_logps
 
 log = logging.getLogger("midpo")
@@ -32,8 +33,7 @@ def key_of(weights: str, tokenizer, pairs: list, precision: str, device) -> str:
     h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     h.update(f"{precision}|{torch.device(device).type}".encode())
-    for p in pairs:
-        h.update(repr((p.prompt, p.chosen, p.rejected)).encode())
+    h.update(pairs_digest(pairs).encode())
     return h.hexdigest()[:20]
 
 
