@@ -105,7 +105,8 @@ def prepare(cfg, prior, acc, run_dir: Path, resume_from: Path | None = None) -> 
                  len(train_pairs), why, len(eval_pairs))
         with acc.main_process_first():
             ref_cache = refcache.attach([scored, eval_pairs], scorer, reference_digest, tokenizer,
-                                        Path(cfg.cache_dir), cfg.trainer.precision, device, tokenizer.pad_token_id)
+                                        Path(cfg.cache_dir), cfg.trainer.precision, device, tokenizer.pad_token_id,
+                                        derived["pairs"] if scored is train_pairs else None)   # hashed once
     prior.attach(policy, reference)
     prior.to(device)
     needed_live = live_reference(needs, cached=ref_cache is not None) or task.evaluates_reference

@@ -25,15 +25,16 @@ log = logging.getLogger("midpo")
 COLUMN = "ref_logps"
 
 
-def key_of(weights: str, tokenizer, pairs: list, precision: str, device) -> str:
+def key_of(weights: str, tokenizer, pairs: list, precision: str, device, digest: str | None = None) -> str:
     """The entry's key: the reference weights' digest (engine/inputs.py weights_digest), the tokenizer and chat
-    template, precision and device type, and the token ids of every pair scored."""
+    template, precision and device type, and the token ids of every pair scored (`digest`: their pairs_digest,
+    when the caller has it already)."""
     h = hashlib.sha256()
     h.update(weights.encode())
     h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     h.update(f"{precision}|{torch.device(device).type}".encode())
-    h.update(pairs_digest(pairs).encode())
+    h.update((digest or pairs_digest(pairs)).encode())
     return h.hexdigest()[:20]
 
 
@@ -99,13 +100,14 @@ def _load(path: Path, n_pairs: int) -> list:
 
 
 def attach(pair_sets: list[list], reference, weights: str, tokenizer, cache_root: Path, precision: str, device,
-           pad_id: int) -> dict:
+           pad_id: int, digest: str | None = None) -> dict:
     """Put cached (or freshly computed) reference log-probs on every pair as the per-token column
-    `ref_logps`; `weights`: the digest of the reference weights (LoRA adapters excluded). Returns {"hit", "key",
+    `ref_logps`; `weights`: the digest of the reference weights (LoRA adapters excluded); `digest`: the
+    pairs_digest of the pairs, when the caller has it. Returns {"hit", "key",
     "path"} for the run's results. A damaged entry (truncated, changed, unreadable) is recomputed with a warning
     and replaced."""
     flat = [p for s in pair_sets for p in s]
-    key = key_of(weights, tokenizer, flat, precision, device)
+    key = key_of(weights, tokenizer, flat, precision, device, digest)
     path = cache_root / "ref_logps" / f"{key}.safetensors"
     with build_lock(path):                                              # a concurrent job with this key waits
         values, hit = None, path.exists()
