@@ -105,12 +105,14 @@ def claim_directory(cfg, state, inputs: dict | None) -> tuple[rundir.Claim, dict
     return claim, inputs
 
 
-def _drop_empty(path: Path) -> None:
-    """Remove a directory Hydra made for this process that stayed empty (another name was claimed)."""
+def _drop_empty(path: Path) -> bool:
+    """Remove a directory Hydra made that stayed empty (another name was claimed, or the run was refused first);
+    whether it was removed."""
     try:
         path.rmdir()                                                       # only when empty
     except OSError:
-        pass
+        return False
+    return True
 
 
 def _drop_unclaimed() -> None:
@@ -118,11 +120,8 @@ def _drop_unclaimed() -> None:
     (and its empty date folder), so a typo leaves nothing behind."""
     from hydra.core.hydra_config import HydraConfig
     path = Path(HydraConfig.get().runtime.output_dir)
-    for p in (path, path.parent):
-        try:
-            p.rmdir()                                                      # only when empty
-        except OSError:
-            return
+    if _drop_empty(path):
+        _drop_empty(path.parent)
 
 
 def run(cfg: DictConfig) -> float | None:

@@ -90,8 +90,8 @@ def files_of(labelled: list[tuple[str, Path]], memo: Path | None = None) -> dict
 
 
 def changed(old: dict | None, new: dict, limit: int = 3) -> str:
-    """What differs between two {label: fingerprint} maps, as `label FILE (xxh3 a… -> b…)`; '' when nothing.
-    A file whose size and time are unchanged is taken as unchanged (the cheap test); otherwise its hash decides."""
+    """What differs between two {label: fingerprint} maps, as `label FILE (xxh3 a… -> b…)`; '' when nothing. The
+    hashes decide (`fingerprint` re-hashes only a file whose size, time or inode moved: the cheap first test)."""
     if not isinstance(old, dict):
         return ""
     out = []

@@ -20,9 +20,7 @@ claim finds decides what the run does:
     trainer.resume=restart                      -> start over here: the run found is moved to
                                                    `replaced/<time>/` first (never deleted)
 
-Files are written atomically (temp file + rename) and JSON strictly (no NaN literals). A write that fails
-(a full disk, a file-size limit) is one `WriteFailed` naming the path and the OS error, whatever library
-raised it, and leaves nothing half-written under the final name.
+Its files are written by engine/files.py: atomically, JSON strictly, a failed write as one `WriteFailed`.
 """
 from __future__ import annotations
 
@@ -95,8 +93,12 @@ def differences(old: dict | None, new: dict, limit: int = 6) -> str:
 
     a, b = flat(old), flat(new)
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
-    shown = [f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}" for k in keys[:limit]]
-    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+    return listing([f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}" for k in keys], limit)
+
+
+def listing(items: list[str], limit: int = 5) -> str:
+    """`a, b, c and 4 more`: the first `limit` items of a list for a one-line message."""
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def strangers(path: Path) -> list[str]:
@@ -133,9 +135,8 @@ def _foreign(path: Path, mode: str) -> None:
         return
     if mode != "explicit":
         raise _Next()
-    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
     raise NotARun(f"run directory {path} is not empty and is not a midpo run directory (no {RUN}; it holds "
-                  f"{shown}); nothing was written into it: pick a new or empty hydra.run.dir")
+                  f"{listing(found)}); nothing was written into it: pick a new or empty hydra.run.dir")
 
 
 def _requeued(record: dict) -> bool:

@@ -113,9 +113,10 @@ def claim_sweep_dir(config: DictConfig) -> Path:
                 continue                                                   # another sweep's time-stamped name
             found = _foreign(candidate)
             if found:
-                shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+                from midpo_cli.engine.rundir import listing
                 console.error(f"sweep directory {candidate} is not empty and is not a midpo sweep directory (it "
-                              f"holds {shown}); nothing was written into it: pick a new or empty hydra.sweep.dir")
+                              f"holds {listing(found)}); nothing was written into it: pick a new or empty "
+                              "hydra.sweep.dir")
                 raise SystemExit(1)
             fd = _try_lock(candidate)
             if fd is not None:

@@ -223,9 +223,9 @@ def expected_jobs(sweep_dir: Path) -> list[tuple[str, list[str]]] | None:
             found = jobs_of(OmegaConf.load(record).hydra)
         except Exception:                              # unreadable, or not a sweep record
             found = None
-        if found is not None:
+        if found is not None:                          # a job of several sweeps: collect() lists it once
             known = True
-            jobs += [j for j in found if job_key(j[1]) not in {job_key(k[1]) for k in jobs}]
+            jobs += found
     return jobs if known else None
 
 
