@@ -13,12 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from midpo_cli import console
-from midpo_cli.config import check as check_config
 from midpo_cli.engine import checkpoint, files, rundir, stops
-from midpo_cli.engine.inputs import run_inputs
-from midpo_cli.engine.models import check_source
-from midpo_cli.priors import build_prior
-from midpo_cli.tasks import build_task
+from midpo_cli.recipe import Recipe
 
 log = logging.getLogger("midpo")
 RESUME = ("auto", "latest", "never", "restart")
@@ -30,7 +26,8 @@ def in_sweep() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _overrides() -> list[str]:
+def overrides() -> list[str]:
+    """The run's task overrides (a sweep job's own)."""
     from hydra.core.hydra_config import HydraConfig
     return list(HydraConfig.get().overrides.task)
 
@@ -49,7 +46,7 @@ def rerun_command(run_dir: Path) -> str:
     """The command that continues this run: its task overrides (a sweep job's own) and its directory, named
     (a default directory is time-stamped, so the same command line would start a new run)."""
     import shlex
-    return shlex.join(["midpo", "train", *_overrides(), f"hydra.run.dir={run_dir.resolve()}"])
+    return shlex.join(["midpo", "train", *overrides(), f"hydra.run.dir={run_dir.resolve()}"])
 
 
 def record_failure(run_dir: Path, exc: BaseException) -> None:
@@ -59,25 +56,25 @@ def record_failure(run_dir: Path, exc: BaseException) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         files.write_json(run_dir / "error.json", {
-            "status": "failed", "error": f"{type(exc).__name__}: {exc}", "overrides": _overrides(),
+            "status": "failed", "error": f"{type(exc).__name__}: {exc}", "overrides": overrides(),
             "traceback": "".join(traceback.format_exception(exc))})
     except OSError as e:
         console.line(f"error.json not written either: {e}", "warning", "bold yellow")
 
 
-def claim_directory(cfg, state, inputs: dict | None) -> tuple[rundir.Claim, dict | None]:
+def claim_directory(recipe: Recipe, state, inputs: dict | None) -> tuple[rundir.Claim, dict | None]:
     """The main process claims the run directory; every process learns its path, the claim's state and the
     input fingerprints (computed once, by the main process), or the main process's refusal."""
     from hydra.core.hydra_config import HydraConfig
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
-    resume = cfg.trainer.resume or "never"
+    resume = recipe.tc.resume or "never"
     if resume not in RESUME and not Path(resume).expanduser().exists():
         raise ValueError(f"trainer.resume={resume}: not one of {RESUME} and no such checkpoint or run directory")
     claim, refused = None, None
     if state.is_main_process:
         try:
-            claim = rundir.claim(hydra_dir, checkpoint.run_hash(cfg), resume, _claim_mode(),
-                                 settings=checkpoint.run_settings(cfg), inputs=inputs, on_refusal=record_failure)
+            claim = rundir.claim(hydra_dir, recipe.config_hash, resume, _claim_mode(), settings=recipe.settings,
+                                 inputs=inputs, on_refusal=record_failure)
         except (ValueError, OSError) as e:
             if state.num_processes == 1:
                 raise
@@ -135,50 +132,20 @@ def run(cfg: DictConfig) -> float | None:
     claim = None
     console.setup_logging(None, state.is_main_process)                     # the claim may log (a restart, a wait)
     try:
-        check_config(cfg)
-        task = build_task(cfg.dataset)                                     # the task's own settings, checked
-        check_source(cfg.model)                                            # a broken model directory, by its headers
-        prior = build_prior(cfg.prior)
-        inputs = run_inputs(cfg, task, prior) if state.is_main_process else None
-        claim, inputs = claim_directory(cfg, state, inputs)
-        run_dir = claim.path
-        console.setup_logging(run_dir / "train.log" if state.is_main_process else None, state.is_main_process)
-        if claim.state == "finished":
-            results = reuse(run_dir)
-        else:
-            resume = cfg.trainer.resume or "never"
-            resume_from = None
-            if claim.state == "resume" or resume not in ("auto", "never", "restart"):
-                resume_from = checkpoint.find(resume, run_dir, cfg, inputs)
-            for w in prior.warnings():
-                log.warning(w)
-            if state.is_main_process:
-                (run_dir / "error.json").unlink(missing_ok=True)               # an earlier attempt's failure
-                files.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            results = train(cfg, prior, run_dir, resume_from)
+        recipe = Recipe(cfg)
+        claim, inputs = claim_directory(recipe, state, recipe.inputs() if state.is_main_process else None)
+        console.setup_logging(claim.path / "train.log" if state.is_main_process else None, state.is_main_process)
+        results = reuse(claim.path) if claim.state == "finished" else train(recipe, claim, inputs, state)
     except KeyboardInterrupt as e:                                         # Ctrl-C (in training: a second one)
         if state.is_main_process:
             console.stopped(stops.interrupted(e, claim and claim.path, claim and rerun_command(claim.path)))
         raise SystemExit(stops.EXIT_INTERRUPTED) from None                 # a sweep stops too
     except (ValueError, KeyError, OSError, FloatingPointError) as e:     # OSError: e.g. cache_dir is a file
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        if not isinstance(e, rundir.Relayed):                              # the main process said it already
-            console.error(f"{e}; {stops.on_disk(claim and claim.path, claim and rerun_command(claim.path))}"
-                          if isinstance(e, files.WriteFailed) else f"{type(e).__name__}: {msg}")
-        if state.is_main_process and claim is not None:
-            record_failure(claim.path, e)
-        elif state.is_main_process:
-            _drop_unclaimed()
-        if in_sweep():
-            return None
-        sys.exit(1)
+        return failed(e, state, claim)
     except Exception as e:                                                 # a crash: keep the sweep going
         if not in_sweep():
             raise
-        console.error(f"job failed: {type(e).__name__}: {e}")
-        if claim is not None and state.is_main_process:
-            record_failure(claim.path, e)
-        return None
+        return failed(e, state, claim, crash=True)
     finally:
         if claim is not None:
             claim.release()
@@ -189,8 +156,40 @@ def run(cfg: DictConfig) -> float | None:
     if not state.is_main_process:                                          # the others hold no final results
         return None
     console.final_table(results)
-    log.info("run directory: %s", run_dir)
+    log.info("run directory: %s", claim.path)
     return objective_of(results, cfg.trainer.objective)
+
+
+def failed(e: BaseException, state, claim: rundir.Claim | None, crash: bool = False) -> None:
+    """A run that failed: one line (not repeated by the other processes), error.json in its claimed directory
+    (or Hydra's empty directory removed); in a sweep the next job goes on, else the command exits 1."""
+    if crash:
+        console.error(f"job failed: {type(e).__name__}: {e}")
+    elif not isinstance(e, rundir.Relayed):                                # the main process said it already
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        console.error(f"{e}; {stops.on_disk(claim and claim.path, claim and rerun_command(claim.path))}"
+                      if isinstance(e, files.WriteFailed) else f"{type(e).__name__}: {msg}")
+    if state.is_main_process and claim is not None:
+        record_failure(claim.path, e)
+    elif state.is_main_process and not crash:
+        _drop_unclaimed()
+    if not in_sweep() and not crash:
+        sys.exit(1)
+    return None
+
+
+def train(recipe: Recipe, claim: rundir.Claim, inputs: dict | None, state) -> dict:
+    """Train in the claimed directory: from the checkpoint the claim or trainer.resume names, else from step 0."""
+    run_dir, resume = claim.path, recipe.tc.resume or "never"
+    resume_from = None
+    if claim.state == "resume" or resume not in ("auto", "never", "restart"):
+        resume_from = checkpoint.find(resume, run_dir, recipe.config_hash, recipe.settings, inputs)
+    for w in recipe.prior.warnings():
+        log.warning(w)
+    if state.is_main_process:
+        (run_dir / "error.json").unlink(missing_ok=True)                   # an earlier attempt's failure
+        files.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(recipe.cfg, resolve=True))
+    return recipe.setup(run_dir, resume_from, overrides(), rerun_command(run_dir)).train()
 
 
 def reuse(run_dir: Path) -> dict:
@@ -212,69 +211,3 @@ def objective_of(results: dict, key: str) -> float | None:
         log.warning("trainer.objective=%s is not in this run's results; it has: %s", key,
                     ", ".join(objective.available(results)))
     return score
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists become strings (trackers take scalars)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
-def train(cfg: DictConfig, prior, run_dir: Path, resume_from: Path | None = None) -> dict:
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
-
-    from midpo_cli.engine.lora import merged_for_saving
-    from midpo_cli.engine.optim import finite_parameters
-    from midpo_cli.engine.trainer import NonFinite, seed_everything, train_loop
-    from midpo_cli.pipeline import prepare
-
-    t_start = time.perf_counter()
-    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.trainer.precision]
-    trackers = list(cfg.trainer.trackers)
-    acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), log_with=trackers or None,
-                      project_dir=str(run_dir), step_scheduler_with_optimizer=False,
-                      gradient_accumulation_plugin=GradientAccumulationPlugin(
-                          num_steps=cfg.trainer.grad_accum, sync_with_dataloader=False))
-    if trackers and acc.is_main_process:
-        acc.init_trackers("tracking", config=flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
-    s = prepare(cfg, prior, acc, run_dir, resume_from)
-    models = {"reference": s.reference, "snapshot": s.snapshot}
-    out = train_loop(acc, cfg, s.policy, prior, models, s.train_pairs, s.eval_pairs,
-                     s.tokenizer.pad_token_id, run_dir, resume_from, rerun_command(run_dir))
-    policy = out.pop("policy")
-    results = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "overrides": _overrides(),
-               "prior": prior.name, "seed": cfg.seed, "data": s.data, "ref_cache": s.ref_cache,
-               "resumed_from": str(resume_from) if resume_from else None, **out}
-    if acc.is_main_process:
-        seed_everything(cfg.seed + 3)
-        ev = s.task.evaluate(s.ctx, policy, s.reference)
-        if ev:
-            results["eval"], results["eval_title"] = ev, s.task.title
-    if not finite_parameters(policy, prior):
-        raise NonFinite("the trained weights are not finite; nothing was saved. Lower optimizer.lr")
-    if cfg.trainer.save_model:                                             # model/ appears only when whole
-        saved = merged_for_saving(policy) if cfg.model.lora.r > 0 else policy
-        with files.published_dir(run_dir / "model", "the final model", acc.is_main_process) as tmp:
-            saved.save_pretrained(tmp, safe_serialization=True, is_main_process=acc.is_main_process,
-                                  state_dict=None if acc.num_processes == 1 else acc.get_state_dict(saved))
-            if acc.is_main_process:
-                s.tokenizer.save_pretrained(tmp)
-            acc.wait_for_everyone()
-    if acc.is_main_process and prior.state_dict():
-        with files.published_dir(run_dir / "prior", "the learned prior") as tmp:
-            prior.save(tmp)
-    if trackers:
-        acc.end_training()
-    results["wall_time_s"] = time.perf_counter() - t_start
-    if acc.is_main_process:
-        files.write_json(run_dir / "results.json", results)
-    acc.wait_for_everyone()
-    return results

@@ -97,9 +97,9 @@ def test_the_reference_scores_only_the_pairs_a_short_run_draws(tmp_path):
 def test_a_drawn_pair_without_reference_log_probs_stops_the_run_in_one_line(tmp_path, monkeypatch, capsys):
     """Were the scored pairs ever fewer than those drawn, the run stops at the first such batch, in one line,
     instead of falling back to the live reference or ending in a KeyError."""
-    import midpo_cli.pipeline
+    import midpo_cli.recipe
 
-    monkeypatch.setattr(midpo_cli.pipeline, "pairs_drawn", lambda n, *a: [0, 1])
+    monkeypatch.setattr(midpo_cli.recipe, "pairs_drawn", lambda n, *a: [0, 1])
     with pytest.raises(SystemExit) as e:
         main([*RUN, f"cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'r'}"])
     err = capsys.readouterr().err

@@ -368,16 +368,16 @@ def test_a_cached_json_entry_that_parses_but_is_not_one_is_rebuilt(tmp_path, cap
 def test_a_stop_signal_at_the_last_step_finishes_the_run(tmp_path, fast, monkeypatch):
     """SIGTERM/SIGUSR2 arriving during the last step: nothing is left to continue, so the run evaluates and
     saves as usual (it used to exit with no checkpoint and no results, and the requeue redid everything)."""
-    from midpo_cli.engine import trainer
+    from midpo_cli import recipe
 
-    enter = trainer.Signals.__enter__
+    enter = recipe.Signals.__enter__
 
     def signalled(self):                                                   # the signal is already pending
         enter(self)
         self.got = signal.SIGTERM
         return self
 
-    monkeypatch.setattr(trainer.Signals, "__enter__", signalled)
+    monkeypatch.setattr(recipe.Signals, "__enter__", signalled)
     run = tmp_path / "run"
     main(["train", *fast, "trainer.max_steps=1", "trainer.save_model=false", f"hydra.run.dir={run}"])
     assert strict_json(run / "results.json")["final"]["step"] == 1

@@ -21,40 +21,22 @@ import logging
 import shutil
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from midpo_cli.engine.cache import config_hash
 from midpo_cli.engine.files import read_json, writing
 from midpo_cli.engine.inputs import InputsChanged, changed, file_hash
 from midpo_cli.engine.rundir import differences
 
 STATE, MANIFEST, PRIOR = "trainer_state.json", "manifest.json", "prior.safetensors"
-IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers", "eval_train")
 log = logging.getLogger("midpo")
 
 
-def run_settings(cfg) -> dict:
-    """Every setting that changes a run's trajectory (not where or how often it logs or saves)."""
-    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for k in IGNORED:
-        c["trainer"].pop(k, None)
-    c.pop("cache_dir", None)
-    return c
-
-
-def run_hash(cfg) -> str:
-    """The config hash of a run: the hash of its run_settings."""
-    return config_hash(run_settings(cfg))
-
-
-def save(acc, run_dir: Path, step: int, cfg, prior) -> Path:
+def save(acc, run_dir: Path, step: int, config_hash: str, prior) -> Path:
     """Write the checkpoint of `step` (every process takes part; the main process publishes it). A failed or
     interrupted write leaves no part of it: WriteFailed names the checkpoint and the OS error."""
     path = run_dir / "checkpoints" / f"step-{step}"
     tmp = path.with_name(f".{path.name}.partial")
     try:
         with writing(path, "checkpoint"):
-            _write(acc, path, tmp, step, cfg, prior)
+            _write(acc, path, tmp, step, config_hash, prior)
     except BaseException:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -62,7 +44,7 @@ def save(acc, run_dir: Path, step: int, cfg, prior) -> Path:
     return path
 
 
-def _write(acc, path: Path, tmp: Path, step: int, cfg, prior) -> None:
+def _write(acc, path: Path, tmp: Path, step: int, config_hash: str, prior) -> None:
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
@@ -72,7 +54,7 @@ def _write(acc, path: Path, tmp: Path, step: int, cfg, prior) -> None:
         if state:
             from safetensors.torch import save_file
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / PRIOR))
-        (tmp / STATE).write_text(json.dumps({"step": step, "config_hash": run_hash(cfg)}))
+        (tmp / STATE).write_text(json.dumps({"step": step, "config_hash": config_hash}))
     acc.wait_for_everyone()
     if acc.is_main_process:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -194,10 +176,10 @@ def _other_inputs(ckpt: Path, inputs: dict | None) -> str:
     return changed(record.get("inputs"), inputs) if isinstance(record, dict) and inputs is not None else ""
 
 
-def find(resume: str, run_dir: Path, cfg, inputs: dict | None = None) -> Path | None:
+def find(resume: str, run_dir: Path, want: str, settings: dict, inputs: dict | None = None) -> Path | None:
     """The checkpoint to continue from (None for a fresh start under resume=auto); raises ValueError saying
-    what was looked at. `inputs`: this run's input fingerprints, which the checkpoint's run must share."""
-    want = run_hash(cfg)
+    what was looked at. `want`/`settings`: this run's config hash and settings, which the checkpoint's run must
+    share (the settings name what differs); `inputs`: this run's input fingerprints, the same."""
     if resume == "auto":                                                   # a requeue: nobody to ask, so a
         found = complete(run_dir)                                          # damaged checkpoint is skipped, loudly
         for ckpt in found:
@@ -219,7 +201,7 @@ def find(resume: str, run_dir: Path, cfg, inputs: dict | None = None) -> Path | 
             verify(ckpt)                                                   # a damaged one is named as such
             theirs = (read_json(ckpt.parent.parent / "run.json") or {}).get("settings")
             raise ValueError(f"trainer.resume={resume}: that checkpoint was trained with a different config "
-                             f"({differences(theirs, run_settings(cfg)) or 'see its run config.yaml'}); "
+                             f"({differences(theirs, settings) or 'see its run config.yaml'}); "
                              "resume with the same overrides")
         what = _other_inputs(ckpt, inputs)
         if what:

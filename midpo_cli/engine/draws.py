@@ -1,6 +1,6 @@
 """Which training pairs each step draws: a fresh permutation per epoch, dealt out in micro-batches by a DataLoader
 (accelerate shards it over processes), and, from the same permutation, the pairs a run of trainer.max_steps
-draws at all (the reference pass scores only those: pipeline.py).
+draws at all (the reference pass scores only those: recipe.py).
 """
 from __future__ import annotations
 

@@ -171,10 +171,11 @@ def model_inputs(model_cfg) -> list[tuple[str, Path]]:
     return [("model.name_or_path", path)]
 
 
-def run_inputs(cfg, task, prior) -> dict[str, dict]:
-    """Fingerprints of every file the run `cfg` reads: the task's data files, the model, a prior's snapshot model."""
-    labelled = [*task.inputs(), *model_inputs(cfg.model)]
+def run_inputs(task, model_cfg, prior, memo: Path) -> dict[str, dict]:
+    """Fingerprints of every file a run reads: the task's data files, the model, a prior's snapshot model
+    (hashes memoised under `memo`)."""
+    labelled = [*task.inputs(), *model_inputs(model_cfg)]
     snapshot = prior.needs().snapshot
     if snapshot and snapshot != "reference" and Path(snapshot).expanduser().exists():
         labelled.append(("prior.snapshot", Path(snapshot)))
-    return files_of(labelled, Path(cfg.cache_dir) / "fingerprints")
+    return files_of(labelled, memo)

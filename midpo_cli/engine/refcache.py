@@ -4,7 +4,7 @@ The key hashes everything that changes the values: the reference weights, the to
 chat template), the exact token ids of every pair scored (so the dataset, template rendering and truncation
 settings are all in it), the compute dtype/precision and the device type. A changed input is a new key:
 a stale entry can never be read. Sweep jobs sharing cache_dir share the entries. A run that ends within its
-first epoch scores only the training pairs it draws (pipeline.scored_train_pairs): its entry is keyed by
+first epoch scores only the training pairs it draws (recipe.scored_train_pairs): its entry is keyed by
 those, so a longer run gets an entry of its own.
 """
 from __future__ import annotations

@@ -37,7 +37,16 @@ from midpo_cli.engine.inputs import InputsChanged, changed, derived_changed
 LOCK, RUN, REPLACED = ".midpo.lock", "run.json", "replaced"
 OWN = {LOCK, "job.json", REPLACED, ".hydra"}    # what a directory may hold before its run.json and still be new
 MODES = ("explicit", "default", "sweep")        # hydra.run.dir given | Hydra's time-stamped name | a sweep job
+# Trainer settings that change where or how often a run logs, evaluates or saves, not what it computes.
+IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers", "eval_train")
 log = logging.getLogger("midpo")
+
+
+def run_settings(config: dict) -> dict:
+    """A run's identity: its resolved config (a plain dict) without the settings in IGNORED and cache_dir."""
+    c = {**config, "trainer": {k: v for k, v in config["trainer"].items() if k not in IGNORED}}
+    c.pop("cache_dir", None)
+    return c
 
 
 @dataclass

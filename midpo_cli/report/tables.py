@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from midpo_cli.console import console
-from midpo_cli.engine.checkpoint import IGNORED
+from midpo_cli.engine.rundir import IGNORED
 
 MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl", "job.json", "run.json")
 FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin", "logratio/margins",
@@ -177,7 +177,7 @@ def overrides_of(run_dir: Path) -> list[str]:
     return []
 
 
-# Overrides that do not change what a run computes (engine/checkpoint.py IGNORED): not part of a job's identity.
+# Overrides that do not change what a run computes (engine/rundir.py IGNORED): not part of a job's identity.
 BYSTANDERS = re.compile(rf"[+~]*(trainer\.({'|'.join(IGNORED)})=|cache_dir=|hydra[./])")
 
 

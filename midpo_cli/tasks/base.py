@@ -12,7 +12,7 @@ The train command asks the task for exactly three things and never looks at whic
 
 A task is registered by name (`@register_task`), chosen by `dataset.source`, and may bring a typed
 settings dataclass (its YAML keys under `dataset.task`). Adding a task is a file here and a
-`conf/dataset/<name>.yaml`; the engine, the pipeline and the train command stay as they are.
+`conf/dataset/<name>.yaml`; the engine, the recipe and the train command stay as they are.
 """
 from __future__ import annotations
 

@@ -1,0 +1,450 @@
+"""One training run as a recipe: the MI-DPO loss with the configured prior, from the task's pairs to results.json.
+
+    recipe = Recipe(cfg)                      # checks the config, builds the task and the prior (nothing loads)
+    recipe.setup(run_dir)                     # accelerator, models, pairs, reference cache, optimisers, loader
+    results = recipe.train()                  # the steps, then the task's evaluation and the saved model
+
+`train()` is a loop over named methods: `step` (forward, backward, the optimiser steps), `log` (a metrics.jsonl
+row every trainer.log_every steps), `evaluate` (held-out pairs), `checkpoint` and `stop` (a stop signal).
+Everything below the recipe receives the sub-config or the values it uses. A pipeline of several trainings
+builds one recipe per training.
+
+One process or many (DDP, FSDP, DeepSpeed through `accelerate launch` / `torchrun`): each process trains on its
+own shard of every global batch (`trainer.batch_size` pairs per process and micro-batch), metrics are averaged
+over processes before they are logged, and only the main process writes. A prior with parameters gets its own
+optimiser and schedule, steps as its `updates(step)` says, and is saved in every checkpoint.
+Nothing non-finite is trained on or written: a non-finite loss or gradient stops the run (`trainer.on_nonfinite=
+stop`, naming the step, the term and the last good checkpoint) or skips the step (`skip`, counted); weights are
+checked before every checkpoint and save. A stop signal ends the step, writes a checkpoint and exits.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from midpo_cli.config import check as check_config
+from midpo_cli.data.prepare import build_pairs, check_bad_fraction, save_report
+from midpo_cli.engine import checkpoint, files, refcache
+from midpo_cli.engine.cache import config_hash
+from midpo_cli.engine.draws import data_loader, endless, pairs_drawn
+from midpo_cli.engine.inputs import pairs_digest, run_inputs, weights_digest
+from midpo_cli.engine.lora import AdapterOff, add_lora, merged_for_saving
+from midpo_cli.engine.models import check_lengths, check_source, frozen, load_model, load_tokenizer
+from midpo_cli.engine.optim import finite_parameters, grad_norm, schedule
+from midpo_cli.engine.rundir import check_derived, run_settings
+from midpo_cli.engine.stops import Signals
+from midpo_cli.engine.trainer import (NonFinite, append_row, diagnose, evaluate_pairs, metrics_upto, peak_memory_mb,
+                                      reduce_metrics, seed_everything, step_loss, window_row)
+from midpo_cli.engine.views import live_reference
+from midpo_cli.priors import build_prior
+from midpo_cli.tasks import Context, build_task
+
+log = logging.getLogger("midpo")
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}               # ours -> accelerate's mixed_precision
+
+
+def scored_train_pairs(pairs: list, tc, seed: int, processes: int) -> tuple[list, str]:
+    """The training pairs the reference pass scores, and why: those steps 1..max_steps draw when the run ends
+    within its first epoch (the same permutation the loader deals out: engine/draws.py), else every pair. The
+    cache key covers exactly the pairs scored, so a longer run later gets its own entry."""
+    if tc.eval_train:
+        return pairs, "trainer.eval_train=true scores every training pair at the end"
+    drawn = pairs_drawn(len(pairs), seed, tc.batch_size, tc.grad_accum, processes, tc.max_steps)
+    on = f"of batch_size={tc.batch_size} on {processes} process{'es' if processes > 1 else ''}"
+    if drawn is None:
+        return pairs, f"max_steps={tc.max_steps} x grad_accum={tc.grad_accum} micro-batches {on} cover a full epoch"
+    return [pairs[i] for i in drawn], (f"those that max_steps={tc.max_steps} x grad_accum={tc.grad_accum} "
+                                       f"micro-batches {on} draw, and the one micro-batch the loader collates ahead")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become strings (trackers take scalars)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class Recipe:
+    """One training run of the config `cfg` (a composed `midpo train` config)."""
+
+    def __init__(self, cfg: DictConfig):
+        check_config(cfg)
+        self.cfg, self.tc = cfg, cfg.trainer
+        self.task = build_task(cfg.dataset)                                # the task's own settings, checked
+        check_source(cfg.model)                                            # a broken model directory, by its headers
+        self.prior = build_prior(cfg.prior)
+        self.settings = run_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        self.config_hash = config_hash(self.settings)
+        self.lora = cfg.model.lora.r > 0
+
+    def inputs(self) -> dict[str, dict]:
+        """Fingerprints of every file the run reads (data, model, a prior's snapshot model)."""
+        return run_inputs(self.task, self.cfg.model, self.prior, Path(self.cfg.cache_dir) / "fingerprints")
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+
+    def setup(self, run_dir: Path, resume_from: Path | None = None, overrides: list[str] = (),
+              rerun: str = "") -> Recipe:
+        """Build everything the steps use, once. `overrides`: the command line's (recorded in results.json);
+        `rerun`: the command that continues this run, named when a stop signal ends it early."""
+        self.run_dir, self.resume_from, self.overrides, self.rerun = run_dir, resume_from, list(overrides), rerun
+        self.t_start = time.perf_counter()
+        self.acc = self._accelerator()
+        self._models()
+        self._pairs()
+        self._reference_cache()
+        self._attach_prior()
+        self._optimisers()
+        self._resume()
+        return self
+
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import GradientAccumulationPlugin
+
+        tc = self.tc
+        acc = Accelerator(mixed_precision=PRECISION[tc.precision], cpu=not torch.cuda.is_available(),
+                          log_with=list(tc.trackers) or None, project_dir=str(self.run_dir),
+                          step_scheduler_with_optimizer=False, gradient_accumulation_plugin=GradientAccumulationPlugin(
+                              num_steps=tc.grad_accum, sync_with_dataloader=False))
+        if tc.trackers and acc.is_main_process:
+            acc.init_trackers("tracking", config=flatten(OmegaConf.to_container(self.cfg, resolve=True,
+                                                                                enum_to_str=True)))
+        return acc
+
+    def _models(self) -> None:
+        """The tokenizer, the policy (from the task's reference weights, e.g. after its SFT) and the reference."""
+        model, acc, needs = self.cfg.model, self.acc, self.prior.needs()
+        self.tokenizer = load_tokenizer(model)
+        self.ctx = Context(self.tokenizer, model, self.cfg.seed, Path(self.cfg.cache_dir), acc.device)
+        seed_everything(self.cfg.seed)
+        with acc.main_process_first():                                     # e.g. SFT, cached for the others
+            path = self.task.reference_weights(self.ctx)
+        policy = load_model(model, self.tokenizer, path=path)
+        self.reference_digest = weights_digest(policy)                    # what the run starts from, for resume
+        check_lengths(self.cfg.dataset, policy)
+        self.policy = (add_lora(policy, model.lora) if self.lora else policy).to(acc.device)
+        wants = needs.reference_model or needs.snapshot == "reference" or self.task.evaluates_reference \
+            or self.prior.learnable                                        # a learnable prior builds on it in attach
+        self.reference = None
+        if wants:
+            self.reference = AdapterOff(self.policy) if self.lora else \
+                frozen(copy.deepcopy(self.policy)).to(acc.device)
+
+    def _pairs(self) -> None:
+        """The task's rows, tokenised and checked (data_report.json), and the snapshot a prior compares with."""
+        acc, needs, dataset = self.acc, self.prior.needs(), self.cfg.dataset
+        with acc.main_process_first():                                     # e.g. sampled pairs, cached
+            train_rows, eval_rows = self.task.pairs(self.ctx, self.reference)
+        self.snapshot = None
+        if needs.snapshot:
+            self.snapshot = self.reference if needs.snapshot == "reference" else \
+                frozen(load_model(self.cfg.model, self.tokenizer, path=needs.snapshot)).to(acc.device)
+        seed_everything(self.cfg.seed)
+        self.train_pairs, train_report = build_pairs(train_rows, self.tokenizer, dataset, needs.token_columns, "train")
+        self.eval_pairs, eval_report = build_pairs(eval_rows, self.tokenizer, dataset, needs.token_columns, "eval")
+        self.pairs_digest = pairs_digest(self.train_pairs + self.eval_pairs)
+        before = self.resume_from.parent.parent if self.resume_from else None
+        check_derived(self.run_dir, {"pairs": self.pairs_digest, "reference": self.reference_digest}, before,
+                      acc.is_main_process)
+        if acc.is_main_process:
+            save_report([train_report, eval_report], self.run_dir)
+        else:                                                              # the same verdict, without the table
+            check_bad_fraction([train_report, eval_report], str(self.run_dir / "data_report.json"))
+        if not self.train_pairs:
+            raise ValueError("no training pairs left (see the data report above: data_report.json)")
+        self.data = {"train_pairs": len(self.train_pairs), "eval_pairs": len(self.eval_pairs),
+                     "truncated": train_report["truncated"] + eval_report["truncated"],
+                     "dropped": train_report["dropped"] + eval_report["dropped"]}
+
+    def _reference_cache(self) -> None:
+        """trainer.ref_cache: the reference's log-probs of the pairs the run uses, computed once and cached (also
+        gives reference-free priors their logratio/* metrics)."""
+        self.ref_cache = None
+        if not self.tc.ref_cache:
+            return
+        acc = self.acc
+        scorer = self.policy if self.reference is None else self.reference   # untrained, the policy is the reference
+        scored, why = scored_train_pairs(self.train_pairs, self.tc, self.cfg.seed, acc.num_processes)
+        log.info("reference log-probs: %d of %d training pairs (%s), and all %d eval pairs", len(scored),
+                 len(self.train_pairs), why, len(self.eval_pairs))
+        with acc.main_process_first():
+            self.ref_cache = refcache.attach(
+                [scored, self.eval_pairs], scorer, self.reference_digest, self.tokenizer, Path(self.cfg.cache_dir),
+                self.tc.precision, acc.device, self.tokenizer.pad_token_id,
+                self.pairs_digest if scored is self.train_pairs else None)   # the pairs are hashed once
+
+    def _attach_prior(self) -> None:
+        """The prior's own models are built on the policy and reference; a cache replaces the reference copy."""
+        needs = self.prior.needs()
+        self.prior.attach(self.policy, self.reference)
+        self.prior.to(self.acc.device)
+        needed = live_reference(needs, cached=self.ref_cache is not None) or self.task.evaluates_reference
+        if self.reference is not None and not needed and not self.lora:
+            self.reference = None
+            self.snapshot = None if needs.snapshot == "reference" else self.snapshot
+
+    def _optimisers(self) -> None:
+        """The policy's optimiser and schedule, the prior's (when it has parameters), the loader: all prepared."""
+        from hydra.utils import instantiate
+
+        tc, acc = self.tc, self.acc
+        optimizer = instantiate(self.cfg.optimizer)([p for p in self.policy.parameters() if p.requires_grad])
+        sched = schedule(optimizer, tc.lr_schedule, tc.warmup_steps, tc.max_steps)
+        required = (refcache.COLUMN,) if tc.ref_cache else ()
+        loader = data_loader(self.train_pairs, tc.batch_size, self.cfg.seed, self.tokenizer.pad_token_id, required)
+        self.prior_params, extra = self.prior.trainable(), []
+        if self.prior_params:                                              # a learnable prior: its own optimiser
+            prior_opt = instantiate(self.cfg.optimizer, lr=self.prior.lr)(self.prior_params)
+            extra = [prior_opt, schedule(prior_opt, tc.lr_schedule, tc.warmup_steps, tc.max_steps)]
+        self.policy, self.optimizer, self.sched, self.loader, *extra = acc.prepare(
+            self.policy, optimizer, sched, loader, *extra)
+        self.prior_opt, self.prior_sched = extra if extra else (None, None)
+        self.lrs = "optimizer.lr" + (" or prior.lr" if self.prior_opt is not None else "")  # a non-finite stop's advice
+        self.models = {"reference": self.reference, "snapshot": self.snapshot}
+
+    def _resume(self) -> None:
+        """Weights, optimisers, schedules, RNG and data position of the checkpoint resumed from; metrics.jsonl."""
+        acc, tc = self.acc, self.tc
+        self.start_step = 0
+        if self.resume_from is not None:
+            self.start_step = checkpoint.load(acc, self.resume_from, self.prior, tc.max_steps)
+            if acc.is_main_process:
+                metrics_upto(self.run_dir, self.resume_from.parent.parent, self.start_step)
+            log.info("resumed from %s at step %d", self.resume_from, self.start_step)
+        elif acc.is_main_process:
+            files.write_text(self.run_dir / "metrics.jsonl", "")            # a restart without checkpoint
+        self.batches = endless(acc, self.loader, self.start_step * tc.grad_accum)
+        self.window, self.history, self.warnings = [], {}, []
+        self.tokens, self.skipped = 0, 0
+        self.last_ckpt = str(self.resume_from) if self.resume_from else None
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Steps start_step+1 .. trainer.max_steps, then the results (results.json on the main process)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        metrics = self.run_dir / "metrics.jsonl"
+        self.metrics_file = metrics.open("a") if self.acc.is_main_process else None
+        progress = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.fields[info]}"), disable=not self.acc.is_main_process)
+        self.policy.train()
+        t0 = time.perf_counter()
+        with progress, Signals() as signals:
+            bar = progress.add_task("train", total=self.tc.max_steps, completed=self.start_step, info="")
+            for step in range(self.start_step + 1, self.tc.max_steps + 1):
+                m, stopping = self.step(step, signals.got > 0)
+                progress.update(bar, advance=1, info=f"loss {m['loss']:.4f}  acc {m['rewards/accuracies']:.2f}")
+                self.write(step, self.evaluate(step, self.log(step, m)))
+                self.checkpoint(step, stopping)
+                self.stop(step, stopping, signals)
+        self._close()
+        return self.finish(time.perf_counter() - t0)
+
+    def step(self, step: int, signalled: bool) -> tuple[dict, bool]:
+        """One optimiser step over trainer.grad_accum micro-batches: its metrics (averaged over processes) and
+        whether any process got a stop signal."""
+        policy_on, prior_on = self.prior.updates(step)
+        micro, views = self._backward()
+        m = self._reduced(micro, signalled)
+        bad, stopping = m.pop("_bad") > 0, m.pop("_signal") > 0
+        m.update(self._clip())
+        finite = not bad and math.isfinite(m["grad_norm"]) and math.isfinite(m.get("prior/grad_norm", 0))
+        if finite:
+            self._apply(policy_on, prior_on)
+        else:
+            self._skip(step, micro, views)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.prior_opt is not None:
+            self.prior_opt.zero_grad(set_to_none=True)
+        if finite:
+            self.prior.on_step(step, self.acc.unwrap_model(self.policy))
+        m["lr"], m["skipped_steps"] = self.sched.get_last_lr()[0], self.skipped
+        self.tokens += m["tokens"]
+        return m, stopping
+
+    def _backward(self) -> tuple[list[dict], list]:
+        """Loss and gradients of each micro-batch; the prior's gradients averaged over processes (not DDP-wrapped)."""
+        acc, micro, views = self.acc, [], []
+        for _ in range(self.tc.grad_accum):
+            batch = next(self.batches)
+            with acc.accumulate(self.policy), acc.autocast():
+                loss, m, view = step_loss(batch, self.policy, self.prior, self.models, self.tc.kl_chunk)
+                acc.backward(loss)
+            micro.append(m)
+            views.append(view)
+        if self.prior_params and acc.num_processes > 1:
+            for p in self.prior_params:
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
+        return micro, views
+
+    def _reduced(self, micro: list[dict], signalled: bool) -> dict:
+        """The micro-batches' mean metrics (tokens summed), whether any loss was non-finite and whether a stop
+        signal arrived, averaged over processes in one collective."""
+        m = {k: sum(x[k] for x in micro) / len(micro) for k in micro[0] if k != "tokens"}
+        m["tokens"] = float(sum(x["tokens"] for x in micro))
+        m["_bad"] = float(not all(math.isfinite(x["loss"]) for x in micro))
+        m["_signal"] = float(signalled)
+        m = reduce_metrics(self.acc, m, sorted(m))
+        m["tokens"] *= self.acc.num_processes
+        return m
+
+    def _clip(self) -> dict:
+        """Gradient norms of the policy and the prior, clipped where trainer.max_grad_norm / prior.max_grad_norm say."""
+        tc, params = self.tc, self.prior_params
+        out = {"grad_norm": grad_norm(self.policy.parameters()) if tc.max_grad_norm <= 0 else
+               float(self.acc.clip_grad_norm_(self.policy.parameters(), tc.max_grad_norm))}
+        if params:
+            out["prior/grad_norm"] = grad_norm(params) if self.prior.max_grad_norm <= 0 else \
+                float(torch.nn.utils.clip_grad_norm_(params, self.prior.max_grad_norm))
+        return out
+
+    def _apply(self, policy_on: bool, prior_on: bool) -> None:
+        if policy_on:
+            self.optimizer.step()
+            self.sched.step()
+        if self.prior_opt is not None and prior_on:
+            self.prior_opt.step()
+            self.prior_sched.step()
+
+    def _skip(self, step: int, micro: list[dict], views: list) -> None:
+        """A non-finite step: stop the run (trainer.on_nonfinite=stop, or weights already non-finite) or skip it."""
+        where = next((diagnose(v, self.prior) for v, x in zip(views, micro) if not math.isfinite(x["loss"])),
+                     "the gradients (finite loss, non-finite gradient norm)")
+        weights_ok = finite_parameters(self.acc.unwrap_model(self.policy), self.prior)
+        if self.tc.on_nonfinite == "stop" or not weights_ok:
+            broken = "" if weights_ok else "the weights themselves are no longer finite; "
+            raise self._nonfinite(f"non-finite values at step {step}, in {where}; {broken}nothing was trained on "
+                                  "them and no non-finite weights were written", ", check the data, or "
+                                  "trainer.on_nonfinite=skip")
+        self.skipped += 1
+        log.warning("step %d skipped (trainer.on_nonfinite=skip): non-finite values in %s", step, where)
+
+    def _nonfinite(self, what: str, advice: str) -> NonFinite:
+        """The one message of every non-finite stop: what, the last good checkpoint, what to lower."""
+        last = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
+        return NonFinite(f"{what}; {last}. Lower {self.lrs}{advice}")
+
+    def log(self, step: int, m: dict) -> dict | None:
+        """The step's metrics join the window; every trainer.log_every steps (and at the end) they become a row."""
+        self.window.append(m)
+        if step % self.tc.log_every and step != self.tc.max_steps:
+            return None
+        row, self.window = {"step": step, **window_row(self.window)}, []
+        return row
+
+    def evaluate(self, step: int, row: dict | None) -> dict | None:
+        """Held-out preference metrics every trainer.eval_every steps and at the end; with trainer.eval_train, the
+        final J on every training pair too."""
+        tc, pad = self.tc, self.tokenizer.pad_token_id
+        last = step == tc.max_steps
+        if tc.eval_every and step % tc.eval_every == 0 or last:
+            ev = evaluate_pairs(self.acc, self.policy, self.prior, self.models, self.eval_pairs, tc, pad)
+            bad = [k for k, v in ev.items() if not math.isfinite(v)]
+            if bad:
+                raise self._nonfinite(f"non-finite held-out metrics at step {step} ({', '.join(bad)})",
+                                      " or check the eval data")
+            row = (row or {"step": step}) | ev
+        if tc.eval_train and last:
+            row = (row or {"step": step}) | evaluate_pairs(self.acc, self.policy, self.prior, self.models,
+                                                           self.train_pairs, tc, pad, prefix="train/")
+        return row
+
+    def write(self, step: int, row: dict | None) -> None:
+        """A row: the prior's monitor warnings, metrics.jsonl, the trackers (main process)."""
+        if not row:
+            return
+        main = self.acc.is_main_process
+        for w in self.prior.monitor(row):
+            if main:
+                log.warning("step %d: %s", step, w)
+            self.warnings.append({"step": step, "warning": w})
+        if main:
+            append_row(self.metrics_file, row)
+            if self.acc.trackers:
+                self.acc.log({k: v for k, v in files.clean(row).items() if k != "step" and v is not None}, step=step)
+            self.history.update(row)
+
+    def checkpoint(self, step: int, stopping: bool) -> None:
+        """Every trainer.save_every steps, and when a stop signal arrived (not at the last step: the run ends)."""
+        tc = self.tc
+        if step >= tc.max_steps or not (stopping or tc.save_every and step % tc.save_every == 0):
+            return
+        if not finite_parameters(self.acc.unwrap_model(self.policy), self.prior):
+            last = f"; last good checkpoint: {self.last_ckpt}" if self.last_ckpt else ""
+            raise NonFinite(f"the weights are not finite at step {step}; no checkpoint was written{last}")
+        self.last_ckpt = str(checkpoint.save(self.acc, self.run_dir, step, self.config_hash, self.prior))
+
+    def stop(self, step: int, stopping: bool, signals: Signals) -> None:
+        """A stop signal ends the run after its checkpoint, naming the command that continues it; at the last
+        step nothing is left to continue, so the run finishes instead."""
+        if not stopping:
+            return
+        if step == self.tc.max_steps:
+            log.warning("signal %d at the last step: finishing the run (evaluation, saving) instead of stopping",
+                        int(signals.got or 0))
+            return
+        self._close()
+        signals.stop(step, self.last_ckpt, self.rerun)
+
+    def _close(self) -> None:
+        if self.metrics_file:
+            self.metrics_file.close()
+            self.metrics_file = None
+
+    # -- the end -----------------------------------------------------------------------------------------------
+
+    def finish(self, train_wall: float) -> dict:
+        """The results: final metrics, throughput, the task's sampled evaluation; the model and the learned prior
+        saved (only when finite); results.json written last."""
+        acc, policy = self.acc, self.acc.unwrap_model(self.policy)
+        results = {"config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
+                   "overrides": self.overrides, "prior": self.prior.name, "seed": self.cfg.seed, "data": self.data,
+                   "ref_cache": self.ref_cache, "resumed_from": str(self.resume_from) if self.resume_from else None,
+                   "final": self.history, "train_wall_s": train_wall,
+                   "tokens_per_s": self.tokens / train_wall if train_wall else 0.0, "skipped_steps": self.skipped,
+                   "warnings": self.warnings, "peak_memory_mb": peak_memory_mb(acc.device),
+                   "world_size": acc.num_processes}
+        if acc.is_main_process:
+            seed_everything(self.cfg.seed + 3)
+            ev = self.task.evaluate(self.ctx, policy, self.reference)
+            if ev:
+                results["eval"], results["eval_title"] = ev, self.task.title
+        if not finite_parameters(policy, self.prior):
+            raise NonFinite("the trained weights are not finite; nothing was saved. Lower optimizer.lr")
+        if self.tc.save_model:
+            self._save_model(policy)
+        if acc.is_main_process and self.prior.state_dict():
+            with files.published_dir(self.run_dir / "prior", "the learned prior") as tmp:
+                self.prior.save(tmp)
+        if self.tc.trackers:
+            acc.end_training()
+        results["wall_time_s"] = time.perf_counter() - self.t_start
+        if acc.is_main_process:
+            files.write_json(self.run_dir / "results.json", results)
+        acc.wait_for_everyone()
+        return results
+
+    def _save_model(self, policy) -> None:
+        """model/ (LoRA merged into the weights), appearing only when whole."""
+        acc = self.acc
+        saved = merged_for_saving(policy) if self.lora else policy
+        with files.published_dir(self.run_dir / "model", "the final model", acc.is_main_process) as tmp:
+            saved.save_pretrained(tmp, safe_serialization=True, is_main_process=acc.is_main_process,
+                                  state_dict=None if acc.num_processes == 1 else acc.get_state_dict(saved))
+            if acc.is_main_process:
+                self.tokenizer.save_pretrained(tmp)
+            acc.wait_for_everyone()
