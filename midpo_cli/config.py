@@ -198,8 +198,10 @@ def check(cfg) -> None:
 
 
 def register_schemas() -> None:
+    """Every typed schema and every arm (midpo_cli/sweeps/arms.py) in Hydra's ConfigStore."""
     import midpo_cli.priors  # noqa: F401  (each prior stores its schema: schema/prior/<name>)
     import midpo_cli.tasks  # noqa: F401   (each task stores its settings' schema: schema/task/<name>)
+    from midpo_cli.sweeps.arms import register_arms
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRoot)
@@ -208,3 +210,4 @@ def register_schemas() -> None:
     cs.store(group="schema", name="dataset", node=DatasetConfig)
     for name, node in {"adamw": AdamWConfig, "rmsprop": RMSpropConfig, "sgd": SGDConfig}.items():
         cs.store(group="schema/optimizer", name=name, node=node)
+    register_arms()                                     # config group `arm`: every prior's arms

@@ -13,11 +13,17 @@ that change Hydra's config source (--config-path/--config-name/--config-dir), ar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import io
 import shutil
+import types
+import typing
+from enum import Enum
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from midpo_cli.compat import hydra_args_parser
 
 ADDING = ("midpo's configs are typed, so + and ++ cannot add a key; + is only for a config group "
           "outside the defaults list, e.g. +experiment=<preset>")
@@ -99,13 +105,12 @@ def _check_directory(o) -> None:
 def _hydra_args(argv: list[str]):
     """Hydra's own reading of the command line (the parser hydra.main uses), or None when it would refuse it
     (Hydra then says why) or when this Hydra version has no such parser (the check is skipped)."""
-    try:
-        from hydra._internal.utils import get_args_parser
-    except ImportError:
+    parser = hydra_args_parser()
+    if parser is None:
         return None
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         try:
-            return get_args_parser().parse_args(argv)
+            return parser.parse_args(argv)
         except SystemExit:
             return None
 
@@ -178,33 +183,57 @@ def _compose(command: str, overrides: list[str]) -> DictConfig:
     return compose(command, overrides=overrides)
 
 
-def _node(cfg, parts: list[str]):
-    """(node at the longest existing prefix of `parts`, how many parts it covers)."""
+def _node(cfg, parts: list[str]) -> tuple[DictConfig | ListConfig, int, str | int | None]:
+    """(container, found, leaf) along the longest existing prefix of `parts` (`found` parts long): the container it
+    names, or, where it ends at a value (a leaf, an interpolation, a missing value), that value's container and its
+    key `leaf` there. Values are never read, so no interpolation is resolved."""
     node = cfg
     for i, part in enumerate(parts):
         if isinstance(node, DictConfig) and part in node.keys():
-            node = node._get_node(part)
+            key = part
         elif isinstance(node, ListConfig) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
-            node = node._get_node(int(part))
+            key = int(part)
         else:
-            return node, i
-    return node, len(parts)
+            return node, i, None
+        child = None if OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key) else node[key]
+        if not isinstance(child, (DictConfig, ListConfig)):
+            return node, i + 1, key
+        node = child
+    return node, len(parts), None
 
 
 def _paths(node, prefix: str = "") -> list[str]:
     """Every dotted key under a config node."""
     out = []
-    if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+    if isinstance(node, DictConfig):
         for k in node.keys():
             path = f"{prefix}{k}"
             if path != "hydra":
-                out += [path, *_paths(node._get_node(k), path + ".")]
+                out.append(path)
+                if not OmegaConf.is_interpolation(node, k) and not OmegaConf.is_missing(node, k):
+                    out += _paths(node[k], path + ".")
     return out
 
 
-def _check_choice(o, node) -> None:
+def _schema(node) -> type | None:
+    """The dataclass a typed config node was built from (midpo_cli/config.py, a prior's or task's schema), else None."""
+    typ = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    return typ if dataclasses.is_dataclass(typ) else None
+
+
+def _declared(parent, leaf) -> type | None:
+    """The type the schema declares for parent[leaf] (Optional[...] unwrapped), or None where it declares none."""
+    schema = _schema(parent)
+    hint = typing.get_type_hints(schema).get(leaf) if schema is not None and isinstance(leaf, str) else None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else None
+    return hint if isinstance(hint, type) else None
+
+
+def _check_choice(o, enum: type[Enum]) -> None:
     """A setting with a fixed set of values (an enum: trainer.precision, prior.form, ...): each value must be one."""
-    names = list(node.enum_type.__members__)
+    names = list(enum.__members__)
     values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(o.value())]
     for v in values:
         if v not in names:
@@ -213,49 +242,47 @@ def _check_choice(o, node) -> None:
             raise BadOverride(f"{o.key_or_group}={v!r} is not one of {', '.join(names)} (in `{o.input_line}`).{hint}")
 
 
-_KINDS = {"IntegerNode": "an integer", "FloatNode": "a number", "BooleanNode": "true or false",
-          "StringNode": "text"}
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 
 
-def _check_value(o, node) -> None:
-    """A typed setting (int, float, bool, str): each value of the override must convert, or fail in one line
-    (Hydra's own answer is several lines)."""
+def _check_value(o, parent, leaf, typ: type | None) -> None:
+    """A typed setting (int, float, bool, str; parent[leaf]): each value of the override must convert (set on a copy
+    of the parent), or fail in one line (Hydra's own answer is several lines)."""
     import copy
 
     from omegaconf.errors import ValidationError
 
-    kind = _KINDS.get(type(node).__name__)
+    kind = _KINDS.get(typ)
     if kind is None or (o.is_sweep_override() and not o.is_discrete_sweep()):
         return
+    probe = copy.deepcopy(parent)
     values = list(o.sweep_iterator()) if o.is_discrete_sweep() else [o.value()]
     for v in values:
         try:
-            copy.deepcopy(node)._set_value(v)
+            probe[leaf] = v
         except ValidationError:
             shown = "null" if v is None else repr(v)
             raise BadOverride(f"{o.key_or_group}={shown} is not {kind} (in `{o.input_line}`)") from None
 
 
 def _check_key(o, cfg: DictConfig, loader, variant: list[str]) -> None:
-    from omegaconf.nodes import EnumNode
-
     key = o.key_or_group
     parts = key.split(".")
-    node, found = _node(cfg, parts)
+    node, found, leaf = _node(cfg, parts)
     if found == len(parts):
+        declared = _declared(node, leaf) if leaf is not None else None
         if o.is_delete():
-            parent = node._get_parent()
-            if isinstance(parent, DictConfig) and parent._metadata.object_type not in (None, dict):
+            if _schema(node if leaf is not None else _node(cfg, parts[:-1])[0]) is not None:
                 raise BadOverride(f"{key} cannot be deleted (in `{o.input_line}`): midpo's configs are typed, "
                                   f"so every key has a value; set it instead ({key}=<value>)")
-        elif isinstance(node, EnumNode):
-            _check_choice(o, node)
-        else:
-            _check_value(o, node)
+        elif declared is not None and issubclass(declared, Enum):
+            _check_choice(o, declared)
+        elif leaf is not None:
+            _check_value(o, node, leaf, declared)
         return
     where = ".".join(parts[:found])
     chosen = f" with {' '.join(variant)}" if variant else ""
-    level = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    level = [str(k) for k in node.keys()] if isinstance(node, DictConfig) and leaf is None else []
     close = [".".join([*parts[:found], c]) for c in _closest(parts[found], level, cutoff=0.6)]
     tail = parts[found + 1:]
     close = [".".join([c, *tail]) if _node(cfg, [*c.split("."), *tail])[1] == len(parts) else c for c in close]
@@ -267,7 +294,7 @@ def _check_key(o, cfg: DictConfig, loader, variant: list[str]) -> None:
     if found == 0 and close and "." not in close[0] and _is_group(loader, close[0]):
         hint += f" ({close[0]} is a config group: {close[0]}=<option>, one of {', '.join(_options(loader, close[0]))})"
     valid = f"Keys under {where}{chosen}: {', '.join(level)}." if where else f"Top-level keys: {', '.join(level)}."
-    if not isinstance(node, DictConfig):
+    if leaf is not None or not isinstance(node, DictConfig):
         valid = f"{where} is a value, not a group of keys."
     adding = f" ({ADDING}.)" if o.is_add() or o.is_force_add() else ""
     raise BadOverride(f"unknown key '{key}' (in `{o.input_line}`).{hint} {valid}{adding}")

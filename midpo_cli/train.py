@@ -150,9 +150,8 @@ def run(cfg: DictConfig) -> float | None:
         if claim is not None:
             claim.release()
         if state.num_processes == 1:                                       # sweep jobs in one process may change
-            from accelerate.state import AcceleratorState, GradientState   # precision: start each from a clean state
-            AcceleratorState._reset_state()
-            GradientState._reset_state()
+            from midpo_cli.compat import reset_accelerate_state           # precision: start each from a clean state
+            reset_accelerate_state()
     if not state.is_main_process:                                          # the others hold no final results
         return None
     console.final_table(results)

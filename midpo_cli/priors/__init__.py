@@ -1,8 +1,9 @@
 """Prior registry: every module in this folder registers its prior by name; nothing else lists them.
 
-Adding a prior = one file here (a `@register_prior("name")` class) + `conf/prior/<name>.yaml`. Its fields
-are its options; a `Literal[...]` field becomes a typed enum of the config schema, so a wrong value fails
-when Hydra composes the config (and in `build_prior`, for the Python API), naming the valid choices.
+Adding a prior = one file here (a `@register_prior("name")` class) + `conf/prior/<name>.yaml`, or the same two files in
+a plug-in folder outside midpo_cli (`MIDPO_PLUGINS`, midpo_cli/plugins.py). Its fields are its options; a `Literal[...]`
+field becomes a typed enum of the config schema, so a wrong value fails when Hydra composes the config (and in
+`build_prior`, for the Python API), naming the valid choices. Its arms (sweeps over arms) come from its class too.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from midpo_cli.plugins import import_all
-from midpo_cli.priors.base import Needs, PairView, Prior, Reduction
+from midpo_cli.plugins import import_all, import_outside
+from midpo_cli.priors.base import Arm, Needs, PairView, Prior, Reduction
 
 PRIORS: dict[str, type[Prior]] = {}
 SCHEMA_GROUP = "schema/prior"   # ConfigStore group holding each prior's typed schema
@@ -99,6 +100,7 @@ def build_prior(cfg) -> Prior:
 
 
 import_all(__name__, __path__, skip=("base",))
+import_outside("priors")            # plug-in folders outside midpo_cli ($MIDPO_PLUGINS): their priors/ and conf/
 
-__all__ = ["Needs", "PairView", "Prior", "Reduction", "PRIORS", "register_prior", "unregister_prior", "prior_class",
-           "build_prior"]
+__all__ = ["Arm", "Needs", "PairView", "Prior", "Reduction", "PRIORS", "register_prior", "unregister_prior",
+           "prior_class", "build_prior"]

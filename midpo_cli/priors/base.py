@@ -93,6 +93,14 @@ class Reduction:
         return f"== {other}" + (f" ({opts})" if opts else "") + (f" {self.note}" if self.note else "")
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a sweep over priors (+experiment=learnable_priors): the prior with `settings` over its defaults
+    (conf/prior/<name>.yaml), as Hydra config `arm=<prior>-<suffix>` (midpo_cli/sweeps/arms.py)."""
+    settings: dict                                 # this prior's options, e.g. {"update": "joint", "anchor": 0.0}
+    text: str                                      # one line: what the arm runs
+
+
 class Prior(torch.nn.Module):
     """Base class. A subclass is also a dataclass holding its hyperparameters (the YAML's keys).
 
@@ -110,6 +118,8 @@ class Prior(torch.nn.Module):
     options: ClassVar[tuple[dict, ...]] = ({},)  # convention settings `midpo verify` checks, each a dict of overrides
     reductions: ClassVar[tuple[Reduction, ...]] = ()   # declared special cases (e.g. "alpha = 0 is DPO")
     typical_beta: ClassVar[tuple[float, float]] = (0.005, 1.0)   # beta outside this range earns a warning
+    arms: ClassVar[dict[str, Arm]] = {}   # name suffix -> arm, for sweeps over arms (a fixed prior is also one arm:
+                                          # itself with its defaults; a learnable prior is only the arms it declares)
 
     def __post_init__(self):
         torch.nn.Module.__init__(self)

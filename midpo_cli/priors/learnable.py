@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from midpo_cli.priors.base import PairView, Prior
+from midpo_cli.priors.base import Arm, PairView, Prior
 
 
 @dataclasses.dataclass(eq=False, repr=False)
@@ -51,6 +51,13 @@ class LearnablePrior(Prior):
 
     learnable: ClassVar[bool] = True
     options: ClassVar[tuple[dict, ...]] = ({"update": "joint"}, {"update": "marginal"})
+    arms: ClassVar[dict[str, Arm]] = {                         # the update rules, each an arm <name>-<suffix>
+        "joint": Arm({"update": "joint"}, "prior trained on J + its default anchor (the paper's joint min, anchored)"),
+        "joint0": Arm({"update": "joint", "anchor": 0.0},
+                      "prior trained on J alone (the unconstrained min over pi and zeta)"),
+        "marginal": Arm({"update": "marginal"},
+                        "prior fitted label-free to the policy (Lemma 1) + its default anchor"),
+    }
     loss_knobs: ClassVar[tuple[str, ...]] = ()                 # float options that change the loss at initialisation
 
     def __post_init__(self):

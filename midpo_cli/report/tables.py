@@ -232,17 +232,16 @@ def expected_jobs(sweep_dir: Path) -> list[tuple[str, list[str]]] | None:
 def jobs_of(h) -> list[tuple[str, list[str]]] | None:
     """(job directory name, overrides) of every job of a basic-sweeper sweep, from its `hydra` config node; None
     for another sweeper or job directory layout, or a sweep it cannot replay (glob)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
+
+    from midpo_cli.sweeps.expand import basic_jobs
 
     try:
         if not str(h.sweeper._target_).endswith("BasicSweeper") or \
                 OmegaConf.to_container(h.sweep)["subdir"] != "${hydra.job.num}":
             return None
         params = [f"{k}={v}" for k, v in (h.sweeper.get("params") or {}).items()]
-        parsed = OverridesParser.create().parse_overrides([*params, *h.overrides.task])
-        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        jobs = basic_jobs([*params, *h.overrides.task])
     except Exception:                                  # a sweep it cannot replay (glob)
         return None
     return [(str(i), list(job)) for i, job in enumerate(jobs)]
