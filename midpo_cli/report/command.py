@@ -57,8 +57,8 @@ def sweep_command(d: Path) -> str | None:
 
 def task_reading(df) -> str:
     """READING's lines on the task metrics of df's runs, from their declarations (label, unit, range)."""
-    lines = [f"  - `{tables.label(m, what)}`: {m.axis}" + (" minus the same seed's reference (paired: less seed noise)"
-                                                           if what == "gain" else "")
+    lines = [f"  - `{tables.label(m, what)}`: {m.scale or m.label}" + (
+                 " minus the same seed's reference (paired: less seed noise)" if what == "gain" else "")
              for m, what in tables.declared(df).values() if what != "reference"]
     head = "- the task's own evaluation (the metrics it declares; e.g. of responses sampled on held-out prompts):"
     return "\n".join([head, *lines, ""]) if lines else ""

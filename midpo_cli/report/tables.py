@@ -65,7 +65,7 @@ def declared(df: pd.DataFrame) -> dict[str, tuple[Metric, str]]:
 
 def label(m: Metric, what: str) -> str:
     """A task column's name in tables: the metric's label (its reference's value, the headline's gain)."""
-    return {"policy": m.label, "reference": f"{m.label} (reference)", "gain": f"{m.label}: gain vs ref"}[what]
+    return {"policy": m.label, "reference": f"{m.label} (ref)", "gain": f"{m.label} gain"}[what]
 
 
 def main_columns(df: pd.DataFrame) -> list[str]:
@@ -397,13 +397,13 @@ def _pm(mean: float, std: float) -> str:
 
 
 def print_table(df: pd.DataFrame, title: str) -> None:
-    """A rich rendering of a (small) frame; 160 columns wide when the output is not a terminal (logs, CI)."""
+    """A rich rendering of a (small) frame; 200 columns wide when the output is not a terminal (logs, CI)."""
     t = Table(title=title)
     for c in df.columns:
         t.add_column(str(c), overflow="fold")
     for row in df.itertuples(index=False):
         t.add_row(*(_cell(v) for v in row))
-    (console if console.is_terminal else Console(width=160)).print(t)
+    (console if console.is_terminal else Console(width=200)).print(t)
 
 
 def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:

@@ -49,11 +49,15 @@ class Metric:
     baseline: float | None = None               # its value when the policy is the reference (a dashed line)
 
     @property
-    def axis(self) -> str:
-        """`label [lo to hi; unit]`: an axis or column label."""
+    def scale(self) -> str:
+        """`lo to hi; unit`, either part only when the other is not declared."""
         span = f"{self.range[0]:g} to {self.range[1]:g}" if self.range else ""
-        inside = "; ".join(x for x in (span, self.unit) if x)
-        return f"{self.label} [{inside}]" if inside else self.label
+        return "; ".join(x for x in (span, self.unit) if x)
+
+    @property
+    def axis(self) -> str:
+        """`label [lo to hi; unit]`: an axis label."""
+        return f"{self.label} [{self.scale}]" if self.scale else self.label
 
 
 @dataclass

@@ -133,10 +133,11 @@ class BuiltinTask(SampledTask):
     settings = BuiltinSettings
     title = "built-in task: held-out evaluation (sampled)"
     metrics = sampled_metrics(
-        Metric("true_reward/policy", "true_reward", "mean true reward", "1 - normalised edit distance, 1 = exact",
+        Metric("true_reward/policy", "true_reward", "true reward", "mean, 1 - normalised edit distance, 1 = exact",
                (0, 1), "max", headline=True, reference="true_reward/reference"),
         "characters",
-        Metric("exact/policy", "exact", "exact answers", "fraction", (0, 1), "max", reference="exact/reference"))
+        Metric("exact/policy", "exact", "exact", "fraction of exact answers", (0, 1), "max",
+               reference="exact/reference"))
 
     def check(self) -> None:
         check(self.task)

@@ -26,9 +26,11 @@ def sampled_metrics(reward: Metric, length_unit: str, *extra: Metric) -> tuple[M
     """The metrics SampledTask.evaluate() returns: `reward` (the headline, its key `true_reward/policy`), KL to
     the reference, win-rate, length (in `length_unit`) and `extra` (the task's fractions())."""
     return (reward,
-            Metric("kl/policy_ref", "kl", "KL(π ‖ π_ref) estimate", "nats per response, sampled", baseline=0.0),
-            Metric("win_rate", "win_rate", "win-rate vs reference", "fraction, ties = 1/2", (0, 1), "max", baseline=0.5),
-            Metric("length/policy", "length", "mean length", length_unit, reference="length/reference"),
+            Metric("kl/policy_ref", "kl", "KL to ref", "KL(π ‖ π_ref), nats per response, sampled estimate",
+                   baseline=0.0),
+            Metric("win_rate", "win_rate", "win-rate", "fraction vs the reference, ties = 1/2", (0, 1), "max",
+                   baseline=0.5),
+            Metric("length/policy", "length", "length", f"mean, {length_unit}", reference="length/reference"),
             *extra)
 
 

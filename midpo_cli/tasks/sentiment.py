@@ -143,10 +143,10 @@ class SentimentTask(SampledTask):
     title = "sentiment task: held-out prompts, sampled"
     pairs_file = "sentiment-pairs"
     metrics = sampled_metrics(
-        Metric("true_reward/policy", "true_reward", "mean VADER compound", "> 0.05 positive, < -0.05 negative",
+        Metric("true_reward/policy", "true_reward", "VADER reward", "mean compound, > 0.05 positive, < -0.05 negative",
                (-1, 1), "max", headline=True, reference="true_reward/reference"),
         "words",
-        Metric("positive/policy", "positive", "positive completions", "fraction, VADER compound > 0.05", (0, 1),
+        Metric("positive/policy", "positive", "positive", "fraction of completions, compound > 0.05", (0, 1),
                "max", reference="positive/reference"))
 
     def check(self) -> None:
