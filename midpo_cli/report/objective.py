@@ -46,8 +46,9 @@ def task_value(ev: dict, m: Metric, what: str) -> float | None:
     return pol if what == "policy" else ref
 
 
-def _declared(source: str | None) -> tuple[Metric, ...]:
-    """The metrics of the task `source`; of every registered task (first declaration of a name) without it."""
+def declared_metrics(source: str | None) -> tuple[Metric, ...]:
+    """The metrics of the task `source`; of every registered task (first declaration of a name) when `source` is
+    not a registered task (results without dataset.source, a plug-in not loaded)."""
     if source in TASKS:
         return metrics_of(source)
     return tuple({m.name: m for cls in reversed(list(TASKS.values())) for m in cls.metrics}.values())
@@ -56,7 +57,7 @@ def _declared(source: str | None) -> tuple[Metric, ...]:
 def direction(key: str, source: str | None = None) -> str:
     """maximize | minimize for a known objective (`source`: the run's task, whose declared metrics give the
     `task/...` directions); a ValueError that lists them for another key."""
-    tasks = {c: DIRECTIONS[m.direction] for c, (m, what) in task_columns(_declared(source)).items()
+    tasks = {c: DIRECTIONS[m.direction] for c, (m, what) in task_columns(declared_metrics(source)).items()
              if m.direction and what != "reference"}
     known = {**OBJECTIVES, **tasks}
     if key not in known:
@@ -68,7 +69,7 @@ def direction(key: str, source: str | None = None) -> str:
 def value(results: dict, key: str) -> float | None:
     """The objective of a run's results.json, or None when the run lacks it or it is not finite."""
     final, ev = results.get("final") or {}, results.get("eval") or {}
-    columns = task_columns(_declared(((results.get("config") or {}).get("dataset") or {}).get("source")))
+    columns = task_columns(declared_metrics(((results.get("config") or {}).get("dataset") or {}).get("source")))
     if key in columns:
         v = task_value(ev, *columns[key])
     elif key.endswith("logps/margin"):
@@ -82,7 +83,7 @@ def value(results: dict, key: str) -> float | None:
 def available(results: dict) -> list[str]:
     """The objective keys a run's results offer (for error messages)."""
     source = ((results.get("config") or {}).get("dataset") or {}).get("source")
-    keys = {*OBJECTIVES, *task_columns(_declared(source)), *(results.get("final") or {})}
+    keys = {*OBJECTIVES, *task_columns(declared_metrics(source)), *(results.get("final") or {})}
     return sorted(k for k in keys if value(results, k) is not None)
 
 

@@ -26,9 +26,8 @@ from rich.table import Table
 
 from midpo_cli.console import console, line as console_line
 from midpo_cli.engine.checkpoint import IGNORED
-from midpo_cli.report.objective import task_columns, task_value
+from midpo_cli.report.objective import declared_metrics, task_columns, task_value
 from midpo_cli.tasks import TASKS, Metric
-from midpo_cli.tasks import metrics_of as task_metrics
 
 MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl", "job.json", "run.json")
 FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin", "logratio/margins",
@@ -55,10 +54,10 @@ MAIN = ("job", "status", "reused", "prior", "seed", "overrides", "final/eval/rew
 
 def declared(df: pd.DataFrame) -> dict[str, tuple[Metric, str]]:
     """{`task/...` column: (metric, policy | reference | gain)} of the tasks of df's runs, in the order they
-    declare them (a column two tasks declare: the first one's)."""
+    declare them (a column two tasks declare: the first one's; objective.declared_metrics)."""
     out = {}
-    for source in dict.fromkeys(df["task"].dropna()) if "task" in df else ():
-        for c, v in task_columns(task_metrics(source)).items():
+    for source in dict.fromkeys(t if isinstance(t, str) else None for t in df["task"]) if "task" in df else ():
+        for c, v in task_columns(declared_metrics(source)).items():
             out.setdefault(c, v)
     return out
 
@@ -69,8 +68,9 @@ def label(m: Metric, what: str) -> str:
 
 
 def main_columns(df: pd.DataFrame) -> list[str]:
-    """MAIN's columns that df has, `task/` replaced by the policy's value of each declared task metric."""
-    values = [c for c, (_, what) in declared(df).items() if what == "policy"]
+    """MAIN's columns that df has, `task/` replaced by the policy's value of each declared task metric that holds
+    a value."""
+    values = [c for c, (_, what) in declared(df).items() if what == "policy" and c in df and df[c].notna().any()]
     return [c for m in MAIN for c in (values if m == "task/" else [m]) if c in df]
 
 
@@ -159,7 +159,7 @@ def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = N
         values = [m[k] for m in lines if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
         row[f"best/{k}"] = better(values) if values else None
     ev = (results or {}).get("eval") or {}             # gain: paired with the same seed's reference, less noise
-    row.update({c: task_value(ev, m, what) for c, (m, what) in task_columns(task_metrics(row["task"])).items()})
+    row.update({c: task_value(ev, m, what) for c, (m, what) in task_columns(declared_metrics(row["task"])).items()})
     r = results or {}
     row.update({"tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
                 "train_wall_s": r.get("train_wall_s"), "wall_time_s": r.get("wall_time_s"),
