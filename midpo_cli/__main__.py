@@ -31,18 +31,27 @@ def config_path() -> str:
     return str(here.parent / "conf")
 
 
-def _register() -> None:
-    """Put every typed schema in Hydra's ConfigStore (imports deferred so `midpo --help` stays instant)."""
-    from midpo_cli.config import register_schemas
-    from midpo_cli.plugins import PluginError
+def _plugins() -> None:
+    """Import every prior and task, MIDPO_PLUGINS' folders included (imports deferred so `midpo --help` stays
+    instant); a plug-in that fails is one line."""
+    from midpo_cli.plugins import PluginError, import_outside
 
     try:
         import midpo_cli.priors  # noqa: F401  (registers every prior's schema)
         import midpo_cli.tasks  # noqa: F401  (and every task)
+        for kind in ("priors", "tasks"):      # folders named after the first import (in-process callers)
+            import_outside(kind)
     except PluginError as e:
         from midpo_cli import console
         console.error(f"a plug-in failed to load: {e}")
         raise SystemExit(1) from None
+
+
+def _register() -> None:
+    """Put every typed schema in Hydra's ConfigStore."""
+    from midpo_cli.config import register_schemas
+
+    _plugins()
     register_schemas()
 
 
@@ -78,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"midpo: unknown command '{argv[0]}'.\n\n{USAGE}", end="", file=sys.stderr)
         raise SystemExit(2)
     if argv[0] == "report":                                               # plain argparse: paths, not overrides
+        _plugins()                                                        # the runs' tasks declare their metrics
         from midpo_cli.report.command import main as report
         report(argv[1:])
         return

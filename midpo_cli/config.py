@@ -66,7 +66,7 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    source: str = "builtin"               # the task (midpo_cli/tasks/): builtin | local | hub | ...
+    source: str = MISSING                 # the task (midpo_cli/tasks/), set by conf/dataset/<name>.yaml
     path: Optional[str] = None            # local file (jsonl/json/parquet/csv) or hub dataset id
     split: str = "train"                  # split to train on
     eval_split: Optional[str] = None      # split to evaluate on; None = carve eval_fraction from train

@@ -81,12 +81,20 @@ def final_table(results: dict) -> None:
     console.print(t)
     ev = results.get("eval")
     if ev:
-        e = Table(title=results.get("eval_title", "held-out evaluation (sampled)"))
-        e.add_column(""); e.add_column("policy", justify="right"); e.add_column("reference", justify="right")
-        e.add_row("mean true reward", f"{ev['true_reward/policy']:.3f}", f"{ev['true_reward/reference']:.3f}")
-        if "exact/policy" in ev:
-            e.add_row("exact answers", f"{ev['exact/policy']:.3f}", f"{ev['exact/reference']:.3f}")
-        e.add_row("mean length", f"{ev['length/policy']:.2f}", f"{ev['length/reference']:.2f}")
-        e.add_row("win-rate vs reference", f"{ev['win_rate']:.3f}", "")
-        e.add_row("KL(pi || pi_ref) estimate", f"{ev['kl/policy_ref']:.3f}", "0")
-        console.print(e)
+        console.print(eval_table(results))
+
+
+def eval_table(results: dict) -> Table:
+    """The task's evaluation: a row per metric its task declares (label, policy, reference or the value of no
+    change, unit), in the order declared."""
+    from midpo_cli.tasks import metrics_of
+
+    ev = results["eval"]
+    e = Table(title=results.get("eval_title", "held-out evaluation (sampled)"))
+    for name, justify in (("", "left"), ("policy", "right"), ("reference", "right"), ("unit", "left")):
+        e.add_column(name, justify=justify)
+    for m in metrics_of(((results.get("config") or {}).get("dataset") or {}).get("source")):
+        if isinstance(ev.get(m.key), (int, float)):
+            ref = ev.get(m.reference) if m.reference else m.baseline
+            e.add_row(m.label, f"{ev[m.key]:.3f}", "" if ref is None else f"{ref:.3f}", m.unit)
+    return e

@@ -1,8 +1,10 @@
-"""Plug-in folders (priors/, tasks/): every module in the folder is imported and registers itself by name.
+"""Plug-ins: every module in priors/ and tasks/ is imported and registers itself by name (@register_prior,
+@register_task).
 
 Plug-ins from outside midpo_cli: `MIDPO_PLUGINS` names folders (separated by os.pathsep, like PATH) laid out as midpo's
-own tree, e.g. `<folder>/priors/<name>.py` and `<folder>/conf/prior/<name>.yaml`. Each module of `<folder>/priors/` is
-imported as midpo's own priors are, and each `<folder>/conf/<group>/<name>.yaml` joins config group <group> (Hydra's
+own tree, e.g. `<folder>/priors/<name>.py` and `<folder>/conf/prior/<name>.yaml`, or `<folder>/tasks/<name>.py` and
+`<folder>/conf/dataset/<name>.yaml`. Each module of `<folder>/priors/` and `<folder>/tasks/` is imported as midpo's
+own are, and each `<folder>/conf/<group>/<name>.yaml` joins config group <group> (Hydra's
 ConfigStore, so the command line, `--multirun` globs and the launchers' job processes all see it).
 
 A plug-in that fails to import (a duplicate name, a syntax error, a missing package) stops the command with

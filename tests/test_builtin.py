@@ -40,20 +40,23 @@ def test_default_task_improves_over_reference(tmp_path):
 def test_length_bias_shapes_pairs(tmp_path, fast):
     """With a strong annotator length bias the chosen responses are longer on average."""
     from omegaconf import OmegaConf
-    from midpo_cli.tasks.builtin import BuiltinSettings, preference_pairs, sft_reference
+    from midpo_cli.tasks.base import Context
+    from midpo_cli.tasks.builtin import BuiltinSettings, BuiltinTask
     from midpo_cli.config import ModelConfig
     from midpo_cli.engine.models import byte_tokenizer, load_model
     import torch
 
-    task = OmegaConf.structured(BuiltinSettings)
+    cfg = OmegaConf.create({"source": "builtin", "task": OmegaConf.structured(BuiltinSettings)})
+    task = cfg.task
     task.sft_steps, task.sft_examples, task.train_prompts, task.eval_prompts = 60, 500, 64, 4
     model_cfg = OmegaConf.structured(ModelConfig)
     tok = byte_tokenizer()
-    path = sft_reference(task, model_cfg, tok, 0, tmp_path, torch.device("cpu"))
-    ref = load_model(model_cfg, tok, path=str(path))
+    ctx = Context(tok, model_cfg, 0, tmp_path, torch.device("cpu"))
+    builtin = BuiltinTask(cfg)
+    ref = load_model(model_cfg, tok, path=builtin.reference_weights(ctx))
     lens = {}
     for bias in (0.5, -0.5):
         task.length_bias = bias
-        rows = preference_pairs(task, ref, tok, path.name, 0, tmp_path, torch.device("cpu"))["pairs"]
+        rows = builtin.sampled_pairs(ctx, ref)["pairs"]
         lens[bias] = sum(len(r["chosen"]) - len(r["rejected"]) for r in rows) / len(rows)
     assert lens[0.5] > 0 > lens[-0.5]

@@ -8,9 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from midpo_cli.__main__ import main
-from midpo_cli.tasks import sentiment
-from midpo_cli.tasks.base import EVAL_KEYS, Context
-from midpo_cli.tasks.sentiment import SentimentSettings, preference_pairs, rank, reward, split_prompts, split_subjects
+from midpo_cli.tasks import sampled, sentiment
+from midpo_cli.tasks.base import Context
+from midpo_cli.tasks.sentiment import SentimentSettings, SentimentTask, reward, split_prompts, split_subjects
 
 pytest.importorskip("vaderSentiment")
 
@@ -23,6 +23,10 @@ def settings(**kw):
     for k, v in kw.items():
         task[k] = v
     return task
+
+
+def task_of(**kw) -> SentimentTask:
+    return SentimentTask(OmegaConf.create({"source": "sentiment", "task": settings(**kw)}))
 
 
 def stub_sample(texts=TEXTS):
@@ -57,25 +61,25 @@ def test_split_is_disjoint_by_subject_and_deterministic():
 
 
 def test_rank_picks_most_positive_and_most_negative():
-    row = rank("p", TEXTS)
+    row = task_of().rank("p", TEXTS)
     assert (row["chosen"], row["rejected"]) == (TEXTS[0], TEXTS[1])
     assert row["reward_chosen"] > row["reward_rejected"]
-    assert rank("p", ["A chair.", "A table."]) is None                        # all tied: dropped
+    assert task_of().rank("p", ["A chair.", "A table."]) is None             # all tied: dropped
 
 
 def test_pairs_are_ranked_cached_and_rebuilt_when_damaged(tmp_path, monkeypatch):
     fake = stub_sample([TEXTS[0], TEXTS[1], TEXTS[2], TEXTS[3], "A chair.", "A table.", "A lamp.", "A door."])
-    monkeypatch.setattr(sentiment, "sample", fake)
-    task = settings(train_prompts=6, samples_per_prompt=4)
+    monkeypatch.setattr(sampled, "sample", fake)
+    task = task_of(train_prompts=6, samples_per_prompt=4)
     ctx = Context(None, OmegaConf.create({"source": "tiny", "lr": 1e-4}), 0, tmp_path, torch.device("cpu"))
-    data = preference_pairs(task, None, ctx)
+    data = task.sampled_pairs(ctx, None)
     assert data["ties_dropped"] == 3 and len(data["pairs"]) == 3              # every other prompt: all neutral
     assert all(r["chosen"] == TEXTS[0] and r["rejected"] == TEXTS[1] for r in data["pairs"])
     ctx.model_cfg.lr = 1.0                                                    # lr does not change the samples
-    assert preference_pairs(task, None, ctx) == data and fake.calls == 1      # cache hit
+    assert task.sampled_pairs(ctx, None) == data and fake.calls == 1      # cache hit
     (path,) = tmp_path.glob("sentiment-pairs-*.json")
     path.write_text("{ half-writ")
-    assert preference_pairs(task, None, ctx) == data and fake.calls == 2      # damaged: sampled again
+    assert task.sampled_pairs(ctx, None) == data and fake.calls == 2      # damaged: sampled again
 
 
 def test_missing_vader_is_one_line_error(monkeypatch):
@@ -88,16 +92,18 @@ def test_missing_vader_is_one_line_error(monkeypatch):
 
 
 def test_train_on_tiny_model_end_to_end(tmp_path, monkeypatch):
-    """`midpo train dataset=sentiment model=tiny`: pairs, training, evaluation; results.json has the EVAL_KEYS."""
-    monkeypatch.setattr(sentiment, "sample", stub_sample())
+    """`midpo train dataset=sentiment model=tiny`: pairs, training, evaluation; results.json has every declared
+    metric (and its reference's value)."""
+    monkeypatch.setattr(sampled, "sample", stub_sample())
     run = tmp_path / "run"
     main(["train", "dataset=sentiment", "model=tiny", "dataset.task.train_prompts=24", "dataset.task.eval_prompts=4",
           "dataset.max_length=160", "dataset.max_prompt_length=96", "trainer.max_steps=2", "trainer.batch_size=4",
           "trainer.eval_every=0", "trainer.save_model=false", f"cache_dir={tmp_path}/cache", f"hydra.run.dir={run}"])
     res = json.loads((run / "results.json").read_text())
     assert res["data"]["train_pairs"] > 0 and res["config"]["optimizer"]["lr"] == 1e-4
-    assert set(EVAL_KEYS) <= set(res["eval"]) and res["eval_title"].startswith("sentiment task")
-    assert all(isinstance(res["eval"][k], float) for k in EVAL_KEYS)
+    keys = [k for m in SentimentTask.metrics for k in (m.key, m.reference) if k]
+    assert set(keys) <= set(res["eval"]) and res["eval_title"].startswith("sentiment task")
+    assert all(isinstance(res["eval"][k], float) for k in keys)
     assert res["eval"]["true_reward/policy"] == pytest.approx(sum(map(reward, TEXTS)) / 4)
 
 

@@ -86,7 +86,7 @@ def comparison(best: dict, winners: dict, confirm: dict, sweep_dir: Path) -> tup
     seeds = sorted({int(s) for s in df["seed"].dropna()})
     note = (f"confirm seeds {', '.join(map(str, seeds))}: mean±std over seeds" if confirm else
             f"the best trials themselves (search seed {', '.join(map(str, seeds))}): optimistic, no confirm seeds")
-    return tables.pivot(tables.aggregate(df)), note
+    return tables.pivot(tables.aggregate(df), tables.summary_columns(df)), note
 
 
 def write(sweep_dir: Path, objective: str, direction: str, studies: dict, winners: dict, confirm: dict,

@@ -22,23 +22,19 @@ DPO's beta=0.1 log-ratio are not comparable). Compare priors on the prior-indepe
 
 - `logratio margin`: (log pi - log pi_ref)(y_w) - (log pi - log pi_ref)(y_l) on held-out pairs (nats; no
   prior, no scale): how much training moved the policy towards chosen and away from rejected. Present when
-  the run had a reference (always on the built-in task; from the reference log-prob cache).
+  the run had a reference (from the reference log-prob cache).
 - `logp margin`: log pi(y_w|x) - log pi(y_l|x) of the trained policy on held-out pairs (nats; no prior,
   no reference, no scale). It includes the reference's own starting margin.
-- built-in task only, from responses sampled on held-out prompts: `true reward` (1 - normalised edit
-  distance to the right answer, 0-1); `gain vs ref` (true reward minus that of the same seed's reference
-  policy: each seed has its own SFT reference, so the paired gain varies less); `KL to ref` (estimate of
-  KL(pi || pi_ref), nats per response); `win-rate` (the policy's sample vs the reference's, by true
-  reward, ties 1/2); `length` (characters).
-
+{tasks}
 Cells are `mean±std` over seeds (`tokens/s`: the mean); `summary.csv` has the 95% percentile-bootstrap CI of each mean
 (2000 resamples), drawn as error bars in the figures. Failed and incomplete runs count in `seeds ok`
 but not in the means.
 """
-FIGURES = {"frontier.png": "True reward vs KL to the reference (the higher and further left, the better).",
-           "curves.png": "Training curves.", "bars.png": "Accuracy, reward and margin per prior, with 95% CIs.",
+FIGURES = {"frontier.png": "The task's headline metric vs its cost (e.g. KL to the reference): the trade-off.",
+           "curves.png": "Training curves.", "bars.png": "Accuracy, the task's outcomes and margin per prior, with "
+                                                          "95% CIs.",
            "objective.png": "Final J on the training pairs and what it bought: held-out accuracy of the policy's "
-                            "log-ratio, true reward, KL, and the prior's shift, with 95% CIs."}
+                            "log-ratio, the task's trade-off metrics, and the prior's shift, with 95% CIs."}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -59,6 +55,15 @@ def sweep_command(d: Path) -> str | None:
         return None
 
 
+def task_reading(df) -> str:
+    """READING's lines on the task metrics of df's runs, from their declarations (label, unit, range)."""
+    lines = [f"  - `{tables.label(m, what)}`: {m.scale or m.label}" + (
+                 " minus the same seed's reference (paired: less seed noise)" if what == "gain" else "")
+             for m, what in tables.declared(df).values() if what != "reference"]
+    head = "- the task's own evaluation (the metrics it declares; e.g. of responses sampled on held-out prompts):"
+    return "\n".join([head, *lines, ""]) if lines else ""
+
+
 def write_markdown(out: Path, dirs: list[Path], df, agg, piv, figures: list[Path]) -> Path:
     status = df["status"].value_counts().to_dict()
     lines = ["# midpo report", "",
@@ -71,10 +76,10 @@ def write_markdown(out: Path, dirs: list[Path], df, agg, piv, figures: list[Path
         lines += ["`a (= b)`: every outcome of a equals b's to 9 decimals, so their points coincide in the figures "
                   "(a prior that reduces exactly to another with its default settings): " +
                   ", ".join(f"{a} = {b}" for a, b in same.items()) + ".", ""]
-    lines += [READING]
+    lines += [READING.format(tasks=task_reading(df))]
     for f in figures:
         lines += [f"![{f.stem}]({f.name})", "", FIGURES.get(f.name, ""), ""]
-    lines += ["## Runs", "", tables.markdown(df[[c for c in tables.MAIN if c in df]]), "",
+    lines += ["## Runs", "", tables.markdown(df[tables.main_columns(df)]), "",
               "Every column: `runs.csv` / `runs.parquet`; aggregates with CIs: `summary.csv`.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     tables.write_table(df, out, "runs")
     agg = tables.aggregate(df)
     agg.to_csv(out / "summary.csv", index=False)
-    piv = tables.pivot(agg)
+    piv = tables.pivot(agg, tables.summary_columns(df))
     from midpo_cli.report import plots                                        # matplotlib only when reporting
     figures = plots.plot_all(df, agg, out)
     md = write_markdown(out, args.dirs, df, agg, piv, figures)

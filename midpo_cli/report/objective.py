@@ -5,12 +5,15 @@ Keys are the sweep table's column names without `final/`:
 - `eval/<metric>`: the last held-out preference metrics (metrics.jsonl / results.json `final`), e.g.
   `eval/rewards/accuracies` (the prior's own reward: comparable within a prior, not across priors),
   `eval/logratio/margins` (prior-independent, needs the reference), `eval/logps/margin`, `eval/loss`;
-- `task/<metric>` (a task with a true reward, e.g. dataset=builtin or sentiment): sampled responses on held-out prompts, e.g.
-  `task/true_reward`, `task/true_reward_gain` (minus the same seed's reference), `task/win_rate`.
+- `task/<name>`: a metric the run's task declares (Task.metrics: its evaluation of sampled responses on
+  held-out prompts), `task/<name>_ref` its reference's value, and `task/<headline>_gain` the task's headline
+  metric minus the same seed's reference; the direction is the declared one.
 """
 from __future__ import annotations
 
 import math
+
+from midpo_cli.tasks import TASKS, Metric, metrics_of
 
 # key: the direction that is better. Other keys of results.json's `final` work too; give the direction yourself.
 OBJECTIVES = {
@@ -19,30 +22,56 @@ OBJECTIVES = {
     "eval/logratio/margins": "maximize",     # prior-independent held-out log-ratio margin (nats)
     "eval/logps/margin": "maximize",         # log pi(y_w|x) - log pi(y_l|x) on held-out pairs (nats)
     "eval/loss": "minimize",                 # held-out loss of the prior's own objective
-    "task/true_reward": "maximize",          # built-in task: mean true reward of sampled responses (0-1)
-    "task/true_reward_gain": "maximize",     # ... minus the same seed's reference policy
-    "task/win_rate": "maximize",             # ... win-rate against the reference's samples
-    "task/exact": "maximize",                # ... fraction of exact answers
 }
-TASK_KEYS = {"task/true_reward": "true_reward/policy", "task/win_rate": "win_rate", "task/exact": "exact/policy",
-             "task/kl": "kl/policy_ref", "task/length": "length/policy"}
+DIRECTIONS = {"max": "maximize", "min": "minimize"}
 
 
-def direction(key: str) -> str:
-    """maximize | minimize for a known objective; a ValueError that lists them for another key."""
-    if key not in OBJECTIVES:
-        raise ValueError(f"trainer.objective='{key}' has no known direction; use one of {sorted(OBJECTIVES)} "
+def task_columns(metrics: tuple[Metric, ...]) -> dict[str, tuple[Metric, str]]:
+    """{`task/<name>` column: (metric, what of it)} of a task's metrics; what = policy | reference | gain."""
+    out = {}
+    for m in metrics:
+        out[f"task/{m.name}"] = (m, "policy")
+        if m.reference:
+            out[f"task/{m.name}_ref"] = (m, "reference")
+            if m.headline:
+                out[f"task/{m.name}_gain"] = (m, "gain")
+    return out
+
+
+def task_value(ev: dict, m: Metric, what: str) -> float | None:
+    """One `task/...` column of a run's evaluation (`eval` of results.json)."""
+    pol, ref = ev.get(m.key), ev.get(m.reference) if m.reference else None
+    if what == "gain":
+        return pol - ref if isinstance(pol, (int, float)) and isinstance(ref, (int, float)) else None
+    return pol if what == "policy" else ref
+
+
+def declared_metrics(source: str | None) -> tuple[Metric, ...]:
+    """The metrics of the task `source`; of every registered task (first declaration of a name) when `source` is
+    not a registered task (results without dataset.source, a plug-in not loaded)."""
+    if source in TASKS:
+        return metrics_of(source)
+    return tuple({m.name: m for cls in reversed(list(TASKS.values())) for m in cls.metrics}.values())
+
+
+def direction(key: str, source: str | None = None) -> str:
+    """maximize | minimize for a known objective (`source`: the run's task, whose declared metrics give the
+    `task/...` directions); a ValueError that lists them for another key."""
+    tasks = {c: DIRECTIONS[m.direction] for c, (m, what) in task_columns(declared_metrics(source)).items()
+             if m.direction and what != "reference"}
+    known = {**OBJECTIVES, **tasks}
+    if key not in known:
+        raise ValueError(f"trainer.objective='{key}' has no known direction; use one of {sorted(known)} "
                          "or give it: hydra.sweeper.direction=maximize|minimize")
-    return OBJECTIVES[key]
+    return known[key]
 
 
 def value(results: dict, key: str) -> float | None:
     """The objective of a run's results.json, or None when the run lacks it or it is not finite."""
-    final, task = results.get("final") or {}, results.get("eval") or {}
-    if key == "task/true_reward_gain" and task:
-        v = task.get("true_reward/policy", math.nan) - task.get("true_reward/reference", math.nan)
-    elif key in TASK_KEYS:
-        v = task.get(TASK_KEYS[key])
+    final, ev = results.get("final") or {}, results.get("eval") or {}
+    columns = task_columns(declared_metrics(((results.get("config") or {}).get("dataset") or {}).get("source")))
+    if key in columns:
+        v = task_value(ev, *columns[key])
     elif key.endswith("logps/margin"):
         pre = key[:-len("logps/margin")]
         v = final.get(f"{pre}logps/chosen", math.nan) - final.get(f"{pre}logps/rejected", math.nan)
@@ -53,7 +82,9 @@ def value(results: dict, key: str) -> float | None:
 
 def available(results: dict) -> list[str]:
     """The objective keys a run's results offer (for error messages)."""
-    return sorted(k for k in {*OBJECTIVES, *(results.get("final") or {})} if value(results, k) is not None)
+    source = ((results.get("config") or {}).get("dataset") or {}).get("source")
+    keys = {*OBJECTIVES, *task_columns(declared_metrics(source)), *(results.get("final") or {})}
+    return sorted(k for k in keys if value(results, k) is not None)
 
 
 def of_job(ret) -> float | None:

@@ -1,10 +1,15 @@
 """`midpo report`'s figures (matplotlib, Agg backend: no display needed), each a PNG with units and a legend.
 
-frontier.png  true reward vs KL to the reference, per group (built-in task only): seeds and their mean
+frontier.png  the task's trade-off (Task.frontier, e.g. its reward vs KL to the reference), per group: seeds and
+              their mean (tasks that declare one)
 curves.png    training curves per group, mean over seeds with the min-max band
-bars.png      held-out accuracy, true reward, win-rate and log-likelihood margin per group, 95% bootstrap CIs
+bars.png      held-out accuracy, the task's outcomes (its metrics with a direction) and log-likelihood margin per
+              group, 95% bootstrap CIs
 objective.png runs with trainer.eval_train: final J on the training pairs and what it bought (held-out accuracy of the
-              policy's log-ratio, true reward, KL) beside the prior's shift, per group (learnable priors)
+              policy's log-ratio, the task's trade-off metrics) beside the prior's shift, per group (learnable priors)
+
+Task metrics are drawn with the labels, units and ranges their task declares (Task.metrics); a dashed line marks
+a metric's value of no change (its declared baseline, else its reference's mean).
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from midpo_cli.report.tables import display_names, metrics_of, same_as  # noqa: E402
+from midpo_cli.report.tables import declared, display_names, metrics_of, same_as  # noqa: E402
+from midpo_cli.tasks import TASKS, Metric  # noqa: E402
 
 DPI = 100
 MARKERS = "osD^vP*Xph<>"
@@ -25,17 +31,41 @@ CURVES = (("loss", "training loss [nats]: each prior's own objective"),
           ("rewards/accuracies", "reward accuracy (own reward) [fraction]"),
           ("logps/margin", "log π(y_w|x) − log π(y_l|x) [nats]\nprior-independent"),
           ("rewards/margins", "own reward margin a·log(π/ζ)\n[prior-specific units]"))
-BARS = (("final/eval/rewards/accuracies", "held-out accuracy of\nthe prior's own reward [fraction]"),
-        ("task/true_reward", "true reward of samples\n[0-1, 1 = exact answer]"),
-        ("task/win_rate", "win-rate vs reference\n[fraction, ties = 1/2]"),
-        ("final/eval/logps/margin", "held-out log π(y_w) − log π(y_l)\n[nats, prior-independent]"))
-
-
+ACCURACY = ("final/eval/rewards/accuracies", "held-out accuracy of\nthe prior's own reward [fraction]")
+MARGIN = ("final/eval/logps/margin", "held-out log π(y_w) − log π(y_l)\n[nats, prior-independent]")
 OBJECTIVE = (("final/train/loss", "final J on all training pairs\n[nats; each group's own prior]"),
-             ("final/eval/logratio/accuracies", "held-out accuracy of\nlog π/π_ref (prior-free) [fraction]"),
-             ("task/true_reward", "true reward of samples\n[0-1, 1 = exact answer]"),
-             ("task/kl", "KL(π ‖ π_ref) of samples\n[nats per response]"),
-             ("final/eval/prior/shift", "held-out prior shift [nats]\n(log ζ − log π_ref)_w − (...)_l"))
+             ("final/eval/logratio/accuracies", "held-out accuracy of\nlog π/π_ref (prior-free) [fraction]"))
+SHIFT = ("final/eval/prior/shift", "held-out prior shift [nats]\n(log ζ − log π_ref)_w − (...)_l")
+
+
+def axis(m: Metric) -> str:
+    """A declared metric's axis label, its bracket on a line of its own."""
+    return m.axis.replace(" [", "\n[", 1)
+
+
+def frontier_of(df: pd.DataFrame) -> tuple[str, str] | None:
+    """(x, y) columns of the first task of df's runs that declares a trade-off figure (Task.frontier)."""
+    for source in dict.fromkeys(df["task"].dropna()) if "task" in df else ():
+        cls = TASKS.get(source)
+        if cls is not None and cls.frontier:
+            return f"task/{cls.frontier[0]}", f"task/{cls.frontier[1]}"
+    return None
+
+
+def no_change(df: pd.DataFrame, metrics: dict[str, tuple[Metric, str]]) -> dict[str, float]:
+    """{column: the value of no change}: a metric's declared baseline, else the mean of its reference's value
+    over the finished runs."""
+    out = {}
+    for c, (m, what) in metrics.items():
+        if what != "policy":
+            continue
+        if m.baseline is not None:
+            out[c] = m.baseline
+        elif m.reference and f"{c}_ref" in df:
+            v = pd.to_numeric(df.loc[df["status"] == "ok", f"{c}_ref"], errors="coerce").mean()
+            if np.isfinite(v):
+                out[c] = float(v)
+    return out
 
 
 def _title(groups) -> str:
@@ -70,23 +100,27 @@ def _err(agg: pd.DataFrame, m: str) -> np.ndarray:
     return np.nan_to_num(np.stack([mean - lo, hi - mean]), nan=0.0).clip(min=0)
 
 
-def frontier(df: pd.DataFrame, agg: pd.DataFrame, path: Path, ref: float, col: dict) -> Path:
-    """`ref`: the reference policy's mean true reward (at KL = 0); `col`: group -> colour."""
-    ok = df[df["status"] == "ok"]
+def frontier(df: pd.DataFrame, agg: pd.DataFrame, path: Path, xy: tuple[str, str], metrics: dict,
+             base: dict[str, float], col: dict) -> Path:
+    """`xy`: the (x, y) columns; `metrics`: column -> (Metric, what); `base`: column -> value of no change (the
+    reference policy's point, where both are known); `col`: group -> colour."""
+    (x, y), ok = xy, df[df["status"] == "ok"]
+    mx, my = metrics[x][0], metrics[y][0]
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
-    ax.scatter([0], [ref], marker="*", s=260, color="black", zorder=4, label="reference π_ref (KL = 0)")
-    xerr, yerr, names = _err(agg, "task/kl"), _err(agg, "task/true_reward"), merged(agg)
+    if x in base and y in base:
+        ax.scatter([base[x]], [base[y]], marker="*", s=260, color="black", zorder=4, label="reference π_ref")
+    xerr, yerr, names = _err(agg, x), _err(agg, y), merged(agg)
     for i, g in enumerate(agg["group"]):
         if g not in names:                                             # coincides with an earlier group: named there
             continue
         runs = ok[ok["group"] == g]
-        ax.scatter(runs["task/kl"], runs["task/true_reward"], color=col[g], alpha=0.35, s=28)
-        ax.errorbar(agg["task/kl/mean"].iloc[i], agg["task/true_reward/mean"].iloc[i], xerr=xerr[:, i:i + 1],
+        ax.scatter(runs[x], runs[y], color=col[g], alpha=0.35, s=28)
+        ax.errorbar(agg[f"{x}/mean"].iloc[i], agg[f"{y}/mean"].iloc[i], xerr=xerr[:, i:i + 1],
                     yerr=yerr[:, i:i + 1], fmt=MARKERS[i % len(MARKERS)], ms=10, mfc="none", mew=2, capsize=3,
                     color=col[g], label=names[g])
-    ax.set_xlabel("KL(π ‖ π_ref) [nats per response; sampled estimate]")
-    ax.set_ylabel("mean true reward [0-1; 1 - normalised edit distance]")
-    ax.set_title("True reward vs KL to the reference, held-out prompts\n"
+    ax.set_xlabel(mx.axis)
+    ax.set_ylabel(my.axis)
+    ax.set_title(f"{my.label} vs {mx.label}, held-out prompts\n"
                  "large marker: mean over seeds ± 95% bootstrap CI; faint: single seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title=_title(agg["group"]))
@@ -123,9 +157,9 @@ def curves(df: pd.DataFrame, path: Path, names: dict, col: dict) -> Path | None:
     return _save(fig, path)
 
 
-def bars(agg: pd.DataFrame, path: Path, ref: float | None, col: dict, which=BARS) -> Path | None:
-    """Horizontal bars per group, one panel per metric of `which` present; `ref` (the reference's true reward) is
-    drawn as a dashed line."""
+def bars(agg: pd.DataFrame, path: Path, base: dict[str, float], col: dict, which) -> Path | None:
+    """Horizontal bars per group, one panel per (column, label) of `which` present; `base` (column -> value of no
+    change) drawn as a dashed line."""
     panels = [(m, label) for m, label in which if f"{m}/mean" in agg]
     if not panels:
         return None
@@ -133,28 +167,31 @@ def bars(agg: pd.DataFrame, path: Path, ref: float | None, col: dict, which=BARS
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 1.5, 0.42 * len(agg) + 1.8), sharey=True)
     for ax, (m, label) in zip(np.atleast_1d(axes), panels):
         ax.barh(y, agg[f"{m}/mean"], xerr=_err(agg, m), color=[col[g] for g in agg["group"]], capsize=3, height=0.7)
-        if m == "task/win_rate":
-            ax.axvline(0.5, color="black", lw=0.8, ls="--")
-        if m == "task/true_reward" and ref is not None:
-            ax.axvline(ref, color="black", lw=0.8, ls="--")
+        if m in base:
+            ax.axvline(base[m], color="black", lw=0.8, ls="--")
         ax.set_xlabel(label, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     first = np.atleast_1d(axes)[0]
     first.set_yticks(y, display_names(agg), fontsize=9)
     fig.suptitle("Per prior: mean over seeds, error bars = 95% bootstrap CI; "
-                 "dashed: the reference policy (true reward) and win-rate 1/2 (no change)", fontsize=10)
+                 "dashed: no change (the reference policy's value)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_all(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
-    """Every figure the runs allow (the frontier needs the built-in task's evaluation); the PNGs written."""
+    """Every figure the runs allow (the frontier needs a task that declares one); the PNGs written."""
     out.mkdir(parents=True, exist_ok=True)
     names, col = merged(agg), colors(agg["group"])                     # curves: crashed runs' partial ones too
     agg = agg[agg["n_ok"] > 0].reset_index(drop=True)                 # groups with no finished run: no marks
-    task = "task/true_reward/mean" in agg
-    ref = pd.to_numeric(df.loc[df["status"] == "ok", "task/true_reward_ref"], errors="coerce").mean() if task else None
-    made = [frontier(df, agg, out / "frontier.png", ref, col) if task else None,
-            curves(df, out / "curves.png", names, col), bars(agg, out / "bars.png", ref, col),
-            bars(agg, out / "objective.png", ref, col, OBJECTIVE) if "final/train/loss/mean" in agg else None]
+    metrics = declared(df)
+    base, xy = no_change(df, metrics), frontier_of(df)
+    xy = xy if xy and all(f"{c}/mean" in agg for c in xy) else None
+    outcomes = [(c, axis(m)) for c, (m, what) in metrics.items() if what == "policy" and m.direction]
+    trade = [(c, axis(metrics[c][0])) for c in reversed(xy)] if xy else []
+    made = [frontier(df, agg, out / "frontier.png", xy, metrics, base, col) if xy else None,
+            curves(df, out / "curves.png", names, col),
+            bars(agg, out / "bars.png", base, col, [ACCURACY, *outcomes, MARGIN]),
+            bars(agg, out / "objective.png", base, col, [*OBJECTIVE, *trade, SHIFT])
+            if "final/train/loss/mean" in agg else None]
     return [p for p in made if p is not None]

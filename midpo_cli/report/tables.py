@@ -5,7 +5,8 @@ or only job.json / config.yaml / metrics.jsonl ("incomplete": crashed, killed or
 sweep's multirun.yaml lists but that never started is a row too ("not started"). Hidden folders (submitit's
 .submitit/, the GPU locks .gpus/) are not searched. `reused`: the run was skipped because its directory
 already held the finished results (reused.json newer than results.json). Rows are flat: `final/*` are
-the last logged metrics, `best/*` the best over metrics.jsonl, `task/*` the built-in task's evaluation.
+the last logged metrics, `best/*` the best over metrics.jsonl, `task/*` the metrics the run's task declares
+(Task.metrics, looked up by its dataset.source: report/objective.py's task_columns).
 Prior-independent columns sit next to each prior's own reward, so priors can be compared fairly:
 `*/logps/margin` = log pi(y_w|x) - log pi(y_l|x) of the policy (no prior, no reference, no scale) beside
 `*/rewards/margins` = a*log(pi/zeta) of the prior that was trained (a different unit for every prior).
@@ -23,35 +24,54 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from midpo_cli.console import console
+from midpo_cli.console import console, line as console_line
 from midpo_cli.engine.rundir import IGNORED
+from midpo_cli.report.objective import declared_metrics, task_columns, task_value
+from midpo_cli.tasks import TASKS, Metric
 
 MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl", "job.json", "run.json")
 FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin", "logratio/margins",
          "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/margin", "eval/logratio/margins",
          "eval/logratio/accuracies", "prior/margin", "prior/shift", "eval/prior/shift", "train/loss")
 BEST = {"loss": min, "rewards/accuracies": max, "eval/loss": min, "eval/rewards/accuracies": max}
-TASK = {"true_reward/policy": "true_reward", "true_reward/reference": "true_reward_ref", "win_rate": "win_rate",
-        "kl/policy_ref": "kl", "length/policy": "length", "length/reference": "length_ref",
-        "exact/policy": "exact"}
-# The aggregate's metrics: the fair ones first, then each prior's own, then cost.
-SUMMARY = ("task/true_reward", "task/true_reward_gain", "task/kl", "task/win_rate", "task/length",
-           "final/eval/logratio/margins", "final/eval/logratio/accuracies", "final/eval/logps/margin",
+# The aggregate's metrics: the fair ones first (the task's declared metrics, then these), each prior's own, cost.
+SUMMARY = ("final/eval/logratio/margins", "final/eval/logratio/accuracies", "final/eval/logps/margin",
            "final/eval/rewards/margins", "final/eval/rewards/accuracies", "final/eval/loss", "final/train/loss",
            "final/eval/prior/shift", "tokens_per_s", "wall_time_s")
 COST = ("tokens_per_s", "wall_time_s")
 OBJECTIVE = ("final/train/loss", "final/eval/logratio/accuracies", "final/eval/prior/shift")   # pivot columns of runs
                                                                   # with trainer.eval_train (learnable priors)
-LABELS = {"task/true_reward": "true reward", "task/true_reward_gain": "gain vs ref", "task/kl": "KL to ref",
-          "task/win_rate": "win-rate", "task/length": "length", "final/eval/logps/margin": "logp margin",
+LABELS = {"final/eval/logps/margin": "logp margin",
           "final/eval/logratio/margins": "logratio margin", "final/eval/logratio/accuracies": "logratio accuracy",
           "final/train/loss": "J (train pairs)", "final/eval/prior/shift": "prior shift",
           "final/eval/rewards/margins": "own margin", "final/eval/rewards/accuracies": "own accuracy",
           "final/eval/loss": "eval loss", "tokens_per_s": "tokens/s", "wall_time_s": "wall s"}
 
 MAIN = ("job", "status", "reused", "prior", "seed", "overrides", "final/eval/rewards/accuracies",   # the markdown's columns
-        "final/eval/rewards/margins", "final/eval/logratio/margins", "final/eval/logps/margin", "task/true_reward", "task/kl", "task/win_rate",
-        "task/length", "tokens_per_s", "peak_memory_mb", "wall_time_s", "ref_cache_hit", "warnings", "error")
+        "final/eval/rewards/margins", "final/eval/logratio/margins", "final/eval/logps/margin", "task/",
+        "tokens_per_s", "peak_memory_mb", "wall_time_s", "ref_cache_hit", "warnings", "error")   # task/: its metrics
+
+
+def declared(df: pd.DataFrame) -> dict[str, tuple[Metric, str]]:
+    """{`task/...` column: (metric, policy | reference | gain)} of the tasks of df's runs, in the order they
+    declare them (a column two tasks declare: the first one's; objective.declared_metrics)."""
+    out = {}
+    for source in dict.fromkeys(t if isinstance(t, str) else None for t in df["task"]) if "task" in df else ():
+        for c, v in task_columns(declared_metrics(source)).items():
+            out.setdefault(c, v)
+    return out
+
+
+def label(m: Metric, what: str) -> str:
+    """A task column's name in tables: the metric's label (its reference's value, the headline's gain)."""
+    return {"policy": m.label, "reference": f"{m.label} (ref)", "gain": f"{m.label} gain"}[what]
+
+
+def main_columns(df: pd.DataFrame) -> list[str]:
+    """MAIN's columns that df has, `task/` replaced by the policy's value of each declared task metric that holds
+    a value."""
+    values = [c for c, (_, what) in declared(df).items() if what == "policy" and c in df and df[c].notna().any()]
+    return [c for m in MAIN for c in (values if m == "task/" else [m]) if c in df]
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -121,13 +141,14 @@ def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = N
     config = results["config"] if results else _yaml(run_dir / "config.yaml")
     overrides = overrides or overrides_of(run_dir)
     status = status or ("failed" if error else "ok" if results else "incomplete")   # error.json: the latest attempt
-    prior = (config or {}).get("prior", {})
+    prior, source = (config or {}).get("prior", {}), ((config or {}).get("dataset") or {}).get("source")
     row = {"job": job_name(run_dir, root), "run": str(run_dir),
            "status": status, "reused": reused(run_dir) and status == "ok", "starts": (job or {}).get("starts"),
            "error": (error or {}).get("error", ""), "overrides": " ".join(overrides),
            "prior": prior.get("name") or _from_overrides(overrides, "prior") or "",
            "prior_params": " ".join(f"{k}={v}" for k, v in prior.items() if k != "name"),
-           "seed": (config or {}).get("seed", _from_overrides(overrides, "seed"))}
+           "seed": (config or {}).get("seed", _from_overrides(overrides, "seed")),
+           "task": source or _from_overrides(overrides, "dataset.source") or _from_overrides(overrides, "dataset")}
     lines = metrics_of(run_dir)
     final = {}
     for m in lines:                                    # the engine's `final` is this same running merge
@@ -137,10 +158,8 @@ def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = N
     for k, better in BEST.items():
         values = [m[k] for m in lines if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
         row[f"best/{k}"] = better(values) if values else None
-    task = (results or {}).get("eval") or {}
-    row.update({f"task/{short}": task.get(k) for k, short in TASK.items()})
-    if task:                                           # paired with the same seed's reference: less seed noise
-        row["task/true_reward_gain"] = task["true_reward/policy"] - task["true_reward/reference"]
+    ev = (results or {}).get("eval") or {}             # gain: paired with the same seed's reference, less noise
+    row.update({c: task_value(ev, m, what) for c, (m, what) in task_columns(declared_metrics(row["task"])).items()})
     r = results or {}
     row.update({"tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
                 "train_wall_s": r.get("train_wall_s"), "wall_time_s": r.get("wall_time_s"),
@@ -205,6 +224,11 @@ def collect(dirs: list[Path]) -> pd.DataFrame:
     if not df.empty:
         df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
         df.insert(3, "group", _groups(df))
+        unknown = sorted({t for t in df["task"].dropna() if t not in TASKS})
+        if unknown:
+            console_line(f"runs of dataset.source={', '.join(unknown)}: no such task is registered here (a plug-in "
+                         "folder not named in MIDPO_PLUGINS?), so their task metrics are left out", "warning",
+                         "bold yellow")
     return df
 
 
@@ -273,7 +297,7 @@ def write_table(df: pd.DataFrame, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.csv", out / f"{stem}.parquet", out / f"{stem}.md"]
     df.to_csv(paths[0], index=False)
     df.to_parquet(paths[1], index=False)
-    paths[2].write_text(markdown(df[[c for c in MAIN if c in df]]) +
+    paths[2].write_text(markdown(df[main_columns(df)]) +
                         f"\n\nAll {df.shape[1]} columns: {stem}.csv / {stem}.parquet.\n")
     return paths
 
@@ -303,8 +327,17 @@ def bootstrap_ci(x: np.ndarray, level: float = 0.95, resamples: int = 2000, seed
     return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
 
 
-def aggregate(df: pd.DataFrame, metrics=SUMMARY) -> pd.DataFrame:
-    """A row per group (prior + varied overrides): n, n_ok, and <metric>/mean, /std, /ci_lo, /ci_hi."""
+def summary_columns(df: pd.DataFrame) -> dict[str, str]:
+    """{column: label} of the aggregate's metrics: the declared task metrics of df's runs (each policy value,
+    the headline's gain), then SUMMARY."""
+    own = {c: label(m, what) for c, (m, what) in declared(df).items() if what != "reference"}
+    return {**own, **{m: LABELS[m] for m in SUMMARY}}
+
+
+def aggregate(df: pd.DataFrame, metrics=None) -> pd.DataFrame:
+    """A row per group (prior + varied overrides): n, n_ok, and <metric>/mean, /std, /ci_lo, /ci_hi of each of
+    `metrics` (default: summary_columns)."""
+    metrics = list(summary_columns(df)) if metrics is None else metrics
     out = []
     for group, g in df.groupby("group", sort=False):
         ok = g[g["status"] == "ok"]
@@ -323,7 +356,7 @@ def aggregate(df: pd.DataFrame, metrics=SUMMARY) -> pd.DataFrame:
 def same_as(agg: pd.DataFrame) -> dict[str, str]:
     """{group: an earlier group} where every outcome mean is identical (e.g. a prior that reduces to DPO
     with its default settings), so tables and legends can say so instead of hiding one under the other."""
-    cols = [f"{m}/mean" for m in SUMMARY if m not in COST and f"{m}/mean" in agg]
+    cols = [c for c in agg.columns if c.endswith("/mean") and c[:-len("/mean")] not in COST]
     seen, out = {}, {}
     for g, *values in agg[["group", *cols]].itertuples(index=False):
         key = tuple(round(v, 9) for v in values)
@@ -341,16 +374,17 @@ def display_names(agg: pd.DataFrame) -> list[str]:
     return [f"{g} (= {same[g]})" if g in same else g for g in agg["group"]]
 
 
-def pivot(agg: pd.DataFrame) -> pd.DataFrame:
-    """The report's pivot: a row per group, `mean±std` over seeds per outcome, mean tokens/s."""
+def pivot(agg: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    """The report's pivot: a row per group, `mean±std` over seeds per outcome of `labels` (summary_columns),
+    mean tokens/s."""
     out = pd.DataFrame({"group": display_names(agg), "seeds ok": [f"{a}/{b}" for a, b in zip(agg.n_ok, agg.n)]})
     objective = "final/train/loss/mean" in agg
-    for m in SUMMARY:
+    for m, name in labels.items():
         if m in OBJECTIVE and not objective:
             continue
         if f"{m}/mean" in agg and m not in ("final/eval/loss", "wall_time_s"):
             std = agg[f"{m}/std"] if m not in COST else [math.nan] * len(agg)
-            out[LABELS[m]] = [_pm(a, s) for a, s in zip(agg[f"{m}/mean"], std)]
+            out[name] = [_pm(a, s) for a, s in zip(agg[f"{m}/mean"], std)]
     return out
 
 
@@ -362,20 +396,20 @@ def _pm(mean: float, std: float) -> str:
 
 
 def print_table(df: pd.DataFrame, title: str) -> None:
-    """A rich rendering of a (small) frame; 160 columns wide when the output is not a terminal (logs, CI)."""
+    """A rich rendering of a (small) frame; 200 columns wide when the output is not a terminal (logs, CI)."""
     t = Table(title=title)
     for c in df.columns:
         t.add_column(str(c), overflow="fold")
     for row in df.itertuples(index=False):
         t.add_row(*(_cell(v) for v in row))
-    (console if console.is_terminal else Console(width=160)).print(t)
+    (console if console.is_terminal else Console(width=200)).print(t)
 
 
 def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
     """The rows printed at the end of a sweep: the main columns that hold any value, errors shortened."""
     cols = {"job": "job", "status": "status", "reused": "reused", "group": "group", "seed": "seed",
             "final/eval/rewards/accuracies": "own accuracy", "final/eval/logratio/margins": "logratio margin",
-            "task/true_reward": "true reward", "task/kl": "KL to ref", "task/win_rate": "win-rate",
+            **{c: m.label for c, (m, what) in declared(df).items() if what == "policy"},
             "wall_time_s": "wall s", "error": "error"}
     shown = [c for c in cols if c in df and df[c].notna().any() and (df[c] != "").any() and
              (c != "reused" or df[c].any())]

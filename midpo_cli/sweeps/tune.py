@@ -24,7 +24,7 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from midpo_cli.report import objective
-from midpo_cli.tasks import TASKS, has_true_reward
+from midpo_cli.tasks import metrics_of
 
 log = logging.getLogger("midpo")
 logging.getLogger("alembic").setLevel(logging.WARNING)                 # optuna's import: "setup plugin ..." lines
@@ -102,7 +102,7 @@ class TuneSweeper(OptunaSweeper):
         self.objective = str(config.trainer.objective)
         if self.sweeper.direction == "auto":
             try:
-                self.sweeper.direction = objective.direction(self.objective)
+                self.sweeper.direction = objective.direction(self.objective, config.dataset.source)
             except ValueError as e:
                 fail(e)
         self.direction = str(self.sweeper.direction)
@@ -146,10 +146,11 @@ class TuneSweeper(OptunaSweeper):
 
     def _plan(self, prior: str, fixed: list[str], given: set[str], swept: set[str]) -> dict:
         cfg = self.sweeper.hydra_context.config_loader.load_sweep_config(self.sweeper.config, [f"prior={prior}", *fixed])
-        if self.objective.startswith("task/") and not has_true_reward(cfg.dataset.source):
-            rewarded = ", ".join(f"dataset={t}" for t in sorted(TASKS) if has_true_reward(t))
-            raise ValueError(f"trainer.objective={self.objective} needs a task with a true reward ({rewarded}); "
-                             f"with dataset={cfg.dataset.source} use e.g. trainer.objective=eval/rewards/accuracies")
+        offered = objective.task_columns(metrics_of(cfg.dataset.source))
+        if self.objective.startswith("task/") and self.objective not in offered:
+            raise ValueError(f"trainer.objective={self.objective} is not a metric of dataset.source="
+                             f"{cfg.dataset.source} ({', '.join(offered) or 'it declares none'}); use one of those "
+                             "or e.g. trainer.objective=eval/rewards/accuracies")
         return search_space(cfg, given, swept, self.beta_range, self.lr_range)
 
     def _confirm(self, winners: dict[str, JobReturn | None], fixed: list[str]) -> dict[str, list[JobReturn]]:

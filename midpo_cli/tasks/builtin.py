@@ -8,7 +8,6 @@ sampling held-out prompts from policy and reference. (a) and (b) are cached by c
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import random
 import shutil
@@ -17,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from midpo_cli.engine.cache import build_lock, config_hash, publish, read_json_entry, readable_model
-from midpo_cli.engine.sampling import sample, sequence_logps
-from midpo_cli.tasks.base import Context, Task, register_task
+from midpo_cli.engine.cache import build_lock, config_hash, publish, readable_model
+from midpo_cli.tasks.base import Context, Metric, register_task
+from midpo_cli.tasks.sampled import SampledTask, sampled_metrics
 from midpo_cli.tasks.sft import supervised_finetune
 
 log = logging.getLogger("midpo")
@@ -128,74 +127,17 @@ def sft_reference(task, model_cfg, tokenizer, seed: int, cache_root: Path, devic
         return path
 
 
-def preference_pairs(task, reference, tokenizer, sft_key: str, seed: int, cache_root: Path, device) -> dict:
-    """Sample the reference, rank by the (optionally length-biased) true reward; cached as JSON."""
-    key = config_hash({"sft": sft_key, "task": task, "seed": seed})
-    path = cache_root / f"pairs-{key}.json"
-    with build_lock(path):                                              # a concurrent job with this key waits
-        data = read_json_entry(path, "preference pairs", ("pairs", "eval_strings"))
-        if data is not None:
-            return data
-        rng = random.Random(seed + 1)
-        strings = random_strings(rng, task.train_prompts + task.eval_prompts, task)
-        train_s, eval_s = strings[:task.train_prompts], strings[task.train_prompts:]
-        k = task.samples_per_prompt
-        log.info("preference pairs: sampling %d x %d reference completions", len(train_s), k)
-        torch.manual_seed(seed + 2)
-        outs = sample(reference, tokenizer, [messages(task.kind, s) for s in train_s for _ in range(k)],
-                      task.temperature, max_new_tokens=task.max_len * 2 + 2, device=device)
-        rows, ties = [], 0
-        for i, s in enumerate(train_s):
-            cands = outs[i * k:(i + 1) * k]
-            scored = sorted(((true_reward(task.kind, s, c) + task.length_bias * len(c), c) for c in cands),
-                            key=lambda x: x[0])
-            (lo, worst), (hi, best) = scored[0], scored[-1]
-            if hi == lo:
-                ties += 1
-                continue
-            rows.append({"prompt": messages(task.kind, s), "chosen": best, "rejected": worst,
-                         "reward_chosen": true_reward(task.kind, s, best),
-                         "reward_rejected": true_reward(task.kind, s, worst)})
-        data = {"pairs": rows, "eval_strings": eval_s, "ties_dropped": ties}
-        with publish(path) as tmp:
-            tmp.write_text(json.dumps(data))
-        log.info("preference pairs: %d pairs (%d prompts dropped: all samples tied)", len(rows), ties)
-        return data
-
-
-@torch.no_grad()
-def evaluation(policy, reference, tokenizer, task, strings: list[str], device) -> dict:
-    """Sample each held-out prompt once from the policy and once from the reference.
-
-    Returns mean true reward of each, win-rate of policy over reference (ties count 1/2), an estimate
-    of KL(pi || pi_ref) = E_{y~pi}[log pi(y|x) - log pi_ref(y|x)], and mean response lengths (characters).
-    """
-    prompts = [messages(task.kind, s) for s in strings]
-    max_new = task.max_len * 2 + 2
-    pol = sample(policy, tokenizer, prompts, task.temperature, max_new, device)
-    ref = sample(reference, tokenizer, prompts, task.temperature, max_new, device)
-    r_pol = torch.tensor([true_reward(task.kind, s, y) for s, y in zip(strings, pol)])
-    r_ref = torch.tensor([true_reward(task.kind, s, y) for s, y in zip(strings, ref)])
-    kl = sequence_logps(policy, tokenizer, prompts, pol, device) - sequence_logps(reference, tokenizer, prompts, pol, device)
-    return {
-        "true_reward/policy": r_pol.mean().item(),
-        "true_reward/reference": r_ref.mean().item(),
-        "win_rate": ((r_pol > r_ref).float() + 0.5 * (r_pol == r_ref).float()).mean().item(),
-        "kl/policy_ref": kl.mean().item(),
-        "length/policy": sum(map(len, pol)) / len(pol),
-        "length/reference": sum(map(len, ref)) / len(ref),
-        "exact/policy": (r_pol == 1.0).float().mean().item(),
-        "exact/reference": (r_ref == 1.0).float().mean().item(),
-        "samples": [{"prompt": s, "policy": a, "reference": b} for s, a, b in list(zip(strings, pol, ref))[:8]],
-    }
-
-
 @register_task("builtin")
-class BuiltinTask(Task):
+class BuiltinTask(SampledTask):
     """copy / reverse / sort a string; SFT reference on imperfect demos, pairs ranked by the exact reward."""
     settings = BuiltinSettings
     title = "built-in task: held-out evaluation (sampled)"
-    evaluates_reference = True
+    metrics = sampled_metrics(
+        Metric("true_reward/policy", "true_reward", "true reward", "mean, 1 - normalised edit distance, 1 = exact",
+               (0, 1), "max", headline=True, reference="true_reward/reference"),
+        "characters",
+        Metric("exact/policy", "exact", "exact", "fraction of exact answers", (0, 1), "max",
+               reference="exact/reference"))
 
     def check(self) -> None:
         check(self.task)
@@ -204,14 +146,35 @@ class BuiltinTask(Task):
         self._sft = sft_reference(self.task, ctx.model_cfg, ctx.tokenizer, ctx.seed, ctx.cache_root, ctx.device)
         return str(self._sft)
 
-    def pairs(self, ctx: Context, reference) -> tuple[list[dict], list[dict]]:
-        data = preference_pairs(self.task, reference, ctx.tokenizer, self._sft.name, ctx.seed, ctx.cache_root,
-                                ctx.device)
-        rows = data["pairs"]
-        n_eval = int(len(rows) * self.task.eval_pairs_fraction)
-        self._eval_strings = data["eval_strings"]
-        return rows[n_eval:], rows[:n_eval]
+    def split(self, ctx: Context) -> tuple[list[str], list[str]]:
+        """Prompt strings drawn with seed + 1: the first train_prompts for pairs, the rest held out."""
+        strings = random_strings(random.Random(ctx.seed + 1), self.task.train_prompts + self.task.eval_prompts,
+                                 self.task)
+        return strings[:self.task.train_prompts], strings[self.task.train_prompts:]
 
-    def evaluate(self, ctx: Context, policy, reference) -> dict:
-        log.info("evaluating: sampling %d held-out prompts from policy and reference", len(self._eval_strings))
-        return evaluation(policy, reference, ctx.tokenizer, self.task, self._eval_strings, ctx.device)
+    def prompt(self, item: str) -> list[dict]:
+        return messages(self.task.kind, item)
+
+    def reward(self, item: str, completion: str) -> float:
+        return true_reward(self.task.kind, item, completion)
+
+    def score(self, item: str, completion: str) -> float:
+        """The annotator: the true reward, plus length_bias per character."""
+        return self.reward(item, completion) + self.task.length_bias * len(completion)
+
+    def length(self, completion: str) -> float:
+        return len(completion)
+
+    def fractions(self, rewards: torch.Tensor) -> dict[str, float]:
+        return {"exact": (rewards == 1.0).float().mean().item()}
+
+    def pairs_key(self, ctx: Context) -> dict:
+        return {"sft": self._sft.name, "task": self.task, "seed": ctx.seed}
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.task.max_len * 2 + 2
+
+    @property
+    def eval_samples(self) -> int:
+        return 1

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
-import logging
 import random
 from dataclasses import dataclass
 
 import torch
 
-from midpo_cli.engine.cache import build_lock, config_hash, publish, read_json_entry
-from midpo_cli.engine.sampling import sample, sequence_logps
-from midpo_cli.tasks.base import Context, Task, register_task
+from midpo_cli.tasks.base import Context, Metric, register_task
+from midpo_cli.tasks.sampled import SampledTask, sampled_metrics
 
-log = logging.getLogger("midpo")
 INSTALL = "pip install -c constraints.txt 'vaderSentiment==3.3.2'  (or: make smollm, or pip install -e '.[sentiment]')"
 
 # Subjects are built from parts (category -> (verb used in the openers, name patterns x name parts)).
@@ -136,91 +132,22 @@ def split_prompts(task) -> tuple[list, list]:
             prompts(task, held_subs, task.eval_prompts, task.split_seed + 2))
 
 
-def rank(prompt, completions: list[str]) -> dict | None:
-    """The pair of one prompt: most positive = chosen, most negative = rejected; None when all tie."""
-    scored = sorted(((reward(c), c) for c in completions), key=lambda x: x[0])
-    (lo, worst), (hi, best) = scored[0], scored[-1]
-    if hi == lo:
-        return None
-    return {"prompt": prompt, "chosen": best, "rejected": worst, "reward_chosen": hi, "reward_rejected": lo}
-
-
-def _sampling_key(model_cfg) -> dict:
-    """What of the model config changes the reference's samples (not lr, LoRA or checkpointing)."""
-    return {k: model_cfg[k] for k in model_cfg if k not in ("lr", "lora", "gradient_checkpointing")}
-
-
-def preference_pairs(task, reference, ctx: Context) -> dict:
-    """Sample K completions per training prompt from the reference, rank by VADER; cached as JSON."""
-    keep = ("chat", "eval_subject_fraction", "split_seed", "train_prompts", "samples_per_prompt", "temperature",
-            "max_new_tokens")
-    key = config_hash({"model": _sampling_key(ctx.model_cfg), "task": {k: task[k] for k in keep}, "seed": ctx.seed})
-    path = ctx.cache_root / f"sentiment-pairs-{key}.json"
-    with build_lock(path):                                              # a concurrent job with this key waits
-        data = read_json_entry(path, "sentiment pairs", ("pairs",))
-        if data is not None:
-            return data
-        train_p, _ = split_prompts(task)
-        k = task.samples_per_prompt
-        log.info("sentiment pairs: sampling %d prompts x %d reference completions", len(train_p), k)
-        torch.manual_seed(ctx.seed + 2)
-        outs = sample(reference, ctx.tokenizer, [p for p in train_p for _ in range(k)], task.temperature,
-                      task.max_new_tokens, ctx.device)
-        rows, ties = [], 0
-        for i, p in enumerate(train_p):
-            row = rank(p, outs[i * k:(i + 1) * k])
-            if row is None:
-                ties += 1
-            else:
-                rows.append(row)
-        data = {"pairs": rows, "ties_dropped": ties, "reference_mean_reward": sum(map(reward, outs)) / len(outs)}
-        with publish(path) as tmp:
-            tmp.write_text(json.dumps(data))
-        log.info("sentiment pairs: %d pairs (%d prompts dropped: all samples scored the same)", len(rows), ties)
-        return data
-
-
 def words(text: str) -> int:
     return len(text.split())
 
 
-@torch.no_grad()
-def evaluation(policy, reference, ctx: Context, task, held_out: list) -> dict:
-    """Sample each held-out prompt eval_samples_per_prompt times from policy and from reference.
-
-    Returns mean VADER reward of each, win-rate of the policy's i-th sample over the reference's (ties 1/2),
-    KL(pi || pi_ref) estimated as E_{y~pi}[log pi(y|x) - log pi_ref(y|x)] (y + EOS, summed over tokens), and
-    mean lengths in words.
-    """
-    prompts_ = [p for p in held_out for _ in range(task.eval_samples_per_prompt)]
-    pol = sample(policy, ctx.tokenizer, prompts_, task.temperature, task.max_new_tokens, ctx.device)
-    ref = sample(reference, ctx.tokenizer, prompts_, task.temperature, task.max_new_tokens, ctx.device)
-    r_pol = torch.tensor([reward(y) for y in pol])
-    r_ref = torch.tensor([reward(y) for y in ref])
-    kl = sequence_logps(policy, ctx.tokenizer, prompts_, pol, ctx.device) \
-        - sequence_logps(reference, ctx.tokenizer, prompts_, pol, ctx.device)
-    shown = [p if isinstance(p, str) else p[-1]["content"] for p in prompts_]
-    return {
-        "true_reward/policy": r_pol.mean().item(),
-        "true_reward/reference": r_ref.mean().item(),
-        "win_rate": ((r_pol > r_ref).float() + 0.5 * (r_pol == r_ref).float()).mean().item(),
-        "kl/policy_ref": kl.mean().item(),
-        "length/policy": sum(map(words, pol)) / len(pol),
-        "length/reference": sum(map(words, ref)) / len(ref),
-        "positive/policy": (r_pol > 0.05).float().mean().item(),
-        "positive/reference": (r_ref > 0.05).float().mean().item(),
-        "samples": [{"prompt": s, "policy": a, "reward_policy": round(float(x), 3), "reference": b,
-                     "reward_reference": round(float(z), 3)}
-                    for s, a, b, x, z in list(zip(shown, pol, ref, r_pol, r_ref))[:8]],
-    }
-
-
 @register_task("sentiment")
-class SentimentTask(Task):
+class SentimentTask(SampledTask):
     """Review openings; reference = the model's own weights; pairs = its samples ranked by VADER."""
     settings = SentimentSettings
-    title = "sentiment task: held-out prompts, VADER compound in [-1, 1], length in words (sampled)"
-    evaluates_reference = True
+    title = "sentiment task: held-out prompts, sampled"
+    pairs_file = "sentiment-pairs"
+    metrics = sampled_metrics(
+        Metric("true_reward/policy", "true_reward", "VADER reward", "mean compound, > 0.05 positive, < -0.05 negative",
+               (-1, 1), "max", headline=True, reference="true_reward/reference"),
+        "words",
+        Metric("positive/policy", "positive", "positive", "fraction of completions, compound > 0.05", (0, 1),
+               "max", reference="positive/reference"))
 
     def check(self) -> None:
         vader()
@@ -233,14 +160,22 @@ class SentimentTask(Task):
         if t.samples_per_prompt < 2:
             raise ValueError(f"dataset.task.samples_per_prompt={t.samples_per_prompt}: ranking needs at least 2")
 
-    def pairs(self, ctx: Context, reference) -> tuple[list[dict], list[dict]]:
-        data = preference_pairs(self.task, reference, ctx)
-        rows = data["pairs"]
-        n_eval = int(len(rows) * self.task.eval_pairs_fraction)
-        return rows[n_eval:], rows[:n_eval]
+    def split(self, ctx: Context) -> tuple[list, list]:
+        return split_prompts(self.task)
 
-    def evaluate(self, ctx: Context, policy, reference) -> dict:
-        _, held_out = split_prompts(self.task)
-        log.info("evaluating: sampling %d held-out prompts x %d from policy and reference", len(held_out),
-                 self.task.eval_samples_per_prompt)
-        return evaluation(policy, reference, ctx, self.task, held_out)
+    def reward(self, item, completion: str) -> float:
+        return reward(completion)
+
+    def length(self, completion: str) -> float:
+        return words(completion)
+
+    def fractions(self, rewards: torch.Tensor) -> dict[str, float]:
+        return {"positive": (rewards > 0.05).float().mean().item()}
+
+    def pairs_key(self, ctx: Context) -> dict:
+        """The model config as far as it changes the reference's samples (not lr, LoRA or checkpointing), and
+        the settings the training prompts and their samples depend on."""
+        keep = ("chat", "eval_subject_fraction", "split_seed", "train_prompts", "samples_per_prompt", "temperature",
+                "max_new_tokens")
+        model = {k: ctx.model_cfg[k] for k in ctx.model_cfg if k not in ("lr", "lora", "gradient_checkpointing")}
+        return {"model": model, "task": {k: self.task[k] for k in keep}, "seed": ctx.seed}
