@@ -1,4 +1,4 @@
-"""midpo's training step on the anchor harness's shapes (../shared/bench/bench_anchor.py), same output format.
+"""midpo's training step on the TRL anchor harness's shapes (bench_anchor.py: docs/benchmarks.md), same output format.
 
 Model: Qwen2 at Qwen2.5-0.5B sizes, random init, bf16, sdpa; data: random tokens, prompt U[64,128],
 chosen/rejected U[192,384]; tokens counted = 2*prompt + chosen + rejected. Prints `RESULT {json}` lines.

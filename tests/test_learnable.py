@@ -1,4 +1,4 @@
-"""Learnable priors (spec/priors.md Sections 12-13): learned_adapter (P1), learned_tilt (P2), learned_mix (P3).
+"""Learnable priors (docs/learnable_priors.md): learned_adapter (P1), learned_tilt (P2), learned_mix (P3).
 
 Each starts as exact DPO; update=joint moves the prior along the gradient of J, update=marginal keeps J's gradient
 out of it and fits it label-free; the anchor pulls it back; the engine gives it its own optimiser, schedule,
@@ -93,7 +93,7 @@ def test_marginal_keeps_j_out_of_the_prior_and_the_penalty_out_of_the_policy(nam
 
 @pytest.mark.parametrize("name", LEARNED)
 def test_joint_sends_j_into_the_prior_with_the_spec_sign(name):
-    """dJ/dlog zeta_w = +a*sigma(-h) (spec 2.4): a gradient step on phi lowers the prior's margin (prior/shift)."""
+    """dJ/dlog zeta_w = +a*sigma(-h) (docs/priors.md): a gradient step on phi lowers the prior's margin (prior/shift)."""
     p, prior, owned, leaves = _probe_and_prior(name, "joint", anchor=0.0)
     v = view(p, prior.needs(), owned=owned)
     assert any(float(g.abs().max()) > 1e-6 for g in _grad(preference_loss(prior, v).loss, leaves))
@@ -108,7 +108,7 @@ def test_joint_sends_j_into_the_prior_with_the_spec_sign(name):
 
 def test_tilt_learns_length_and_the_anchor_pulls_it_back():
     """On pairs whose winners are the longer responses, joint learned_tilt raises phi_1 (it explains the length away,
-    spec P2); the same steps with a strong anchor keep phi_1 much smaller; the anchor alone pulls a moved phi back."""
+    docs/learnable_priors.md, P2); the same steps with a strong anchor keep phi_1 much smaller; the anchor alone pulls a moved phi back."""
     p = random_probe(0)
 
     def run(anchor):

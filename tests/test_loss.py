@@ -37,7 +37,7 @@ def test_metrics_by_hand():
 
 
 def test_prior_gradient_sign():
-    """dJ/dlog zeta_w = +a*sigmoid(-h), dJ/dlog zeta_l = -a*sigmoid(-h) (spec 2.4)."""
+    """dJ/dlog zeta_w = +a*sigmoid(-h), dJ/dlog zeta_l = -a*sigmoid(-h) (docs/priors.md)."""
     logps = torch.tensor([[-3.0], [-4.0]])
     zeta = torch.tensor([[-3.5], [-3.0]], requires_grad=True)
     a = 0.5

@@ -1,9 +1,9 @@
-"""What every learnable prior shares (spec/priors.md Sections 12-13): update rules, anchor, schedule, collapse watch.
+"""What every learnable prior shares (design: docs/learnable_priors.md): update rules, anchor, schedule, collapse watch.
 
 A learnable prior writes log zeta(y|x) = log pi_ref(y|x) + f_phi(x, y) with its own parameters phi, initialised so that
 f_phi = 0: at step 0 it is exactly DPO's prior (loss and policy gradient; `midpo verify` checks it). Its options:
 
-  update=joint     phi follows the gradient of J (+ anchor): the paper's min over (pi, zeta). By spec 2.4,
+  update=joint     phi follows the gradient of J (+ anchor): the paper's min over (pi, zeta). By docs/priors.md,
                    dJ/dlog zeta_w = +a*sigma(-h) and dJ/dlog zeta_l = -a*sigma(-h): an unconstrained prior learns the
                    anti-preference and can take J towards 0 while pi stands still (collapse).
   update=marginal  J sees zeta with phi detached (no gradient of J reaches phi); phi minimises a label-free fit to the
@@ -120,7 +120,7 @@ class LearnablePrior(Prior):
         out = super().warnings()
         if self.update == "joint" and self.anchor == 0:
             out.append(f"{self.name}: prior.update=joint with prior.anchor=0 is the unconstrained min over (pi, zeta); "
-                       "its prior can learn the anti-preference and lower J without moving the policy (spec 2.4). "
+                       "its prior can learn the anti-preference and lower J without moving the policy (docs/learnable_priors.md). "
                        "The run warns if prior/shift shows it; prior.anchor>0 or prior.update=marginal prevent it.")
         return out
 
@@ -133,7 +133,7 @@ class LearnablePrior(Prior):
         return position < self.policy_steps, position >= self.policy_steps
 
     def monitor(self, row: dict) -> list[str]:
-        """The collapse signature (spec 12.1), once per run: the prior's margin fell collapse_shift nats below the
+        """The collapse signature (docs/learnable_priors.md), once per run: the prior's margin fell collapse_shift nats below the
         reference's while the policy's own margin moved less than collapse_ratio times as far. A non-finite value
         (a step skipped under trainer.on_nonfinite=skip) is no signature: the non-finite step is reported already."""
         shift, policy = row.get("prior/shift"), row.get("logratio/margins")
@@ -144,7 +144,7 @@ class LearnablePrior(Prior):
         return [f"{self.name}: collapse signature at step {row.get('step')}: the prior's margin fell {-shift:.2f} nats "
                 f"below the reference's (prior/shift) while the policy's own margin moved {policy:.2f} nats "
                 f"(logratio/margins): the prior is learning the anti-preference and lowers J without changing the "
-                f"policy (spec 2.4). Raise prior.anchor (now {self.anchor}), lower prior.lr (now {self.lr}), or use "
+                f"policy (docs/learnable_priors.md). Raise prior.anchor (now {self.anchor}), lower prior.lr (now {self.lr}), or use "
                 "prior.update=marginal."]
 
     # ----- state: checkpoints and the saved prior keep what attach cannot rebuild --------------------------

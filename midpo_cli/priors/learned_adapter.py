@@ -1,4 +1,4 @@
-"""learned_adapter (P1, spec/priors.md Section 13, our proposal): the reference plus a low-rank adapter, learned."""
+"""learned_adapter (P1, our design: docs/learnable_priors.md): the reference plus a low-rank adapter, learned."""
 import copy
 import itertools
 from typing import Optional

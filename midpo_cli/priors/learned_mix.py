@@ -1,4 +1,4 @@
-"""learned_mix (P3, spec/priors.md Section 13, our proposal): per-token mixture of the reference and a lagged policy."""
+"""learned_mix (P3, our design: docs/learnable_priors.md): per-token mixture of the reference and a lagged policy."""
 import copy
 from typing import Literal
 
@@ -24,7 +24,7 @@ class LearnedMix(LearnablePrior):
     Original: -logsigmoid(beta*[(log pi - log zeta)_w - (...)_l]) with the mixture written with probabilities.
     """
     gate: Literal["scalar", "token"] = "scalar"   # scalar: one lam | token: lam_t from the reference's activations
-    gate_init: float = 6.0       # b at start: lam = sigmoid(6) = 0.9975 (spec: lam ~ 1, mostly the reference)
+    gate_init: float = 6.0       # b at start: lam = sigmoid(6) = 0.9975 (lam ~ 1: mostly the reference)
     sync_every: int = 20         # steps between snapshot refreshes (TRL ref_model_sync_steps: 512 on real runs)
     mixup: float = 0.6           # snapshot <- mixup*policy + (1-mixup)*snapshot (TRL ref_model_mixup_alpha: 0.6)
 

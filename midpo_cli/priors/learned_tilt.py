@@ -1,4 +1,4 @@
-"""learned_tilt (P2, spec/priors.md Section 13, our proposal): an exponential length tilt of the reference, learned."""
+"""learned_tilt (P2, our design: docs/learnable_priors.md): an exponential length tilt of the reference, learned."""
 import torch
 from torch import Tensor
 

@@ -10,12 +10,12 @@ from midpo_cli.priors import Needs, PairView, Prior, Reduction, register_prior
 @register_prior("rdpo")
 class RDPO(Prior):
     """Original: -logsigmoid(beta*(dlogp_w - dlogp_l) + s*alpha*(|y_w| - |y_l|)), dlogp = log pi - log pi_ref,
-    s = +1 for sign "+" (derived from r - alpha|y|, the spec's default) and -1 for "-" (RainbowPO table).
+    s = +1 for sign "+" (derived from r - alpha|y|, the default; docs/priors.md, Conventions) and -1 for "-" (RainbowPO table).
     Prior:    log zeta(y) = log pi_ref(y|x) - s*(alpha/beta)*|y| on both sides; a = beta. alpha = 0 is DPO.
     """
     beta: float = 0.1      # DPO-like scale
     alpha: float = 0.01    # length coefficient per token (no official code; tune per dataset)
-    sign: Literal["+", "-"] = "+"   # sign convention of the length term, spec Section 6
+    sign: Literal["+", "-"] = "+"   # sign convention of the length term: docs/priors.md, Conventions
 
     options = ({"sign": "+"}, {"sign": "-"})
     reductions = tuple(Reduction({"alpha": 0.0, "sign": s}, {"name": "dpo", "beta": 0.1}) for s in ("+", "-"))

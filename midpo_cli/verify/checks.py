@@ -1,10 +1,10 @@
 """`midpo verify`: every registered prior, plugged into the one MI-DPO loss, reproduces its variant's
-original (authors') loss in value AND gradient, in float64 (spec/priors.md, Section 15).
+original (authors') loss in value AND gradient, in float64 (docs/priors.md, "What midpo verify checks").
 
 Checks, for every prior in the registry (or cfg.priors) and every entry of its `options`:
   equivalence   on random ragged logits, on a real tiny-model forward, on SmolLM2 when installed
   initialisation  a prior with parameters of its own starts as exact DPO (engine's pair_view, tiny model)
-  section 15    stop-gradients that must matter, x-only invariance, reductions, prior-gradient sign
+  invariants    stop-gradients that must matter, x-only invariance, reductions, prior-gradient sign
   knobs         every knob() changes the loss or its gradient (no silently ignored option)
   TRL           DPO vs trl's DPOTrainer loss, SimPO vs trl's CPO simpo loss (cpo_alpha=0)
 Writes verify.csv / verify.json in the run directory; exits 1 if any check fails.
@@ -86,7 +86,7 @@ def equivalence(rows: Rows, p: Probe, names, atol: float) -> None:
                    lambda: max(gaps(lambda: unified(prior, v()), lambda: original(prior, v()), p.params)), atol)
 
 
-# ----- (iii) spec Section 15 ---------------------------------------------------------------------
+# ----- (iii) invariants (docs/priors.md, "What midpo verify checks") -----------------------------
 
 def generic(rows: Rows, p: Probe, names, atol: float) -> None:
     """x-only shifts of log zeta cancel, y-dependent ones do not; dJ/dlog zeta_w,l = +/- a*sigmoid(-h)."""
@@ -112,7 +112,7 @@ def generic(rows: Rows, p: Probe, names, atol: float) -> None:
 
 
 def stop_gradients(rows: Rows, p: Probe, names, atol: float) -> None:
-    """Spec Section 15: each declared stop-gradient variant (e.g. TDPO2 without its sg, SimPO with zeta detached)
+    """Each declared stop-gradient variant (docs/priors.md; e.g. TDPO2 without its sg, SimPO with zeta detached)
     keeps the value and must change the gradient, so the equivalence check really sees gradients through the prior."""
     for name, opt, prior in settings(names):
         for what, variant in prior.stop_gradient_variants().items():
