@@ -281,7 +281,7 @@ def own_rows(df: pd.DataFrame, jobs: list[tuple[str, list[str]]] | None) -> pd.D
 
 
 def _groups(df: pd.DataFrame) -> list[str]:
-    """What a row is a seed of: its prior (or its `arm`, conf/arm/: a prior with settings) plus the overrides that
+    """What a row is a seed of: its prior (or its `arm`, config group `arm`: a prior with settings) plus the overrides that
     differ between rows, seed excluded."""
     keep = [[o for o in s.split() if not re.match(r"[+~]?(seed|prior|arm)=", o) and not BYSTANDERS.match(o)]
             for s in df["overrides"]]
