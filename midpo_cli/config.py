@@ -3,12 +3,11 @@
 Each YAML under conf/ names its schema in its defaults list (e.g. `/schema/model@_here_`); a wrong
 type, an unknown key or an unknown group option is then a Hydra error naming the key (and, on the command
 line, a one-line error with a did-you-mean: midpo_cli/overrides.py). Settings with a fixed set of values
-are `Choice` enums (checked at compose time); `check(cfg)` adds the value checks a type cannot express
+are `Choice` enums (checked at compose time); `recipe.check_config` adds the value checks a type cannot express
 (ranges, finiteness), run by `midpo train` before anything loads.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -164,37 +163,6 @@ NON_NEGATIVE = ("trainer.eval_every", "trainer.save_every", "trainer.warmup_step
                 "trainer.max_grad_norm", "optimizer.weight_decay")
 POSITIVE = ("optimizer.lr",)              # lr=0 would train a no-op without a word
 BELOW_ONE = ("dataset.eval_fraction",)    # a fraction in [0, 1)
-
-
-def check(cfg) -> None:
-    """Value checks of a train config, run before anything loads: a ValueError naming the key, its value and
-    what is allowed. Every number must be finite; the bounds are those above."""
-    from omegaconf import OmegaConf
-
-    def value(key):
-        return OmegaConf.select(cfg, key)
-
-    for keys, ok, rule in ((AT_LEAST_ONE, lambda v: v >= 1, ">= 1"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
-                           (POSITIVE, lambda v: v > 0, "> 0"), (BELOW_ONE, lambda v: 0 <= v < 1, "in [0, 1)")):
-        for key in keys:
-            v = value(key)
-            if not math.isfinite(v) or not ok(v):
-                extra = " (0 leaves the policy unchanged; a negative lr climbs the loss)" if key == "optimizer.lr" else ""
-                raise ValueError(f"{key}={v} must be a finite number {rule}{extra}")
-    rows = value("dataset.max_rows")
-    if rows is not None and rows < 1:
-        raise ValueError(f"dataset.max_rows={rows} must be >= 1 (null = every row)")
-    if not 0 <= cfg.seed < 2 ** 32:
-        raise ValueError(f"seed={cfg.seed} must be in [0, 2**32 - 1] (numpy's seed range)")
-    model = cfg.model
-    if str(model.source) == "tiny" and cfg.dataset.max_length > model.max_position_embeddings:   # before any SFT
-        raise ValueError(f"dataset.max_length={cfg.dataset.max_length} exceeds the model's context length "
-                         f"{model.max_position_embeddings} (model.max_position_embeddings); set dataset.max_length<="
-                         f"{model.max_position_embeddings} or raise model.max_position_embeddings")
-    for key in ("name_or_path", "gguf_file"):
-        if model[key] and str(model.source) != "hf":                    # silently ignored otherwise
-            raise ValueError(f"model.{key}={model[key]} is read by model=hf only; model.source={model.source} builds "
-                             f"its own model: add model=hf to load {model[key]}")
 
 
 def register_schemas() -> None:

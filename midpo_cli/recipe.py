@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from midpo_cli.config import check as check_config
+from midpo_cli.config import AT_LEAST_ONE, BELOW_ONE, NON_NEGATIVE, POSITIVE
 from midpo_cli.data.prepare import build_pairs, check_bad_fraction, save_report
 from midpo_cli.engine import checkpoint, files, refcache
 from midpo_cli.engine.cache import config_hash
@@ -47,6 +47,36 @@ from midpo_cli.tasks import Context, build_task
 
 log = logging.getLogger("midpo")
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}               # ours -> accelerate's mixed_precision
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Value checks of a train config, run before anything loads: a ValueError naming the key, its value and
+    what is allowed. Every number must be finite; the bounds are config.py's (AT_LEAST_ONE, ...)."""
+
+    def value(key):
+        return OmegaConf.select(cfg, key)
+
+    for keys, ok, rule in ((AT_LEAST_ONE, lambda v: v >= 1, ">= 1"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+                           (POSITIVE, lambda v: v > 0, "> 0"), (BELOW_ONE, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for key in keys:
+            v = value(key)
+            if not math.isfinite(v) or not ok(v):
+                extra = " (0 leaves the policy unchanged; a negative lr climbs the loss)" if key == "optimizer.lr" else ""
+                raise ValueError(f"{key}={v} must be a finite number {rule}{extra}")
+    rows = value("dataset.max_rows")
+    if rows is not None and rows < 1:
+        raise ValueError(f"dataset.max_rows={rows} must be >= 1 (null = every row)")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ValueError(f"seed={cfg.seed} must be in [0, 2**32 - 1] (numpy's seed range)")
+    model = cfg.model
+    if str(model.source) == "tiny" and cfg.dataset.max_length > model.max_position_embeddings:   # before any SFT
+        raise ValueError(f"dataset.max_length={cfg.dataset.max_length} exceeds the model's context length "
+                         f"{model.max_position_embeddings} (model.max_position_embeddings); set dataset.max_length<="
+                         f"{model.max_position_embeddings} or raise model.max_position_embeddings")
+    for key in ("name_or_path", "gguf_file"):
+        if model[key] and str(model.source) != "hf":                    # silently ignored otherwise
+            raise ValueError(f"model.{key}={model[key]} is read by model=hf only; model.source={model.source} builds "
+                             f"its own model: add model=hf to load {model[key]}")
 
 
 def scored_train_pairs(pairs: list, tc, seed: int, processes: int) -> tuple[list, str]:

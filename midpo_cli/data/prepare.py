@@ -52,28 +52,28 @@ class Tally:
         return sum(self.counts.values())
 
 
-def _identical(p, cfg) -> BadRow:
+def _identical(p, dataset) -> BadRow:
     if p.truncated:
-        return BadRow("chosen identical to rejected after truncation", f"max_length={cfg.max_length}, "
-                      f"max_prompt_length={cfg.max_prompt_length}", "they differ only in what truncation cut: "
+        return BadRow("chosen identical to rejected after truncation", f"max_length={dataset.max_length}, "
+                      f"max_prompt_length={dataset.max_prompt_length}", "they differ only in what truncation cut: "
                       "raise dataset.max_length / max_prompt_length, or let such pairs be dropped")
     return BadRow("chosen and rejected tokenise identically", hint="they differ only in what the tokenizer or "
                   "chat template does not keep (e.g. trailing spaces): fix or delete the row")
 
 
-def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "train", chunk: int = CHUNK):
+def build_pairs(rows: list[dict], tokenizer, dataset, columns=(), split: str = "train", chunk: int = CHUNK):
     """(pairs, report) for one split. Rows that cannot train are dropped and counted, never silently
     (or, under dataset.on_bad_rows=error, the first one stops the run). Rows are checked and tokenised `chunk`
     at a time (tokenize.encode_pairs), then met one by one in row order: the same pairs, counts, report and
     errors as one row at a time."""
-    cfg = DataSettings.of(cfg)                                             # read once, not per row
-    strict = cfg.on_bad_rows == "error"
+    dataset = DataSettings.of(dataset)                                             # read once, not per row
+    strict = dataset.on_bad_rows == "error"
     columns = tuple(columns)
-    rules = Rules(cfg.max_length, cfg.max_prompt_length, columns, cfg.truncation, char_limit(tokenizer, cfg.max_length))
+    rules = Rules(dataset.max_length, dataset.max_prompt_length, columns, dataset.truncation, char_limit(tokenizer, dataset.max_length))
     batch_ids = BatchIds(tokenizer)
     pairs, formats, bad, policy, truncated, hints, first_bad = [], Tally(), Tally(), Tally(), Tally(), {}, None
     for start in range(0, len(rows), chunk):
-        checked = [_checked(raw, cfg, columns) for raw in rows[start:start + chunk]]
+        checked = [_checked(raw, dataset, columns) for raw in rows[start:start + chunk]]
         ok = [c[1] for c in checked if not isinstance(c, Exception)]
         encoded = iter(encode_pairs(tokenizer, ok, rules, chunk, batch_ids))
         for i, (raw, c) in enumerate(zip(rows[start:start + chunk], checked), start):
@@ -86,7 +86,7 @@ def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "trai
                 if isinstance(p, Exception):                               # what encode_pair raised for this row
                     raise p
                 if p.chosen == p.rejected:
-                    raise _identical(p, cfg)
+                    raise _identical(p, dataset)
             except BadRow as e:
                 if strict and (first_bad is None or order < first_bad[0]):
                     first_bad = (order, where, e)                          # refused below: the first in file order
@@ -108,7 +108,7 @@ def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "trai
         log.warning("%s: rows in %d formats (%s); each row is read in its own format. First rows of each: %s",
                     split, len(kinds), ", ".join(f"{k} {v}" for k, v in kinds.items()),
                     "; ".join(f"{k}: {', '.join(formats.examples[k])}" for k in kinds))
-    report = {"split": split, "source": cfg.path or cfg.source,
+    report = {"split": split, "source": dataset.path or dataset.source,
               "format": next(iter(kinds)) if len(kinds) == 1 else ("mixed" if kinds else "none"),
               "formats": kinds, "format_examples": formats.examples,
               "rows_read": len(rows), "kept": len(pairs), "dropped": bad.total() + policy.total(),
@@ -116,14 +116,14 @@ def build_pairs(rows: list[dict], tokenizer, cfg, columns=(), split: str = "trai
               "dropped_examples": {**bad.examples, **policy.examples}, "hints": hints,
               "truncated": truncated.total(), "truncated_reasons": dict(truncated.counts),
               "truncated_examples": truncated.examples,
-              "on_bad_rows": cfg.on_bad_rows, "max_bad_fraction": cfg.max_bad_fraction}
+              "on_bad_rows": dataset.on_bad_rows, "max_bad_fraction": dataset.max_bad_fraction}
     return pairs, report
 
 
-def _checked(raw, cfg: DataSettings, columns: tuple) -> tuple[str, dict] | Exception:
+def _checked(raw, dataset: DataSettings, columns: tuple) -> tuple[str, dict] | Exception:
     """check_row's (format, row), or what it raised (met in row order by build_pairs)."""
     try:
-        return check_row(raw, cfg, columns)
+        return check_row(raw, dataset, columns)
     except Exception as e:                                                 # noqa: BLE001
         return e
 

@@ -134,22 +134,22 @@ def _numbers(value, column: str) -> None:
                      f"the prior reads per-token values from '{column}': a list of numbers per row")
 
 
-def check_row(row, cfg, columns: tuple[str, ...] = ()) -> tuple[str, dict]:
+def check_row(row, dataset, columns: tuple[str, ...] = ()) -> tuple[str, dict]:
     """(format, prompt/chosen/rejected row) for one raw row, or BadRow. Applies the column mapping and the
     implicit-prompt split; `columns` are per-token data columns a prior needs (chosen_<c>, rejected_<c>).
-    `cfg`: the dataset settings; loops over rows pass DataSettings.of(cfg), converted once."""
+    `dataset`: the dataset settings; loops over rows pass DataSettings.of(dataset), converted once."""
     problem = getattr(row, "problem", None)
     if problem is not None:
         raise problem
-    cfg = DataSettings.of(cfg)
-    names = cfg.columns
+    dataset = DataSettings.of(dataset)
+    names = dataset.columns
     for ours in ("chosen", "rejected"):
         if names[ours] not in row:
             raise BadRow(f"missing column '{names[ours]}'", f"columns: {', '.join(sorted(map(str, row))) or 'none'}",
                          "TRL's format needs prompt/chosen/rejected (or chosen/rejected for an implicit prompt); "
                          "name yours with dataset.prompt_column= / chosen_column= / rejected_column=")
     out = {k: v for k, v in row.items() if k not in names.values()}
-    kinds, empty_ok = {}, cfg.allow_empty_completions
+    kinds, empty_ok = {}, dataset.allow_empty_completions
     for ours, theirs in names.items():
         if theirs in row:
             out[ours] = row[theirs]

@@ -26,16 +26,16 @@ class DataSettings:
     max_bad_fraction: float
 
     @classmethod
-    def of(cls, cfg) -> DataSettings:
+    def of(cls, dataset) -> DataSettings:
         """The settings of a dataset config (a DictConfig or DatasetConfig), checked; a DataSettings passes through."""
-        if isinstance(cfg, cls):
-            return cfg
-        settings = cls(source=str(cfg.source), path=None if cfg.path is None else str(cfg.path),
-                       prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
-                       rejected_column=cfg.rejected_column, max_length=cfg.max_length,
-                       max_prompt_length=cfg.max_prompt_length, truncation=str(cfg.truncation),
-                       on_bad_rows=str(cfg.on_bad_rows), allow_empty_completions=bool(cfg.allow_empty_completions),
-                       max_bad_fraction=cfg.max_bad_fraction)
+        if isinstance(dataset, cls):
+            return dataset
+        settings = cls(source=str(dataset.source), path=None if dataset.path is None else str(dataset.path),
+                       prompt_column=dataset.prompt_column, chosen_column=dataset.chosen_column,
+                       rejected_column=dataset.rejected_column, max_length=dataset.max_length,
+                       max_prompt_length=dataset.max_prompt_length, truncation=str(dataset.truncation),
+                       on_bad_rows=str(dataset.on_bad_rows), allow_empty_completions=bool(dataset.allow_empty_completions),
+                       max_bad_fraction=dataset.max_bad_fraction)
         check_settings(settings)
         return settings
 
@@ -45,10 +45,9 @@ class DataSettings:
         return {"prompt": self.prompt_column, "chosen": self.chosen_column, "rejected": self.rejected_column}
 
 
-def check_settings(cfg) -> None:
-    """The values a type cannot check when the config is composed (a config built in code skips Hydra's checks)."""
-    if cfg.on_bad_rows not in ("drop", "error"):
-        raise ValueError(f"dataset.on_bad_rows='{cfg.on_bad_rows}' is not one of ('drop', 'error')")
-    frac = cfg.max_bad_fraction
+def check_settings(settings) -> None:
+    """The values a type cannot check when the config is composed (on_bad_rows and truncation are enums, checked
+    by OmegaConf; a fraction's range is not)."""
+    frac = settings.max_bad_fraction
     if not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
         raise ValueError(f"dataset.max_bad_fraction={frac} must be between 0 and 1")

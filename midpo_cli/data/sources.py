@@ -294,68 +294,68 @@ def read_parquet(path: Path, shown: str, text_columns: set) -> list[Row]:
 READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
 
 
-def read_file(cfg) -> list[Row]:
+def read_file(dataset) -> list[Row]:
     """Every row of a local file (bad rows included, each with its problem)."""
-    if not cfg.path:
+    if not dataset.path:
         raise ValueError("dataset=local needs dataset.path=FILE (jsonl, json, parquet or csv)")
-    path = Path(cfg.path).expanduser()
+    path = Path(dataset.path).expanduser()
     if not path.exists():
-        raise DataFileNotFound(f"dataset.path={cfg.path}: no such file (cwd: {Path.cwd()})")
+        raise DataFileNotFound(f"dataset.path={dataset.path}: no such file (cwd: {Path.cwd()})")
     reader = READERS.get(path.suffix.lower())
     if reader is None and not path.is_dir():
         extra = "; decompress it first" if path.suffix.lower() in (".gz", ".zip", ".bz2", ".xz", ".zst") else ""
-        raise DataFileError(f"dataset.path={cfg.path}: unsupported extension '{path.suffix}'; "
+        raise DataFileError(f"dataset.path={dataset.path}: unsupported extension '{path.suffix}'; "
                             f"use one of {', '.join(READERS)}{extra}")
-    text_columns = {cfg.prompt_column, cfg.chosen_column, cfg.rejected_column}
-    rows = (reader or read_jsonl)(path, str(cfg.path), text_columns)
+    text_columns = {dataset.prompt_column, dataset.chosen_column, dataset.rejected_column}
+    rows = (reader or read_jsonl)(path, str(dataset.path), text_columns)
     if not rows:
-        raise DataFileError(f"{cfg.path}: the file is empty (no rows)")
+        raise DataFileError(f"{dataset.path}: the file is empty (no rows)")
     return rows
 
 
-def load_rows(cfg, reader: str | None = None) -> tuple[list[dict], list[dict]]:
+def load_rows(dataset, reader: str | None = None) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) as Rows that know where they came from. `reader`: "local" (a file) or "hub" (a
     hub dataset id), by default dataset.source (a task of its own that reads a data file passes its reader).
     With dataset.on_bad_rows=error the first bad row in file order stops here (those that need the tokenizer:
     in prepare.build_pairs)."""
-    settings = DataSettings.of(cfg)                                        # checked; read once, not per row
-    reader = reader or cfg.source
+    settings = DataSettings.of(dataset)                                        # checked; read once, not per row
+    reader = reader or dataset.source
     if reader == "local":
-        ds = {cfg.split: read_file(cfg)}
+        ds = {dataset.split: read_file(dataset)}
     elif reader == "hub":
         from datasets import load_dataset
 
-        if not cfg.path:
+        if not dataset.path:
             raise ValueError("dataset=hub needs dataset.path=<hub dataset id>")
-        ds = load_dataset(cfg.path)
+        ds = load_dataset(dataset.path)
     else:
-        raise ValueError(f"dataset.source='{cfg.source}' reads no data file (readers: local, hub)")
-    if cfg.split not in ds:
-        raise ValueError(f"dataset split '{cfg.split}' not found; available: {sorted(ds)}")
-    if cfg.eval_split and cfg.eval_split not in ds:
-        raise ValueError(f"dataset.eval_split '{cfg.eval_split}' not found; available: {sorted(ds)}")
+        raise ValueError(f"dataset.source='{dataset.source}' reads no data file (readers: local, hub)")
+    if dataset.split not in ds:
+        raise ValueError(f"dataset split '{dataset.split}' not found; available: {sorted(ds)}")
+    if dataset.eval_split and dataset.eval_split not in ds:
+        raise ValueError(f"dataset.eval_split '{dataset.eval_split}' not found; available: {sorted(ds)}")
 
     def rows_of(split):
         if reader == "local":
             return ds[split]
-        text_columns = {cfg.prompt_column, cfg.chosen_column, cfg.rejected_column}
-        return [_row(r, f"{cfg.path} {split} row {n}", n, text_columns) for n, r in enumerate(ds[split], 1)]
+        text_columns = {dataset.prompt_column, dataset.chosen_column, dataset.rejected_column}
+        return [_row(r, f"{dataset.path} {split} row {n}", n, text_columns) for n, r in enumerate(ds[split], 1)]
 
-    train = rows_of(cfg.split)
-    if cfg.eval_split:
-        evals = rows_of(cfg.eval_split)
+    train = rows_of(dataset.split)
+    if dataset.eval_split:
+        evals = rows_of(dataset.eval_split)
     else:
         random.Random(0).shuffle(train)
-        n_eval = int(len(train) * cfg.eval_fraction)
+        n_eval = int(len(train) * dataset.eval_fraction)
         evals, train = train[:n_eval], train[n_eval:]
-        if cfg.eval_fraction > 0 and not evals:
+        if dataset.eval_fraction > 0 and not evals:
             log.warning("dataset.eval_fraction=%s of %d rows holds out no row: no held-out metrics (eval/*) in "
-                        "this run; give more rows, a larger fraction or dataset.eval_split", cfg.eval_fraction,
+                        "this run; give more rows, a larger fraction or dataset.eval_split", dataset.eval_fraction,
                         len(train))
-    if cfg.max_rows:
-        train = train[:cfg.max_rows]
+    if dataset.max_rows:
+        train = train[:dataset.max_rows]
     if settings.on_bad_rows == "error":
-        for group in (train, evals) if cfg.eval_split else (sorted(train + evals, key=lambda r: r.index),):
+        for group in (train, evals) if dataset.eval_split else (sorted(train + evals, key=lambda r: r.index),):
             for row in sorted(group, key=lambda r: r.index):
                 try:
                     check_row(row, settings)

@@ -20,7 +20,6 @@ import torch
 
 from midpo_cli.data.rows import is_messages
 
-_is_messages = is_messages                       # older name
 CHUNK = 256                                      # rows per tokenizer call: enough for the Rust side to spread over
                                                  # its threads, few enough that the encodings held at once stay small
 
@@ -199,10 +198,7 @@ def _pair(t: _Texts, prompt: list[int], chosen: list[int], rejected: list[int], 
     for name in rules.columns:
         pair = []
         for side, ids in (("chosen", sides[0]), ("rejected", sides[1])):
-            key = f"{side}_{name}"
-            if key not in t.row:
-                raise ValueError(f"the prior needs the per-token column '{key}', missing from the data row")
-            vals = [float(x) for x in t.row[key][:len(ids)]]
+            vals = [float(x) for x in t.row[f"{side}_{name}"][:len(ids)]]   # present: rows.check_row
             pair.append(vals + [0.0] * (len(ids) - len(vals)))            # EOS (and any gap) gets 0
         values[name] = tuple(pair)
     return EncodedPair(prompt, sides[0], sides[1], "+".join(cut), values)

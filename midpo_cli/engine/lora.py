@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 
 
-def add_lora(model, cfg):
+def add_lora(model, lora):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
         raise ValueError("model.lora.r > 0 needs peft: `pip install peft` (or `pip install midpo[lora]`)") from e
-    targets = list(cfg.target_modules) if cfg.target_modules else "all-linear"
-    conf = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+    targets = list(lora.target_modules) if lora.target_modules else "all-linear"
+    conf = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                       task_type="CAUSAL_LM")
     return get_peft_model(model, conf)
 

@@ -45,22 +45,22 @@ def first_line(e: BaseException) -> str:
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-def key_of(cfg) -> str:
-    return f"model.name_or_path={cfg.name_or_path}"
+def key_of(model_cfg) -> str:
+    return f"model.name_or_path={model_cfg.name_or_path}"
 
 
-def check(folder: Path, cfg) -> None:
+def check(folder: Path, model_cfg) -> None:
     """Everything cheap to check in an existing directory before loading it: config.json, the weights (or the
     GGUF of model.gguf_file) and the tokenizer files. FileNotFoundError for a missing file, BadModelDir for one
     that is there but unusable; each names the directory (model.name_or_path=...) and the file."""
-    key = key_of(cfg)
-    if cfg.gguf_file:                                  # config and tokenizer come from the GGUF itself
-        file = folder / cfg.gguf_file
+    key = key_of(model_cfg)
+    if model_cfg.gguf_file:                                  # config and tokenizer come from the GGUF itself
+        file = folder / model_cfg.gguf_file
         if not file.is_file():
             found = sorted(p.name for p in folder.glob("*.gguf"))
-            raise FileNotFoundError(f"model.gguf_file={cfg.gguf_file}: no such file in {folder} "
+            raise FileNotFoundError(f"model.gguf_file={model_cfg.gguf_file}: no such file in {folder} "
                                     f"(.gguf files there: {', '.join(found) or 'none'})")
-        _fail_if(_opened(folder, cfg.gguf_file, key, _gguf_problem), key, f"model.gguf_file={cfg.gguf_file}",
+        _fail_if(_opened(folder, model_cfg.gguf_file, key, _gguf_problem), key, f"model.gguf_file={model_cfg.gguf_file}",
                  "copy or download it again")
         return
     if not (folder / "config.json").is_file():
@@ -68,7 +68,7 @@ def check(folder: Path, cfg) -> None:
                   "merge_and_unload and save_pretrained the result)" if (folder / "adapter_config.json").is_file() else ""
         raise FileNotFoundError(f"{key}: {folder} has no config.json, so it is not a saved transformers model{adapter}; "
                                 "point at the directory save_pretrained wrote (or give model.gguf_file)")
-    conf = _config(folder, key, bool(cfg.trust_remote_code))
+    conf = _config(folder, key, bool(model_cfg.trust_remote_code))
     _weights(folder, conf, key)
     _tokenizer(folder, key)
 
@@ -286,14 +286,14 @@ def _json_ends_whole(file: Path) -> bool:
     return start[:1] == b"{" and end[-1:] == b"}"
 
 
-def explain(folder: Path, cfg, what: str, exc: BaseException) -> Exception:
+def explain(folder: Path, model_cfg, what: str, exc: BaseException) -> Exception:
     """The one-line error for a from_pretrained of `what` (model, tokenizer) from a local directory that raised
     `exc`: the damaged file when one is found, else the library's first line with the directory."""
-    key = key_of(cfg)
-    if cfg.gguf_file:
+    key = key_of(model_cfg)
+    if model_cfg.gguf_file:
         damaged = "; the gguf reader cannot read it either, so it is damaged or cut short: copy or download it again" \
-            if _gguf_unreadable(folder / cfg.gguf_file) else ""
-        return BadModelDir(f"{key}: could not load the {what} from model.gguf_file={cfg.gguf_file} "
+            if _gguf_unreadable(folder / model_cfg.gguf_file) else ""
+        return BadModelDir(f"{key}: could not load the {what} from model.gguf_file={model_cfg.gguf_file} "
                            f"({type(exc).__name__}: {first_line(exc)}){damaged}")
     for name in JSON_FILES:
         if (folder / name).is_file():
@@ -321,7 +321,7 @@ def _gguf_unreadable(file: Path) -> bool:
     return False
 
 
-def check_shapes(cfg, info: dict) -> None:
+def check_shapes(model_cfg, info: dict) -> None:
     """Weights whose shapes do not fit config.json, or tensors of the model the weights do not hold (they would be
     left at random values: renamed tensors, another architecture's checkpoint), from from_pretrained's loading
     info: one line with the first."""
@@ -329,7 +329,7 @@ def check_shapes(cfg, info: dict) -> None:
     if missing:
         extra = sorted(info.get("unexpected_keys") or ())
         seen = f"; the weights hold {len(extra)} tensors the model does not use (e.g. {extra[0]})" if extra else ""
-        raise BadModelDir(f"{key_of(cfg)}: the weights lack {len(missing)} tensors of the model config.json describes "
+        raise BadModelDir(f"{key_of(model_cfg)}: the weights lack {len(missing)} tensors of the model config.json describes "
                           f"(e.g. {missing[0]}), which would start from random values{seen}; the weights and "
                           "config.json come from different models or tensor names: save them together with "
                           "save_pretrained")
@@ -337,6 +337,6 @@ def check_shapes(cfg, info: dict) -> None:
     if mismatched:
         name, saved, wanted = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-        raise BadModelDir(f"{key_of(cfg)}: the weights do not fit config.json: {name} is {list(saved)} in the weights "
+        raise BadModelDir(f"{key_of(model_cfg)}: the weights do not fit config.json: {name} is {list(saved)} in the weights "
                           f"but {list(wanted)} in the model config.json describes{more}; the weights and config.json "
                           "come from different models: save them together with save_pretrained")

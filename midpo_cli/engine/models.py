@@ -42,15 +42,15 @@ def byte_tokenizer():
     return tok
 
 
-def tiny_model(cfg, tokenizer):
+def tiny_model(model_cfg, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    conf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-                       intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+    conf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=model_cfg.hidden_size, num_hidden_layers=model_cfg.num_layers,
+                       num_attention_heads=model_cfg.num_heads, num_key_value_heads=model_cfg.num_heads,
+                       intermediate_size=model_cfg.intermediate_size, max_position_embeddings=model_cfg.max_position_embeddings,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    return LlamaForCausalLM(conf).to(DTYPES[cfg.dtype])
+    return LlamaForCausalLM(conf).to(DTYPES[model_cfg.dtype])
 
 
 class NotInstalled(ValueError):
@@ -97,91 +97,91 @@ def local_path(name: str) -> Path | None:
     return path if looks_local else None
 
 
-def check_source(cfg) -> None:
+def check_source(model_cfg) -> None:
     """model=hf: a local name_or_path (and gguf_file in it) must exist and hold a loadable model (model_dir.check:
     config, weights, tokenizer, by their headers); one line naming the key otherwise. Hub ids are left to the
     hub; other sources build their own model (nothing to check)."""
-    if cfg.source != "hf":
+    if model_cfg.source != "hf":
         return
-    if not cfg.name_or_path:
+    if not model_cfg.name_or_path:
         raise ValueError("model=hf needs model.name_or_path=<hub id or local directory>")
-    path = local_path(str(cfg.name_or_path))
+    path = local_path(str(model_cfg.name_or_path))
     if path is None:
         return
-    key = f"model.name_or_path={cfg.name_or_path}"
+    key = f"model.name_or_path={model_cfg.name_or_path}"
     if not path.exists():
         raise FileNotFoundError(f"{key}: no such directory (cwd: {Path.cwd()}); give a directory written by "
                                 "save_pretrained (holding config.json) or a hub id like org/name")
     if path.is_file():
         raise FileNotFoundError(f"{key} is a file; give the directory holding the model (a .gguf file: "
                                 "model.name_or_path=<its directory> model.gguf_file=<its name>)")
-    model_dir.check(path, cfg)
-    if cfg.gguf_file and importlib.util.find_spec("gguf") is None:
+    model_dir.check(path, model_cfg)
+    if model_cfg.gguf_file and importlib.util.find_spec("gguf") is None:
         raise NotInstalled("reading model.gguf_file needs the `gguf` package: `pip install gguf==0.19.0`.")
 
 
-def _from_pretrained(load, cfg, what: str = "model"):
+def _from_pretrained(load, model_cfg, what: str = "model"):
     """Run a from_pretrained of model=hf. A hub id: its OSError (unknown id, offline, missing file) as one line.
     A local directory: anything it raises as one line naming the directory (and the damaged file, when
     model_dir.explain finds it), never a traceback."""
-    path = local_path(str(cfg.name_or_path))
+    path = local_path(str(model_cfg.name_or_path))
     try:
         return load()
     except Exception as e:
         if path is not None:
-            raise model_dir.explain(path, cfg, what, e) from e
+            raise model_dir.explain(path, model_cfg, what, e) from e
         if isinstance(e, OSError):
-            raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path}: could not load it: "
+            raise FileNotFoundError(f"model.name_or_path={model_cfg.name_or_path}: could not load it: "
                                     f"{model_dir.first_line(e)}") from e
         raise
 
 
-def load_tokenizer(cfg):
+def load_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
-    if cfg.source == "tiny":
+    if model_cfg.source == "tiny":
         return byte_tokenizer()
-    trust = bool(cfg.trust_remote_code)
-    if cfg.source == "smollm2":
+    trust = bool(model_cfg.trust_remote_code)
+    if model_cfg.source == "smollm2":
         folder, file = smollm2_gguf()
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=file, trust_remote_code=trust)
     else:
-        check_source(cfg)
-        tok = _from_pretrained(lambda: AutoTokenizer.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file,
-                                                                     trust_remote_code=trust), cfg, "tokenizer")
+        check_source(model_cfg)
+        tok = _from_pretrained(lambda: AutoTokenizer.from_pretrained(model_cfg.name_or_path, gguf_file=model_cfg.gguf_file,
+                                                                     trust_remote_code=trust), model_cfg, "tokenizer")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(cfg, tokenizer, path: str | None = None):
+def load_model(model_cfg, tokenizer, path: str | None = None):
     """The policy (or a frozen copy): from `path` when given (a saved directory), else from the config."""
     from transformers import AutoModelForCausalLM
 
-    dtype = DTYPES[cfg.dtype]
-    trust = bool(cfg.trust_remote_code)
+    dtype = DTYPES[model_cfg.dtype]
+    trust = bool(model_cfg.trust_remote_code)
     kwargs = {"dtype": dtype, "trust_remote_code": trust}
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
     if path is not None:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    elif cfg.source == "tiny":
-        model = tiny_model(cfg, tokenizer)
-    elif cfg.source == "smollm2":
+    elif model_cfg.source == "tiny":
+        model = tiny_model(model_cfg, tokenizer)
+    elif model_cfg.source == "smollm2":
         model = _from_gguf(*smollm2_gguf(), dtype, trust)
-    elif cfg.source == "hf":
-        check_source(cfg)
-        if cfg.gguf_file:
-            model = _from_pretrained(lambda: _from_gguf(cfg.name_or_path, cfg.gguf_file, dtype, trust), cfg)
-        elif local_path(str(cfg.name_or_path)) is None:
-            model = _from_pretrained(lambda: AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs), cfg)
+    elif model_cfg.source == "hf":
+        check_source(model_cfg)
+        if model_cfg.gguf_file:
+            model = _from_pretrained(lambda: _from_gguf(model_cfg.name_or_path, model_cfg.gguf_file, dtype, trust), model_cfg)
+        elif local_path(str(model_cfg.name_or_path)) is None:
+            model = _from_pretrained(lambda: AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs), model_cfg)
         else:                           # a local directory: weights that do not fit its config are one line too
             model, info = _from_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
-                cfg.name_or_path, **kwargs, ignore_mismatched_sizes=True, output_loading_info=True), cfg)
-            model_dir.check_shapes(cfg, info)
+                model_cfg.name_or_path, **kwargs, ignore_mismatched_sizes=True, output_loading_info=True), model_cfg)
+            model_dir.check_shapes(model_cfg, info)
     else:
-        raise ValueError(f"model.source='{cfg.source}' is not one of tiny, hf, smollm2")
-    if cfg.gradient_checkpointing:
+        raise ValueError(f"model.source='{model_cfg.source}' is not one of tiny, hf, smollm2")
+    if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 

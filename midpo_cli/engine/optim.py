@@ -1,8 +1,6 @@
 """Optimisers, schedules and the optimiser step shared by preference training and task SFT."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}   # ours -> transformers'
@@ -42,6 +40,3 @@ def finite_parameters(*modules) -> bool:
                 return False
     return True
 
-
-def is_finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

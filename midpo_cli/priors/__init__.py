@@ -85,9 +85,9 @@ def prior_class(name: str) -> type[Prior]:
     return PRIORS[name]
 
 
-def build_prior(cfg) -> Prior:
+def build_prior(prior_cfg) -> Prior:
     """Build a prior from its config node (a mapping with `name` plus the prior's hyperparameters)."""
-    items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    items = dict(prior_cfg.items()) if hasattr(prior_cfg, "items") else dict(prior_cfg)
     cls = prior_class(items.pop("name"))
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(items) - known
