@@ -237,7 +237,7 @@ def test_batched_tokenising_equals_one_row_at_a_time(tokenizer):
 
     tok = {"byte": TOK, "bpe": bpe_tokenizer, "slow": slow_tokenizer}[tokenizer]
     tok = tok if tok is TOK else tok()
-    cfg = OmegaConf.structured(DatasetConfig(allow_empty_completions=True))
+    cfg = OmegaConf.structured(DatasetConfig(source="local", allow_empty_completions=True))
     rows = [outcome(check_row, r, cfg) for r in VARIED]
     rows = [r[1] for r in rows if not isinstance(r, Exception)]
     assert len(rows) == 11
@@ -273,7 +273,7 @@ def test_the_rust_shortcut_is_taken_only_where_it_gives_the_same_ids():
 
     lower = Lower(tokenizer_object=TOK.backend_tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     lower.chat_template = TOK.chat_template
-    rows = [check_row(r, OmegaConf.structured(DatasetConfig()))[1] for r in (VARIED[0], VARIED[2], VARIED[12])] * 3
+    rows = [check_row(r, OmegaConf.structured(DatasetConfig(source="local")))[1] for r in (VARIED[0], VARIED[2], VARIED[12])] * 3
     for tok, shortcut in ((TOK, True), (lower, False)):
         ids = BatchIds(tok)
         assert ids(["Ab c", "D"], specials=True) == [tok("Ab c")["input_ids"], tok("D")["input_ids"]]

@@ -10,10 +10,11 @@ from transformers import GPT2Config, LlamaConfig
 
 import midpo_cli.priors  # noqa: F401
 from midpo_cli.__main__ import config_path, main
-from midpo_cli.config import ModelConfig, check, register_schemas
+from midpo_cli.config import ModelConfig, register_schemas
 from midpo_cli.engine import models
 from midpo_cli.engine.model_dir import BadModelDir
 from midpo_cli.engine.models import check_lengths, check_source, context_length, load_model, load_tokenizer
+from midpo_cli.recipe import check_config
 from midpo_cli.overrides import BadOverride, check_overrides
 from midpo_cli.priors import PRIORS, build_prior
 
@@ -140,7 +141,7 @@ def compose_train(overrides):
 ])
 def test_check_rejects_bad_values(override, words):
     with pytest.raises(ValueError) as e:
-        check(compose_train([override]))
+        check_config(compose_train([override]))
     for w in words:
         assert w in str(e.value), str(e.value)
 
@@ -148,7 +149,7 @@ def test_check_rejects_bad_values(override, words):
 def test_check_accepts_every_shipped_config():
     for overrides in ([], ["optimizer=sgd"], ["optimizer=rmsprop"], ["dataset=local", "dataset.path=x.jsonl"],
                       ["+experiment=all_priors"], ["model=smollm2-135m"]):
-        check(compose_train(overrides))
+        check_config(compose_train(overrides))
 
 
 def test_train_checks_values_before_training(tmp_path, capsys):

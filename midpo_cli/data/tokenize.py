@@ -198,7 +198,10 @@ def _pair(t: _Texts, prompt: list[int], chosen: list[int], rejected: list[int], 
     for name in rules.columns:
         pair = []
         for side, ids in (("chosen", sides[0]), ("rejected", sides[1])):
-            vals = [float(x) for x in t.row[f"{side}_{name}"][:len(ids)]]   # present: rows.check_row
+            key = f"{side}_{name}"
+            if key not in t.row:                                           # a row encode_pair got unchecked
+                raise ValueError(f"the prior needs the per-token column '{key}', missing from the data row")
+            vals = [float(x) for x in t.row[key][:len(ids)]]
             pair.append(vals + [0.0] * (len(ids) - len(vals)))            # EOS (and any gap) gets 0
         values[name] = tuple(pair)
     return EncodedPair(prompt, sides[0], sides[1], "+".join(cut), values)
