@@ -131,3 +131,13 @@ def sweep_values(override: str, options: set) -> list[str]:
     if isinstance(value, Glob):
         return value.filter(sorted(options))
     return list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [str(value)]
+
+
+def test_a_sweeps_command_line_shows_what_ran(tmp_path):
+    """A preset's sweeper params appear in the report's command line only where no override replaced them."""
+    from omegaconf import OmegaConf
+    from midpo_cli.report.command import sweep_command
+
+    OmegaConf.save({"hydra": {"overrides": {"task": ["+experiment=all_priors", "prior=dpo,simpo"]},
+                              "sweeper": {"params": {"prior": "glob(*)", "seed": "0,1"}}}}, tmp_path / "multirun.yaml")
+    assert sweep_command(tmp_path) == "midpo train --multirun +experiment=all_priors prior=dpo,simpo seed=0,1"

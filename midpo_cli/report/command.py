@@ -45,12 +45,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def sweep_command(d: Path) -> str | None:
-    """The `midpo train` line of a sweep directory, from the multirun.yaml Hydra leaves there."""
+    """The `midpo train` line of a sweep directory, from the multirun.yaml Hydra leaves there: its overrides, then
+    the sweeper params (a preset's) that no override replaced."""
     from omegaconf import OmegaConf
     try:
         h = OmegaConf.load(d / "multirun.yaml").hydra
-        params = " ".join(f"{k}={v}" for k, v in (h.sweeper.params or {}).items())
-        return " ".join(["midpo train --multirun", *h.overrides.task, params]).strip()
+        given = {o.split("=", 1)[0].lstrip("+~") for o in h.overrides.task}
+        params = [f"{k}={v}" for k, v in (h.sweeper.params or {}).items() if k.lstrip("+~") not in given]
+        return " ".join(["midpo train --multirun", *h.overrides.task, *params])    # the command line's win
     except Exception:                                                  # not a sweep directory, or another layout
         return None
 
