@@ -179,6 +179,8 @@ def smollm2_probe(seed: int) -> Probe:
 class _FixedOutputs:
     """Stands in for a TRL-patched model (fused LM head): returns precomputed per-token outputs."""
     training = True
+    is_gradient_checkpointing = False                                      # read by trl's reference pass ...
+    _modules: dict = {}                                                    # ... and by its is_peft_model
 
     def __init__(self, **outputs):
         self.outputs = SimpleNamespace(**outputs)
@@ -192,9 +194,10 @@ def _accelerator():
     return SimpleNamespace(device=torch.device("cpu"), gather=same, gather_for_metrics=same)
 
 
-def trl_dpo_loss(p: Probe, beta: float) -> Tensor:
-    """trl.DPOTrainer._compute_loss (loss_type=sigmoid, reverse_kl, precomputed reference log-probs),
-    called unbound on a minimal trainer namespace with a model that returns our per-token log-probs."""
+def trl_dpo_loss(p: Probe, beta: float, loss_type: str = "sigmoid", ld_alpha: float | None = None) -> Tensor:
+    """trl.DPOTrainer._compute_loss (reverse_kl; `loss_type`, `ld_alpha`), called unbound on a minimal trainer
+    namespace with a model that returns our per-token log-probs. The reference log-probs are precomputed sums,
+    or, with ld_alpha, TRL's own reference pass over a stand-in reference model (it weights their tail too)."""
     from trl.trainer.dpo_trainer import DPOTrainer
 
     logps, mask, ref = p.full["logps"], p.full["mask"], p.full["ref_logps"]
@@ -206,9 +209,12 @@ def trl_dpo_loss(p: Probe, beta: float) -> Tensor:
     inputs = {"input_ids": torch.zeros(n, T + 1, dtype=torch.long), "attention_mask": torch.ones(n, T + 1),
               "completion_mask": torch.cat([torch.zeros(n, 1), mask.reshape(n, T).float()], 1),
               "ref_chosen_logps": ref_seq[0], "ref_rejected_logps": ref_seq[1]}
+    reference = _FixedOutputs(log_probs=ref.reshape(n, T), entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(),
+                              log_sum_sq_probs=None, aux_loss=None)
     trainer = SimpleNamespace(
-        model=model, accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
+        model=model, ref_model=reference, accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=ld_alpha,
+        precompute_ref_logps=ld_alpha is None, f_divergence_type="reverse_kl", loss_types=[loss_type],
+        loss_weights=[1.0], beta=beta, use_weighting=False,
         label_smoothing=0.0, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0, _tp_size=1, args=SimpleNamespace(gradient_checkpointing_kwargs=None))
     return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
