@@ -275,7 +275,7 @@ class Recipe:
         with progress, Signals() as signals:
             bar = progress.add_task("train", total=self.tc.max_steps, completed=self.start_step, info="")
             for step in range(self.start_step + 1, self.tc.max_steps + 1):
-                m, stopping = self.step(step, signals.got > 0)
+                m, stopping = self.step(step, signals)
                 progress.update(bar, advance=1, info=f"loss {m['loss']:.4f}  acc {m['rewards/accuracies']:.2f}")
                 self.write(step, self.evaluate(step, self.log(step, m)))
                 self.checkpoint(step, stopping)
@@ -283,12 +283,12 @@ class Recipe:
         self._close()
         return self.finish(time.perf_counter() - t0)
 
-    def step(self, step: int, signalled: bool) -> tuple[dict, bool]:
+    def step(self, step: int, signals: Signals) -> tuple[dict, bool]:
         """One optimiser step over trainer.grad_accum micro-batches: its metrics (averaged over processes) and
-        whether any process got a stop signal."""
+        whether any process got a stop signal (by the end of its backward passes)."""
         policy_on, prior_on = self.prior.updates(step)
         micro, views = self._backward()
-        m = self._reduced(micro, signalled)
+        m = self._reduced(micro, signals.got > 0)
         bad, stopping = m.pop("_bad") > 0, m.pop("_signal") > 0
         m.update(self._clip())
         finite = not bad and math.isfinite(m["grad_norm"]) and math.isfinite(m.get("prior/grad_norm", 0))

@@ -175,3 +175,13 @@ def test_a_sweep_job_waits_for_a_running_job_of_its_config_then_reuses_it(tmp_pa
     other = rundir.claim(d / "0", "cfg-b", "auto", "sweep")                 # another config: a fresh slot
     other.release()
     assert other.path == d / "0-1" and other.state == "new"
+
+
+def test_two_sweeps_starting_in_one_second_keep_both_records(tmp_path):
+    """Two sweeps of one process started within the same second each keep their own `.sweeps` record (the
+    second used to overwrite the first: same time stamp, same pid)."""
+    from midpo_cli.report.sweep_callback import _new_record
+
+    first, second = _new_record(tmp_path, "2026-12-03_12-16-49-3548"), _new_record(tmp_path, "2026-12-03_12-16-49-3548")
+    assert first != second and sorted(p.name for p in tmp_path.iterdir()) == [
+        "2026-12-03_12-16-49-3548-1.yaml", "2026-12-03_12-16-49-3548.yaml"]

@@ -23,6 +23,7 @@ started) and exits 1.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import sys
@@ -135,10 +136,21 @@ def claim_sweep_dir(config: DictConfig) -> Path:
         _move_to(config, candidate)
     _lock_fd = fd
     from omegaconf import OmegaConf
-    record = candidate / ".sweeps" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{os.getpid()}.yaml"
-    record.parent.mkdir(exist_ok=True)
-    OmegaConf.save(config, record)
+    (candidate / ".sweeps").mkdir(exist_ok=True)
+    OmegaConf.save(config, _new_record(candidate / ".sweeps", f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{os.getpid()}"))
     return candidate
+
+
+def _new_record(folder: Path, stem: str) -> Path:
+    """A record name no earlier sweep holds (two sweeps of one process may start within the same second):
+    `<stem>.yaml`, else `<stem>-1.yaml`, ..., created exclusively."""
+    for n in itertools.count():
+        path = folder / f"{stem}{f'-{n}' if n else ''}.yaml"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        return path
 
 
 def release_sweep_dir() -> None:
