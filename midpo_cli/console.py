@@ -87,13 +87,13 @@ def final_table(results: dict) -> None:
 def eval_table(results: dict) -> Table:
     """The task's evaluation: a row per metric its task declares (label, policy, reference or the value of no
     change, unit), in the order declared."""
-    from midpo_cli.tasks import metrics_of
+    from midpo_cli.tasks import metrics_of, source_of
 
     ev = results["eval"]
     e = Table(title=results.get("eval_title", "held-out evaluation (sampled)"))
     for name, justify in (("", "left"), ("policy", "right"), ("reference", "right"), ("unit", "left")):
         e.add_column(name, justify=justify)
-    for m in metrics_of(((results.get("config") or {}).get("dataset") or {}).get("source")):
+    for m in metrics_of(source_of(results.get("config"))):
         if isinstance(ev.get(m.key), (int, float)):
             ref = ev.get(m.reference) if m.reference else m.baseline
             e.add_row(m.label, f"{ev[m.key]:.3f}", "" if ref is None else f"{ref:.3f}", m.unit)

@@ -114,6 +114,7 @@ class Recipe:
         self.task = build_task(cfg.dataset)                                # the task's own settings, checked
         check_source(cfg.model)                                            # a broken model directory, by its headers
         self.prior = build_prior(cfg.prior)
+        self.needs = self.prior.needs()                                    # what the engine computes for it
         self.settings = run_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         self.config_hash = config_hash(self.settings)
         self.lora = cfg.model.lora.r > 0
@@ -155,7 +156,7 @@ class Recipe:
 
     def _models(self) -> None:
         """The tokenizer, the policy (from the task's reference weights, e.g. after its SFT) and the reference."""
-        model, acc, needs = self.cfg.model, self.acc, self.prior.needs()
+        model, acc, needs = self.cfg.model, self.acc, self.needs
         self.tokenizer = load_tokenizer(model)
         self.ctx = Context(self.tokenizer, model, self.cfg.seed, Path(self.cfg.cache_dir), acc.device)
         seed_everything(self.cfg.seed)
@@ -174,7 +175,7 @@ class Recipe:
 
     def _pairs(self) -> None:
         """The task's rows, tokenised and checked (data_report.json), and the snapshot a prior compares with."""
-        acc, needs, dataset = self.acc, self.prior.needs(), self.cfg.dataset
+        acc, needs, dataset = self.acc, self.needs, self.cfg.dataset
         with acc.main_process_first():                                     # e.g. sampled pairs, cached
             train_rows, eval_rows = self.task.pairs(self.ctx, self.reference)
         self.snapshot = None
@@ -217,7 +218,7 @@ class Recipe:
 
     def _attach_prior(self) -> None:
         """The prior's own models are built on the policy and reference; a cache replaces the reference copy."""
-        needs = self.prior.needs()
+        needs = self.needs
         self.prior.attach(self.policy, self.reference)
         self.prior.to(self.acc.device)
         needed = live_reference(needs, cached=self.ref_cache is not None) or self.task.evaluates_reference

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from midpo_cli.tasks import TASKS, Metric, metrics_of
+from midpo_cli.tasks import TASKS, Metric, metrics_of, source_of
 
 # key: the direction that is better. Other keys of results.json's `final` work too; give the direction yourself.
 OBJECTIVES = {
@@ -69,7 +69,7 @@ def direction(key: str, source: str | None = None) -> str:
 def value(results: dict, key: str) -> float | None:
     """The objective of a run's results.json, or None when the run lacks it or it is not finite."""
     final, ev = results.get("final") or {}, results.get("eval") or {}
-    columns = task_columns(declared_metrics(((results.get("config") or {}).get("dataset") or {}).get("source")))
+    columns = task_columns(declared_metrics(source_of(results.get("config"))))
     if key in columns:
         v = task_value(ev, *columns[key])
     elif key.endswith("logps/margin"):
@@ -82,8 +82,7 @@ def value(results: dict, key: str) -> float | None:
 
 def available(results: dict) -> list[str]:
     """The objective keys a run's results offer (for error messages)."""
-    source = ((results.get("config") or {}).get("dataset") or {}).get("source")
-    keys = {*OBJECTIVES, *task_columns(declared_metrics(source)), *(results.get("final") or {})}
+    keys = {*OBJECTIVES, *task_columns(declared_metrics(source_of(results.get("config")))), *(results.get("final") or {})}
     return sorted(k for k in keys if value(results, k) is not None)
 
 

@@ -27,7 +27,7 @@ from rich.table import Table
 from midpo_cli.console import console, line as console_line
 from midpo_cli.engine.rundir import IGNORED
 from midpo_cli.report.objective import declared_metrics, task_columns, task_value
-from midpo_cli.tasks import TASKS, Metric
+from midpo_cli.tasks import TASKS, Metric, source_of
 
 MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl", "job.json", "run.json")
 FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin", "logratio/margins",
@@ -141,7 +141,7 @@ def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = N
     config = results["config"] if results else _yaml(run_dir / "config.yaml")
     overrides = overrides or overrides_of(run_dir)
     status = status or ("failed" if error else "ok" if results else "incomplete")   # error.json: the latest attempt
-    prior, source = (config or {}).get("prior", {}), ((config or {}).get("dataset") or {}).get("source")
+    prior, source = (config or {}).get("prior", {}), source_of(config)
     row = {"job": job_name(run_dir, root), "run": str(run_dir),
            "status": status, "reused": reused(run_dir) and status == "ok", "starts": (job or {}).get("starts"),
            "error": (error or {}).get("error", ""), "overrides": " ".join(overrides),

@@ -6,9 +6,10 @@ tasks/ folder of a plug-in folder named in MIDPO_PLUGINS (midpo_cli/plugins.py);
 from __future__ import annotations
 
 from midpo_cli.plugins import import_all, import_outside
-from midpo_cli.tasks.base import TASKS, Context, Metric, Task, build_task, metrics_of, register_task
+from midpo_cli.tasks.base import (TASKS, Context, Metric, Task, build_task, metrics_of, register_task,
+                                   source_of)
 
 import_all(__name__, __path__, skip=("base", "sampled", "sft"))
 import_outside("tasks")            # plug-in folders outside midpo_cli ($MIDPO_PLUGINS): their tasks/ and conf/
 
-__all__ = ["TASKS", "Context", "Metric", "Task", "build_task", "metrics_of", "register_task"]
+__all__ = ["TASKS", "Context", "Metric", "Task", "build_task", "metrics_of", "register_task", "source_of"]

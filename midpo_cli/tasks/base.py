@@ -32,7 +32,6 @@ TASKS: dict[str, type["Task"]] = {}
 SCHEMA_GROUP = "schema/task"      # ConfigStore group of each task's typed settings (dataset.task)
 
 
-
 @dataclass(frozen=True)
 class Metric:
     """One number of Task.evaluate(): its key there (results.json `eval`), its column `task/<name>` (tables,
@@ -127,6 +126,11 @@ def _check_metrics(name: str, cls) -> None:
         raise ValueError(f"{where} declares a metric name or key twice: {', '.join(names)}")
     if cls.frontier and not set(cls.frontier) <= set(names):
         raise ValueError(f"{where}: frontier={cls.frontier} names a metric it does not declare")
+
+
+def source_of(config: dict | None) -> str | None:
+    """The task (`dataset.source`) of a run's resolved config (results.json `config`, config.yaml); None if it has none."""
+    return ((config or {}).get("dataset") or {}).get("source")
 
 
 def metrics_of(source: str | None) -> tuple[Metric, ...]:
