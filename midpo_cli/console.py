@@ -82,6 +82,21 @@ def final_table(results: dict) -> None:
     ev = results.get("eval")
     if ev:
         console.print(eval_table(results))
+    if results.get("pipeline"):
+        console.print(pipeline_table(results["pipeline"]))
+
+
+def pipeline_table(pipeline: dict) -> Table:
+    """A run of several trainings (midpo_cli/pipelines): one row per training, as its pipeline recorded it."""
+    rows = pipeline.get("rows") or []
+    t = Table(title=pipeline.get("title", "trainings"))
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    for c in columns:
+        t.add_column(c, justify="right")
+    show = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    for r in rows:
+        t.add_row(*(show(r.get(c)) for c in columns))
+    return t
 
 
 def eval_table(results: dict) -> Table:

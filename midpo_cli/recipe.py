@@ -20,6 +20,7 @@ checked before every checkpoint and save. A stop signal ends the step, writes a 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -105,19 +106,35 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-class Recipe:
-    """One training run of the config `cfg` (a composed `midpo train` config)."""
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training of a pipeline (a prior whose run is several trainings: midpo_cli/pipeline.py), as what differs
+    from the run's own config. The default stage is the run itself, as configured."""
+    name: str = ""                    # "": the run itself; else its sub-directory (e.g. "rounds/1"), hashed apart
+    prior: dict = dataclasses.field(default_factory=dict)   # prior settings over the run's (e.g. {"snapshot": ...})
+    start: str | None = None          # model directory the policy starts from (None: the task's reference)
+    rows: tuple | None = None         # (train rows, eval rows) instead of the task's pairs
 
-    def __init__(self, cfg: DictConfig):
+    @property
+    def key(self) -> dict:
+        """What sets this stage apart in its config hash (the rows enter through the pairs' digest)."""
+        return {"stage": self.name, "prior": self.prior, "start": self.start} if self.name else {}
+
+
+class Recipe:
+    """One training run of the config `cfg` (a composed `midpo train` config), or one stage of its pipeline."""
+
+    def __init__(self, cfg: DictConfig, stage: Stage = Stage()):
         check_config(cfg)
-        self.cfg, self.tc = cfg, cfg.trainer
+        self.cfg, self.tc, self.stage = cfg, cfg.trainer, stage
         self.task = build_task(cfg.dataset)                                # the task's own settings, checked
         check_source(cfg.model)                                            # a broken model directory, by its headers
-        self.prior = build_prior(cfg.prior)
+        self.prior = build_prior({**OmegaConf.to_container(cfg.prior, resolve=True, enum_to_str=True), **stage.prior})
         self.needs = self.prior.needs()                                    # what the engine computes for it
-        self.settings = run_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        self.settings = run_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)) | stage.key
         self.config_hash = config_hash(self.settings)
         self.lora = cfg.model.lora.r > 0
+        self.on_results = []                                               # callables adding to the results
 
     def inputs(self) -> dict[str, dict]:
         """Fingerprints of every file the run reads (data, model, a prior's snapshot model)."""
@@ -155,29 +172,33 @@ class Recipe:
         return acc
 
     def _models(self) -> None:
-        """The tokenizer, the policy (from the task's reference weights, e.g. after its SFT) and the reference."""
-        model, acc, needs = self.cfg.model, self.acc, self.needs
+        """The tokenizer, the policy (from the task's reference weights, e.g. after its SFT, or from the stage's
+        start) and the reference (always the task's)."""
+        model, acc, needs, start = self.cfg.model, self.acc, self.needs, self.stage.start
         self.tokenizer = load_tokenizer(model)
         self.ctx = Context(self.tokenizer, model, self.cfg.seed, Path(self.cfg.cache_dir), acc.device)
         seed_everything(self.cfg.seed)
         with acc.main_process_first():                                     # e.g. SFT, cached for the others
             path = self.task.reference_weights(self.ctx)
-        policy = load_model(model, self.tokenizer, path=path)
-        self.reference_digest = weights_digest(policy)                    # what the run starts from, for resume
+        reference = load_model(model, self.tokenizer, path=path)
+        self.reference_digest = weights_digest(reference)                 # the reference cache's key, for resume
+        policy = reference if start is None else load_model(model, self.tokenizer, path=start)
+        self.start_digest = self.reference_digest if start is None else weights_digest(policy)
         check_lengths(self.cfg.dataset, policy)
         self.policy = (add_lora(policy, model.lora) if self.lora else policy).to(acc.device)
         wants = needs.reference_model or needs.snapshot == "reference" or self.task.evaluates_reference \
             or self.prior.learnable                                        # a learnable prior builds on it in attach
         self.reference = None
-        if wants:
-            self.reference = AdapterOff(self.policy) if self.lora else \
-                frozen(copy.deepcopy(self.policy)).to(acc.device)
+        if wants and self.lora and start is None:
+            self.reference = AdapterOff(self.policy)                       # the policy without its adapter
+        elif wants:
+            self.reference = frozen(copy.deepcopy(self.policy) if start is None else reference).to(acc.device)
 
     def _pairs(self) -> None:
         """The task's rows, tokenised and checked (data_report.json), and the snapshot a prior compares with."""
         acc, needs, dataset = self.acc, self.needs, self.cfg.dataset
         with acc.main_process_first():                                     # e.g. sampled pairs, cached
-            train_rows, eval_rows = self.task.pairs(self.ctx, self.reference)
+            train_rows, eval_rows = self.stage.rows or self.task.pairs(self.ctx, self.reference)
         self.snapshot = None
         if needs.snapshot:
             self.snapshot = self.reference if needs.snapshot == "reference" else \
@@ -187,8 +208,10 @@ class Recipe:
         self.eval_pairs, eval_report = build_pairs(eval_rows, self.tokenizer, dataset, needs.token_columns, "eval")
         self.pairs_digest = pairs_digest(self.train_pairs + self.eval_pairs)
         before = self.resume_from.parent.parent if self.resume_from else None
-        check_derived(self.run_dir, {"pairs": self.pairs_digest, "reference": self.reference_digest}, before,
-                      acc.is_main_process)
+        derived = {"pairs": self.pairs_digest, "reference": self.reference_digest}
+        if self.stage.start is not None:
+            derived["start"] = self.start_digest
+        check_derived(self.run_dir, derived, before, acc.is_main_process)
         if acc.is_main_process:
             save_report([train_report, eval_report], self.run_dir)
         else:                                                              # the same verdict, without the table
@@ -464,6 +487,8 @@ class Recipe:
         if self.tc.trackers:
             acc.end_training()
         results["wall_time_s"] = time.perf_counter() - self.t_start
+        for add in self.on_results:
+            add(results)
         if acc.is_main_process:
             files.write_json(self.run_dir / "results.json", results)
         acc.wait_for_everyone()

@@ -188,7 +188,11 @@ def train(recipe: Recipe, claim: rundir.Claim, inputs: dict | None, state) -> di
     if state.is_main_process:
         (run_dir / "error.json").unlink(missing_ok=True)                   # an earlier attempt's failure
         files.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(recipe.cfg, resolve=True))
-    return recipe.setup(run_dir, resume_from, overrides(), rerun_command(run_dir)).train()
+    pipeline = recipe.prior.pipeline()
+    if pipeline is None:
+        return recipe.setup(run_dir, resume_from, overrides(), rerun_command(run_dir)).train()
+    from midpo_cli.pipelines import Runner
+    return pipeline.run(Runner(recipe, run_dir, resume_from, state, overrides(), rerun_command(run_dir)))
 
 
 def reuse(run_dir: Path) -> dict:

@@ -178,6 +178,11 @@ class Prior(torch.nn.Module):
     def hyperparameters(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def pipeline(self):
+        """A run of this prior that is several trainings (midpo_cli/pipelines: e.g. DICE's rounds) returns the
+        Pipeline that composes them; None (the default) is one training."""
+        return None
+
     # ----- priors that learn (all no-ops for a fixed prior) -----------------------------------------
 
     learnable: ClassVar[bool] = False             # owns trainable parameters (possibly built in `attach`)

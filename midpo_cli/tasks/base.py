@@ -97,6 +97,11 @@ class Task:
     def evaluate(self, ctx: Context, policy, reference) -> dict:
         return {}
 
+    def sampler(self) -> dict | None:
+        """How the task samples completions ({"temperature", "max_new_tokens"}), for pipelines that sample the
+        policy (DICE's rounds); None: the pipeline's own settings."""
+        return None
+
 
 def register_task(name: str):
     """Class decorator: register a task under `dataset.source=<name>` and store its settings schema."""

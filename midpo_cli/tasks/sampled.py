@@ -78,6 +78,9 @@ class SampledTask(Task):
         """Samples per held-out item from each of policy and reference."""
         return self.task.eval_samples_per_prompt
 
+    def sampler(self) -> dict:
+        return {"temperature": self.task.temperature, "max_new_tokens": self.max_new_tokens}
+
     def pairs(self, ctx: Context, reference) -> tuple[list[dict], list[dict]]:
         rows = self.sampled_pairs(ctx, reference)["pairs"]
         n_eval = int(len(rows) * self.task.eval_pairs_fraction)
