@@ -111,7 +111,8 @@ class Stage:
     """One training of a pipeline (a prior whose run is several trainings: midpo_cli/pipeline.py), as what differs
     from the run's own config. The default stage is the run itself, as configured."""
     name: str = ""                    # "": the run itself; else its sub-directory (e.g. "rounds/1"), hashed apart
-    prior: dict = dataclasses.field(default_factory=dict)   # prior settings over the run's (e.g. {"snapshot": ...})
+    prior: dict = dataclasses.field(default_factory=dict)   # prior settings over the run's (e.g. {"snapshot": ...});
+                                                            # with a "name": another prior, these settings only
     start: str | None = None          # model directory the policy starts from (None: the task's reference)
     rows: tuple | None = None         # (train rows, eval rows) instead of the task's pairs
 
@@ -129,7 +130,8 @@ class Recipe:
         self.cfg, self.tc, self.stage = cfg, cfg.trainer, stage
         self.task = build_task(cfg.dataset)                                # the task's own settings, checked
         check_source(cfg.model)                                            # a broken model directory, by its headers
-        self.prior = build_prior({**OmegaConf.to_container(cfg.prior, resolve=True, enum_to_str=True), **stage.prior})
+        own = OmegaConf.to_container(cfg.prior, resolve=True, enum_to_str=True)
+        self.prior = build_prior(stage.prior if "name" in stage.prior else {**own, **stage.prior})
         self.needs = self.prior.needs()                                    # what the engine computes for it
         self.settings = run_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)) | stage.key
         self.config_hash = config_hash(self.settings)
