@@ -45,14 +45,15 @@ def select(scores: torch.Tensor, lengths: torch.Tensor, alpha: float | None) -> 
 
 def mix(generated: list[dict], offline: list[dict], replay: float, seed: int) -> tuple[list[dict], int]:
     """The round's pairs: the generated ones plus offline pairs drawn without replacement (seeded), so that a fraction
-    `replay` of the result is offline (as near as whole pairs allow, capped by the offline pairs there are)."""
+    `replay` of the result is offline (as near as whole pairs allow, capped by the offline pairs there are); replay 1:
+    every offline pair and no generated one."""
     rng = random.Random(seed)
     if replay >= 1:
         n = len(offline)
     else:
         n = min(len(offline), round(replay * len(generated) / (1 - replay)))
     drawn = rng.sample(offline, n)
-    rows = generated + drawn
+    rows = (generated if replay < 1 else []) + drawn
     rng.shuffle(rows)
     return rows, n
 
