@@ -87,15 +87,17 @@ def final_table(results: dict) -> None:
 
 
 def pipeline_table(pipeline: dict) -> Table:
-    """A run of several trainings (midpo_cli/pipelines): one row per training, as its pipeline recorded it."""
+    """A run of several trainings (midpo_cli/pipelines): a column per training, a row per quantity its pipeline
+    recorded (the first quantity names the columns)."""
     rows = pipeline.get("rows") or []
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     t = Table(title=pipeline.get("title", "trainings"))
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    for c in columns:
-        t.add_column(c, justify="right")
     show = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    t.add_column(keys[0] if keys else "")
     for r in rows:
-        t.add_row(*(show(r.get(c)) for c in columns))
+        t.add_column(show(r.get(keys[0])), justify="right")
+    for k in keys[1:]:
+        t.add_row(k, *(show(r.get(k)) for r in rows))
     return t
 
 

@@ -113,10 +113,8 @@ class Runner:
         if self._offline is None:
             from midpo_cli.engine.models import frozen, load_model
             from midpo_cli.engine.trainer import seed_everything
-            from midpo_cli.tasks import Context
 
-            tok = self.tokenizer()
-            ctx = Context(tok, self.cfg.model, self.cfg.seed, Path(self.cfg.cache_dir), self.device())
+            tok, ctx = self.tokenizer(), self.context()
             seed_everything(self.cfg.seed)
             with self.state.main_process_first():
                 path = self.recipe.task.reference_weights(ctx)
@@ -126,10 +124,13 @@ class Runner:
 
     def reference_path(self) -> str | None:
         """The directory of the task's reference weights (None: the model config's own)."""
-        from midpo_cli.tasks import Context
-        ctx = Context(self.tokenizer(), self.cfg.model, self.cfg.seed, Path(self.cfg.cache_dir), self.device())
         with self.state.main_process_first():
-            return self.recipe.task.reference_weights(ctx)
+            return self.recipe.task.reference_weights(self.context())
+
+    def context(self):
+        """What the task may use (tasks.Context): the run's tokenizer, model settings, seed, cache and device."""
+        from midpo_cli.tasks import Context
+        return Context(self.tokenizer(), self.cfg.model, self.cfg.seed, Path(self.cfg.cache_dir), self.device())
 
     def tokenizer(self):
         from midpo_cli.engine.models import load_tokenizer

@@ -76,7 +76,8 @@ class Rounds(Pipeline):
                                         lambda: self.pairs(runner, r, prev, before))
                 rows = (data["pairs"], runner.offline_rows()[1])
                 stage = Stage(name=f"rounds/{r}", prior={"rounds": 1, "snapshot": prev}, start=prev, rows=rows)
-            info = {"round": r, **{k: data[k] for k in ("generated", "replayed", "dropped", "alpha")}}
+            info = {"round": r, **{k: data.get(k) for k in ("generated", "replayed", "dropped", "alpha",
+                                                            "labels_right", "labels_tied")}}
             if r < p.rounds:
                 results = runner.subrun(stage)
                 table.append(info | row_of(results))
@@ -132,13 +133,27 @@ class Rounds(Pipeline):
                 dropped += 1
                 continue
             generated.append({"prompt": prompts[i], "chosen": chosen, "rejected": rejected})
+        agreement = label_agreement(generated, runner.recipe.task.judge(runner.context()))
         if not generated and p.replay < 1:
             raise ValueError(f"DICE round {r}: no pairs left from {len(prompts)} prompts x {k} samples (every prompt's "
                              "samples were alike or empty); raise prior.samples or prior.temperature")
         rows, replayed = mix(generated, offline_train, p.replay, cfg.seed + r)
         log.info("DICE round %d: %d generated pairs (%d prompts dropped: samples alike or empty), %d offline pairs "
                  "replayed, alpha %.3f", r, len(generated), dropped, replayed, alpha)
-        return {"pairs": rows, "generated": len(generated), "replayed": replayed, "dropped": dropped, "alpha": alpha}
+        return {"pairs": rows, "generated": len(generated), "replayed": replayed, "dropped": dropped, "alpha": alpha,
+                **agreement}
+
+
+def label_agreement(pairs: list[dict], judge) -> dict:
+    """How often the implicit reward's choice agrees with the task's true reward on the generated pairs: the share
+    where the chosen completion's true reward is higher (`labels_right`) and equal (`labels_tied`); {} when the
+    task has no reward for them."""
+    scored = [(judge(r["prompt"], r["chosen"]), judge(r["prompt"], r["rejected"])) for r in pairs] if judge else []
+    scored = [(c, w) for c, w in scored if c is not None and w is not None]
+    if not scored:
+        return {}
+    return {"labels_right": sum(c > w for c, w in scored) / len(scored),
+            "labels_tied": sum(c == w for c, w in scored) / len(scored)}
 
 
 def row_of(results: dict) -> dict:

@@ -97,6 +97,11 @@ class Task:
     def evaluate(self, ctx: Context, policy, reference) -> dict:
         return {}
 
+    def judge(self, ctx: Context):
+        """The task's true reward of a completion to one of its training prompts, as `f(prompt, completion) -> float
+        | None` (None: not one of its prompts), for diagnostics of pairs a pipeline made; None: the task has none."""
+        return None
+
     def sampler(self) -> dict | None:
         """How the task samples completions ({"temperature", "max_new_tokens"}), for pipelines that sample the
         policy (DICE's rounds); None: the pipeline's own settings."""

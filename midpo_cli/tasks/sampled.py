@@ -78,6 +78,11 @@ class SampledTask(Task):
         """Samples per held-out item from each of policy and reference."""
         return self.task.eval_samples_per_prompt
 
+    def judge(self, ctx: Context):
+        items = {repr(self.prompt(x)): x for x in self.split(ctx)[0]}
+        return lambda prompt, completion: None if repr(prompt) not in items else \
+            self.reward(items[repr(prompt)], completion)
+
     def sampler(self) -> dict:
         return {"temperature": self.task.temperature, "max_new_tokens": self.max_new_tokens}
 
