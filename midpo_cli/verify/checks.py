@@ -6,7 +6,7 @@ Checks, for every prior in the registry (or cfg.priors) and every entry of its `
   initialisation  a prior with parameters of its own starts as exact DPO (engine's pair_view, tiny model)
   invariants    stop-gradients that must matter, x-only invariance, reductions, prior-gradient sign
   knobs         every knob() changes the loss or its gradient (no silently ignored option)
-  TRL           DPO, dpo_norm (sigmoid_norm) and ld_dpo (ld_alpha) vs trl's DPOTrainer loss, SimPO vs trl's CPO
+  TRL           DPO, dpo_norm (sigmoid_norm) and lddpo (ld_alpha) vs trl's DPOTrainer loss, SimPO vs trl's CPO
                 simpo loss (cpo_alpha=0)
 Writes verify.csv / verify.json in the run directory; exits 1 if any check fails.
 """
@@ -200,7 +200,7 @@ def trl_checks(rows: Rows, p: Probe, names, atol: float) -> None:
         rows.check("dpo", "default", "== trl DPOTrainer._compute_loss, sigmoid (value, grad)",
                    lambda: max(gaps(lambda: unified(d, view(p, d.needs())), lambda: trl_dpo_loss(p, d.beta),
                                     p.params)), atol)
-    for name, opt, kw in (("dpo_norm", {}, {"loss_type": "sigmoid_norm"}), ("ld_dpo", {"ld_alpha": 0.3}, {"ld_alpha": 0.3})):
+    for name, opt, kw in (("dpo_norm", {}, {"loss_type": "sigmoid_norm"}), ("lddpo", {"ld_alpha": 0.3}, {"ld_alpha": 0.3})):
         if name in names:
             prior = build_prior({"name": name, **opt})
             what = ", ".join(f"{k}={v}" for k, v in kw.items())
