@@ -12,7 +12,8 @@ builds one recipe per training.
 One process or many (DDP, FSDP, DeepSpeed through `accelerate launch` / `torchrun`): each process trains on its
 own shard of every global batch (`trainer.batch_size` pairs per process and micro-batch), metrics are averaged
 over processes before they are logged, and only the main process writes. A prior with parameters gets its own
-optimiser and schedule, steps as its `updates(step)` says, and is saved in every checkpoint.
+optimiser and schedule and steps as its `updates(step)` says; a prior with state (parameters, or a model it owns
+and updates in `on_step`, such as TR-DPO's moving reference) is saved in every checkpoint and beside the policy.
 Nothing non-finite is trained on or written: a non-finite loss or gradient stops the run (`trainer.on_nonfinite=
 stop`, naming the step, the term and the last good checkpoint) or skips the step (`skip`, counted); weights are
 checked before every checkpoint and save. A stop signal ends the step, writes a checkpoint and exits.
@@ -464,8 +465,8 @@ class Recipe:
     # -- the end -----------------------------------------------------------------------------------------------
 
     def finish(self, train_wall: float) -> dict:
-        """The results: final metrics, throughput, the task's sampled evaluation; the model and the learned prior
-        saved (only when finite); results.json written last."""
+        """The results: final metrics, throughput, the task's sampled evaluation; the model and the prior's state
+        (a learned prior, a moving reference) saved (only when finite); results.json written last."""
         acc, policy = self.acc, self.acc.unwrap_model(self.policy)
         results = {"config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
                    "overrides": self.overrides, "prior": self.prior.name, "seed": self.cfg.seed, "data": self.data,
@@ -484,7 +485,7 @@ class Recipe:
         if self.tc.save_model:
             self._save_model(policy)
         if acc.is_main_process and self.prior.state_dict():
-            with files.published_dir(self.run_dir / "prior", "the learned prior") as tmp:
+            with files.published_dir(self.run_dir / "prior", "the prior's state") as tmp:
                 self.prior.save(tmp)
         if self.tc.trackers:
             acc.end_training()

@@ -20,7 +20,8 @@ from midpo_cli.sweeps.arms import arms, register_arms
 from midpo_cli.sweeps.expand import basic_jobs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-FIXED = ["dice", "dpo", "dpo_norm", "hdpo", "ld_dpo", "rdpo", "simpo", "sparsepo", "tdpo", "tisdpo"]   # new priors join by themselves
+FIXED = ["dice", "dpo", "dpo_norm", "hdpo", "lddpo", "rdpo", "simpo", "sparsepo", "tdpo", "tisdpo",
+         "trdpo"]   # new priors join by themselves
 LEARNABLE = [f"{p}-{rule}" for p in ("learned_adapter", "learned_mix", "learned_tilt")
              for rule in ("joint", "joint0", "marginal")]
 register_schemas()

@@ -54,3 +54,17 @@ def test_no_citation_of_documents_outside_the_repository():
     cited = [f"{p.relative_to(ROOT)}:{n}" for p in files for n, line in enumerate(p.read_text().splitlines(), 1)
              if "spec/" in line or "../shared" in line]
     assert cited == []
+
+
+def test_docs_priors_places_every_dpo_trainer_loss_of_the_installed_trl():
+    """docs/priors.md says for each of TRL's DPOTrainer loss types and f-divergences whether it is a prior: a TRL that
+    adds one fails here until the table has its row."""
+    config = pytest.importorskip("trl").DPOConfig.__dataclass_fields__
+    text = (ROOT / "docs" / "priors.md").read_text()
+    loss_types = re.findall(r"`'(\w+)'`", config["loss_type"].metadata["help"])
+    divergences = re.findall(r"`(\w+)`", config["f_divergence_type"].metadata["help"].split("Only")[0])
+    assert "sigmoid" in loss_types and "reverse_kl" in divergences
+    missing = [f"loss_type={t}" for t in loss_types] + [f"f_divergence_type={d}" for d in divergences]
+    assert [m for m in missing if f"`{m}`" not in text] == []
+    assert [o for o in ("ld_alpha", "sync_ref_model", "use_weighting", "label_smoothing", "loss_weights")
+            if f"| `{o}`" not in text] == []

@@ -19,14 +19,16 @@ def test_verify_passes_and_writes_results(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = pd.read_csv(tmp_path / "verify.csv")
     res = json.loads((tmp_path / "verify.json").read_text())
-    assert set(rows.prior) >= {"dpo", "dice", "simpo", "rdpo", "hdpo", "tdpo", "tisdpo", "sparsepo"}
+    assert set(rows.prior) >= {"dpo", "dice", "simpo", "rdpo", "hdpo", "tdpo", "tisdpo", "sparsepo", "dpo_norm",
+                               "lddpo", "trdpo"}
     assert {"variant=1", "variant=2"} <= set(rows[rows.prior == "tdpo"].option)
     assert res["summary"]["failed"] == 0 and res["summary"]["checks"] == len(rows) == len(res["rows"])
     assert res["summary"]["max_equality_error"] <= 1e-10
     assert not (rows.passed == False).any()                                         # noqa: E712 (NaN = skipped)
     checks = set(rows.check)
     for needle in ("tiny model forward", "no stop-gradient on D_w: gradient differs", "zeta detached: gradient differs",
-                   "reduction: == tdpo (variant=1)", "x-only shift", "knob alpha", "trl DPOTrainer", "trl CPOTrainer simpo"):
+                   "reduction: == tdpo (variant=1)", "x-only shift", "knob alpha", "trl DPOTrainer",
+                   "trl CPOTrainer simpo", "ref_model = the moving reference", "trl SyncRefModelCallback"):
         assert any(needle in c for c in checks), needle
     smol = rows[rows.check.str.startswith("SmolLM2")]
     assert len(smol) and smol.note.str.startswith("skipped").all()                  # off by default (smollm2=false)

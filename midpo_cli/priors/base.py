@@ -107,12 +107,12 @@ class Prior(torch.nn.Module):
     Subclasses implement `log_prior` (MI-DPO form) and `original_loss` (the authors' form, written
     independently, used by `midpo verify`), and may override `needs`, `scale`, `penalty`, `warnings`.
 
-    A prior may own trainable parameters and models (a learnable prior). The engine then calls `attach` once
-    the policy and reference exist, runs every module of `owned_models()` on each batch (their per-token
-    log-probs are PairView.owned_logps), gives `parameters()` that require grad their own optimiser
-    (learning rate `lr`, clipping `max_grad_norm`), steps policy and prior as `updates(step)` says, calls
-    `on_step` after each optimiser step, logs `scalars()`, and saves `state_dict()` in checkpoints and
-    beside the final policy. A fixed prior has no parameters and none of this runs.
+    A prior may own models and trainable parameters (a learnable prior has parameters; TR-DPO's moving
+    reference is a model with none). The engine then calls `attach` once the policy and reference exist, runs
+    every module of `owned_models()` on each batch (their per-token log-probs are PairView.owned_logps), gives
+    `parameters()` that require grad their own optimiser (learning rate `lr`, clipping `max_grad_norm`), steps
+    policy and prior as `updates(step)` says, calls `on_step` after each optimiser step, logs `scalars()`, and
+    saves `state_dict()` in checkpoints and beside the final policy. A fixed prior owns nothing: none of this runs.
     """
     name: ClassVar[str] = ""
     options: ClassVar[tuple[dict, ...]] = ({},)  # convention settings `midpo verify` checks, each a dict of overrides
@@ -183,7 +183,7 @@ class Prior(torch.nn.Module):
         Pipeline that composes them; None (the default) is one training."""
         return None
 
-    # ----- priors that learn (all no-ops for a fixed prior) -----------------------------------------
+    # ----- priors that own models or learn (all no-ops for a fixed prior) ---------------------------
 
     learnable: ClassVar[bool] = False             # owns trainable parameters (possibly built in `attach`)
     lr: ClassVar[float | None] = None             # learning rate of the prior's own optimiser
@@ -216,8 +216,41 @@ class Prior(torch.nn.Module):
         collapse signature; the engine prints each and lists them in results.json."""
         return []
 
+    # ----- state: checkpoints and the saved prior keep what attach cannot rebuild ---------------------
+
+    def derived_state(self) -> set[str]:
+        """state_dict names that `attach` rebuilds (e.g. base weights shared with the reference): not saved."""
+        return set()
+
+    def state_dict(self, *args, **kwargs):
+        """The module's state less `derived_state()`, each tied weight once (a copied model with tied input and
+        output embeddings holds one tensor under two names; safetensors refuses to write it twice)."""
+        full = super().state_dict(*args, **kwargs)
+        skip, seen, out = self.derived_state(), set(), type(full)()
+        for key, value in full.items():
+            ident = (value.data_ptr(), value.dtype, tuple(value.shape))
+            if key in skip or ident in seen:                  # rebuilt by attach, or a tied weight saved once
+                continue
+            seen.add(ident)
+            out[key] = value
+        return out
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        """Load what `state_dict` saved; with `strict`, a missing saved key or an unknown key is a one-line
+        ValueError (names left out on purpose, derived or tied, are not missing)."""
+        result = super().load_state_dict(state, strict=False, assign=assign)
+        if strict:
+            kept = set(self.state_dict())
+            missing = [k for k in result.missing_keys if k in kept]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"prior '{self.name}': saved state does not fit this prior's settings "
+                                 f"(missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}); "
+                                 "resume with the same prior options")
+        return result
+
     def save(self, directory) -> None:
-        """The learned prior beside the policy: prior.safetensors (state_dict) and prior.json (settings)."""
+        """The prior's state beside the policy (a learned prior's parameters, a moving reference): prior.safetensors
+        (state_dict) and prior.json (settings)."""
         import json
         from pathlib import Path
 

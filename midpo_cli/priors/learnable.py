@@ -37,7 +37,7 @@ from midpo_cli.priors.base import Arm, PairView, Prior
 class LearnablePrior(Prior):
     """Base of the learnable priors (not registered itself). Subclasses implement `log_zeta` (log zeta [2, B] with the
     gradient into phi), `written_log_zeta` (the same prior written out independently, for `original_loss`) and
-    `scalars`; they may build models in `attach` and list model state that `attach` rebuilds in `derived_state`."""
+    `scalars`; they may build models in `attach` and list model state that `attach` rebuilds in `derived_state` (Prior)."""
     beta: float = 0.1                                          # the scale a of MI-DPO (DPO's beta)
     update: Literal["joint", "marginal"] = "joint"             # joint: gradient of J | marginal: label-free fit to pi
     anchor: float = 0.1                                        # weight of the pull of zeta towards pi_ref
@@ -71,10 +71,6 @@ class LearnablePrior(Prior):
 
     def written_log_zeta(self, v: PairView) -> Tensor:        # [2, B], the same prior written out independently
         raise NotImplementedError
-
-    def derived_state(self) -> set[str]:
-        """state_dict names that `attach` rebuilds (e.g. base weights shared with the reference): not saved."""
-        return set()
 
     # ----- the MI-DPO prior and its regularisers -------------------------------------------------------
 
@@ -146,27 +142,3 @@ class LearnablePrior(Prior):
                 f"(logratio/margins): the prior is learning the anti-preference and lowers J without changing the "
                 f"policy (docs/learnable_priors.md). Raise prior.anchor (now {self.anchor}), lower prior.lr (now {self.lr}), or use "
                 "prior.update=marginal."]
-
-    # ----- state: checkpoints and the saved prior keep what attach cannot rebuild --------------------------
-
-    def state_dict(self, *args, **kwargs):
-        full = super().state_dict(*args, **kwargs)
-        skip, seen, out = self.derived_state(), set(), type(full)()
-        for key, value in full.items():
-            ident = (value.data_ptr(), value.dtype, tuple(value.shape))
-            if key in skip or ident in seen:                  # rebuilt by attach, or a tied weight saved once
-                continue
-            seen.add(ident)
-            out[key] = value
-        return out
-
-    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
-        result = super().load_state_dict(state, strict=False, assign=assign)
-        if strict:
-            kept = set(self.state_dict())
-            missing = [k for k in result.missing_keys if k in kept]
-            if missing or result.unexpected_keys:
-                raise ValueError(f"prior '{self.name}': saved state does not fit this prior's settings "
-                                 f"(missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}); "
-                                 "resume with the same prior options")
-        return result

@@ -194,13 +194,16 @@ def _accelerator():
     return SimpleNamespace(device=torch.device("cpu"), gather=same, gather_for_metrics=same)
 
 
-def trl_dpo_loss(p: Probe, beta: float, loss_type: str = "sigmoid", ld_alpha: float | None = None) -> Tensor:
+def trl_dpo_loss(p: Probe, beta: float, loss_type: str = "sigmoid", ld_alpha: float | None = None,
+                 reference: str = "ref_logps") -> Tensor:
     """trl.DPOTrainer._compute_loss (reverse_kl; `loss_type`, `ld_alpha`), called unbound on a minimal trainer
     namespace with a model that returns our per-token log-probs. The reference log-probs are precomputed sums,
-    or, with ld_alpha, TRL's own reference pass over a stand-in reference model (it weights their tail too)."""
+    or, with ld_alpha or another `reference` (a Probe.full key: "snapshot_logps", the logits verify stands in for
+    a prior's own model, e.g. TR-DPO's moving reference), TRL's own reference pass over a stand-in reference model
+    (it weights their tail too; TRL's sync_ref_model needs that live ref_model, not precomputed sums)."""
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    logps, mask, ref = p.full["logps"], p.full["mask"], p.full["ref_logps"]
+    logps, mask, ref = p.full["logps"], p.full["mask"], p.full[reference]
     n, T = 2 * logps.shape[1], logps.shape[-1]
     zeros = torch.zeros(n, T, dtype=F64)
     model = _FixedOutputs(log_probs=logps.reshape(n, T), entropy=zeros, mean_logits=zeros,
@@ -209,15 +212,31 @@ def trl_dpo_loss(p: Probe, beta: float, loss_type: str = "sigmoid", ld_alpha: fl
     inputs = {"input_ids": torch.zeros(n, T + 1, dtype=torch.long), "attention_mask": torch.ones(n, T + 1),
               "completion_mask": torch.cat([torch.zeros(n, 1), mask.reshape(n, T).float()], 1),
               "ref_chosen_logps": ref_seq[0], "ref_rejected_logps": ref_seq[1]}
-    reference = _FixedOutputs(log_probs=ref.reshape(n, T), entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(),
+    ref_model = _FixedOutputs(log_probs=ref.reshape(n, T), entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(),
                               log_sum_sq_probs=None, aux_loss=None)
     trainer = SimpleNamespace(
-        model=model, ref_model=reference, accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=ld_alpha,
-        precompute_ref_logps=ld_alpha is None, f_divergence_type="reverse_kl", loss_types=[loss_type],
+        model=model, ref_model=ref_model, accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=ld_alpha,
+        precompute_ref_logps=ld_alpha is None and reference == "ref_logps", f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
         loss_weights=[1.0], beta=beta, use_weighting=False,
         label_smoothing=0.0, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0, _tp_size=1, args=SimpleNamespace(gradient_checkpointing_kwargs=None))
     return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+
+
+def trl_sync_step(policy, reference, step: int, sync_every: int, mixup: float) -> None:
+    """TRL's SyncRefModelCallback.on_step_end after optimiser step `step` (global_step): its schedule (every
+    ref_model_sync_steps steps) and its update (sync_target_model) of TRL's ref_model `reference`, in place. TRL asks
+    the accelerator state whether DeepSpeed ZeRO-3 is on; verify initialises no accelerator, so a state without
+    DeepSpeed stands in (TRL then runs its plain update)."""
+    from unittest import mock
+
+    from trl.trainer import callbacks
+
+    callback = callbacks.SyncRefModelCallback(ref_model=reference, accelerator=None)
+    args = SimpleNamespace(ref_model_sync_steps=sync_every, ref_model_mixup_alpha=mixup)
+    with mock.patch.object(callbacks, "AcceleratorState", lambda: SimpleNamespace(deepspeed_plugin=None)):
+        callback.on_step_end(args, SimpleNamespace(global_step=step), None, model=policy)
 
 
 def trl_simpo_loss(p: Probe, beta: float, simpo_gamma: float) -> Tensor:

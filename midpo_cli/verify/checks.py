@@ -3,10 +3,11 @@ original (authors') loss in value AND gradient, in float64 (docs/priors.md, "Wha
 
 Checks, for every prior in the registry (or cfg.priors) and every entry of its `options`:
   equivalence   on random ragged logits, on a real tiny-model forward, on SmolLM2 when installed
-  initialisation  a prior with parameters of its own starts as exact DPO (engine's pair_view, tiny model)
+  initialisation  a prior with parameters or models of its own starts as exact DPO (engine's pair_view, tiny model)
   invariants    stop-gradients that must matter, x-only invariance, reductions, prior-gradient sign
   knobs         every knob() changes the loss or its gradient (no silently ignored option)
-  TRL           DPO, dpo_norm (sigmoid_norm) and ld_dpo (ld_alpha) vs trl's DPOTrainer loss, SimPO vs trl's CPO
+  TRL           DPO, dpo_norm (sigmoid_norm), lddpo (ld_alpha) and trdpo (ref_model = its moving reference) vs
+                trl's DPOTrainer loss; trdpo's reference updates vs trl's SyncRefModelCallback; SimPO vs trl's CPO
                 simpo loss (cpo_alpha=0)
 Writes verify.csv / verify.json in the run directory; exits 1 if any check fails.
 """
@@ -148,15 +149,16 @@ def reductions(rows: Rows, p: Probe, names, atol: float) -> None:
 
 
 def initialisation(rows: Rows, names, seed: int, atol: float) -> None:
-    """Every prior with parameters of its own (Prior.learnable) starts as exact DPO: attached as the engine attaches
-    it (policy = reference) and run through the engine's own pair_view on a float64 tiny model, its J + penalty and
-    their gradient w.r.t. the policy equal DPO's; then, the policy moved off the reference with the prior still at
-    its initialisation, J and the gradient of J + penalty w.r.t. the policy still equal DPO's."""
+    """Every prior with parameters or models of its own (Prior.learnable, Needs.owned: e.g. TR-DPO's moving
+    reference) starts as exact DPO: attached as the engine attaches it (policy = reference) and run through the
+    engine's own pair_view on a float64 tiny model, its J + penalty and their gradient w.r.t. the policy equal DPO's;
+    then, the policy moved off the reference with the prior still at its initialisation (no on_step yet), J and the
+    gradient of J + penalty w.r.t. the policy still equal DPO's."""
     from midpo_cli.engine.forward import pair_view
     from midpo_cli.verify.batches import tiny_engine_setup
 
     for name, opt, built in settings(names):
-        if not built.learnable:
+        if not (built.learnable or built.needs().owned):
             continue
 
         def gap(opt=opt, name=name):
@@ -193,14 +195,39 @@ def knobs(rows: Rows, p: Probe, names) -> None:
                        lambda: max(gaps(loss(prior), loss(pert), p.params)), differs=True)
 
 
-def trl_checks(rows: Rows, p: Probe, names, atol: float) -> None:
+def sync_gap(opt: dict, seed: int, steps: int = 7) -> float:
+    """trdpo's moving reference against TRL's ref_model under TRL's own SyncRefModelCallback, both starting from the
+    same tiny model, the policy moved at random before each step's update: the largest weight difference over steps
+    1..`steps`. inf if no update moved TRL's reference (a row that cannot pass idle)."""
+    import copy
+
+    from midpo_cli.verify.batches import tiny_engine_setup, trl_sync_step
+
+    policy, reference, _ = tiny_engine_setup(seed)
+    prior = build_prior({"name": "trdpo", **opt})
+    prior.attach(policy, reference)
+    theirs, start = copy.deepcopy(reference), copy.deepcopy(reference)
+    g, worst = torch.Generator().manual_seed(seed), 0.0
+    for step in range(1, steps + 1):
+        with torch.no_grad():                                                # an optimiser step, at random
+            for w in policy.parameters():
+                w.add_(0.05 * torch.randn(w.shape, generator=g, dtype=w.dtype))
+        prior.on_step(step, policy)
+        trl_sync_step(policy, theirs, step, prior.sync_every, prior.mixup)
+        ours = dict(prior.moving_reference.named_parameters())
+        worst = max(worst, *(float((ours[k] - w).abs().max()) for k, w in theirs.named_parameters()))
+    moved = max(float((a - b).abs().max()) for a, b in zip(theirs.parameters(), start.parameters()))
+    return worst if moved > 0 else math.inf
+
+
+def trl_checks(rows: Rows, p: Probe, names, atol: float, seed: int = 0) -> None:
     from midpo_cli.verify.batches import trl_dpo_loss, trl_simpo_loss
     if "dpo" in names:
         d = build_prior({"name": "dpo"})
         rows.check("dpo", "default", "== trl DPOTrainer._compute_loss, sigmoid (value, grad)",
                    lambda: max(gaps(lambda: unified(d, view(p, d.needs())), lambda: trl_dpo_loss(p, d.beta),
                                     p.params)), atol)
-    for name, opt, kw in (("dpo_norm", {}, {"loss_type": "sigmoid_norm"}), ("ld_dpo", {"ld_alpha": 0.3}, {"ld_alpha": 0.3})):
+    for name, opt, kw in (("dpo_norm", {}, {"loss_type": "sigmoid_norm"}), ("lddpo", {"ld_alpha": 0.3}, {"ld_alpha": 0.3})):
         if name in names:
             prior = build_prior({"name": name, **opt})
             what = ", ".join(f"{k}={v}" for k, v in kw.items())
@@ -208,6 +235,15 @@ def trl_checks(rows: Rows, p: Probe, names, atol: float) -> None:
                        f"== trl DPOTrainer._compute_loss, {what} (value, grad)",
                        lambda prior=prior, kw=kw: max(gaps(lambda: unified(prior, view(p, prior.needs())),
                                                            lambda: trl_dpo_loss(p, prior.beta, **kw), p.params)), atol)
+    if "trdpo" in names:
+        t = build_prior({"name": "trdpo"})
+        rows.check("trdpo", "default", "== trl DPOTrainer._compute_loss, sigmoid, ref_model = the moving reference "
+                   "(value, grad)", lambda: max(gaps(lambda: unified(t, view(p, t.needs())),
+                                                     lambda: trl_dpo_loss(p, t.beta, reference="snapshot_logps"),
+                                                     p.params)), atol)
+        for opt in ({"sync_every": 2, "mixup": 0.6}, {"sync_every": 3, "mixup": 1.0}):
+            rows.check("trdpo", option_text(opt), "on_step == trl SyncRefModelCallback.on_step_end, steps 1-7 "
+                       "(weights): tiny model", lambda opt=opt: sync_gap(opt, seed), atol)
     if "simpo" in names:
         s = build_prior({"name": "simpo", "beta": 2.0, "gamma": 0.5, "gamma_convention": "absolute"})
         rows.check("simpo", "gamma_convention=absolute, gamma=0.5",
@@ -256,7 +292,7 @@ def collect(cfg: DictConfig) -> Rows:
         except ImportError:
             rows.skip("*", "", "TRL cross-checks", "trl not installed: pip install 'midpo[trl]'")
         else:
-            trl_checks(rows, probe, names, atol)
+            trl_checks(rows, probe, names, atol, cfg.seed)
     return rows
 
 

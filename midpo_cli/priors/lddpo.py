@@ -13,7 +13,7 @@ def tail(v: PairView) -> Tensor:
     return (position > shared[None, :, None]).to(v.mask.dtype) * v.mask
 
 
-@register_prior("ld_dpo")
+@register_prior("lddpo")
 class LDDPO(Prior):
     """Original: -logsigmoid(beta*[(ld(log pi_w) - ld(log pi_ref_w)) - (ld(log pi_l) - ld(log pi_ref_l))]), where
               ld(x) = sum over the shared tokens of x + ld_alpha * sum over the tail tokens of x.
