@@ -81,6 +81,13 @@ def check_config(cfg: DictConfig) -> None:
                              f"its own model: add model=hf to load {model[key]}")
 
 
+def prior_optimizer(optimizer_cfg, prior) -> torch.optim.Optimizer:
+    """The prior's own optimiser: the optimizer config with prior.lr, over the prior's parameter groups (a group's
+    own weight_decay wins: decoupled with AdamW, an L2 term with SGD and RMSprop, as torch defines them)."""
+    from hydra.utils import instantiate
+    return instantiate(optimizer_cfg, lr=prior.lr)(prior.param_groups())
+
+
 def scored_train_pairs(pairs: list, tc, seed: int, processes: int) -> tuple[list, str]:
     """The training pairs the reference pass scores, and why: those steps 1..max_steps draw when the run ends
     within its first epoch (the same permutation the loader deals out: engine/draws.py), else every pair. The
@@ -263,7 +270,7 @@ class Recipe:
         loader = data_loader(self.train_pairs, tc.batch_size, self.cfg.seed, self.tokenizer.pad_token_id, required)
         self.prior_params, extra = self.prior.trainable(), []
         if self.prior_params:                                              # a learnable prior: its own optimiser
-            prior_opt = instantiate(self.cfg.optimizer, lr=self.prior.lr)(self.prior_params)
+            prior_opt = prior_optimizer(self.cfg.optimizer, self.prior)
             extra = [prior_opt, schedule(prior_opt, tc.lr_schedule, tc.warmup_steps, tc.max_steps)]
         self.policy, self.optimizer, self.sched, self.loader, *extra = acc.prepare(
             self.policy, optimizer, sched, loader, *extra)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from midpo_cli.engine.head import logits_source
-from midpo_cli.engine.views import build_view, layer_means, live_reference
+from midpo_cli.engine.views import build_view, layer_means, layer_states, live_reference
 from midpo_cli.priors import PairView
 
 
@@ -24,13 +24,14 @@ def pair_view(batch: dict, policy, prior, reference=None, snapshot=None, chunk: 
     needs = prior.needs()
     cached = batch["values"].get("ref_logps")
     logits, _ = model_logits(policy, batch)                                # [2B, T, V] or Head([2B, T, H])
-    ref_logits = acts = snap_logits = None
+    ref_logits = acts = states = snap_logits = None
     if live_reference(needs, cached is not None):
         if reference is None:
             raise RuntimeError("the prior needs the reference model, but none was loaded")
         with torch.no_grad():
-            ref_logits, out = model_logits(reference, batch, hidden=needs.ref_activations)
+            ref_logits, out = model_logits(reference, batch, hidden=needs.ref_activations or needs.ref_hidden)
             acts = layer_means(out.hidden_states) if needs.ref_activations else None
+            states = layer_states(out.hidden_states) if needs.ref_hidden else None
     if needs.snapshot and needs.snapshot != "reference":
         with torch.no_grad():
             snap_logits, _ = model_logits(snapshot, batch)
@@ -41,4 +42,5 @@ def pair_view(batch: dict, policy, prior, reference=None, snapshot=None, chunk: 
                            "return (attach(policy, reference) builds them before training)")
     owned = {name: model_logits(models[name], batch)[0] for name in needs.owned}
     return build_view(needs, batch["labels"], batch["mask"], logits, reference=ref_logits, snapshot=snap_logits,
-                      owned=owned, cached_ref=cached, ref_activations=acts, columns=batch["values"], chunk=chunk)
+                      owned=owned, cached_ref=cached, ref_activations=acts, ref_hidden=states, columns=batch["values"],
+                      chunk=chunk)

@@ -68,8 +68,9 @@ def evaluate_pairs(acc, policy, prior, models, eval_pairs, tc, pad_id, prefix: s
     """Preference metrics of a set of pairs (held-out ones, or the training pairs with prefix "train/"): each
     process scores its share of the pairs; sums are reduced."""
     mine = eval_pairs[acc.process_index::acc.num_processes]
-    was = policy.training
+    was, prior_was = policy.training, prior.training
     policy.eval()
+    prior.eval()                                                           # e.g. no dropout in SparsePO's mask heads
     sums, keys = {}, None
     for i in range(0, len(mine), tc.eval_batch_size):
         chunk = mine[i:i + tc.eval_batch_size]
@@ -80,6 +81,7 @@ def evaluate_pairs(acc, policy, prior, models, eval_pairs, tc, pad_id, prefix: s
             sums[k] = sums.get(k, 0.0) + v * len(chunk)
         keys = sorted(m)
     policy.train(was)
+    prior.train(prior_was)
     if keys is None and acc.num_processes == 1:
         return {}
     keys = _agree(acc, keys)

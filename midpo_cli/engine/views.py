@@ -19,10 +19,12 @@ Source = Tensor | Head            # logits [N, T, V] aligned with labels, or fin
 def build_view(needs: Needs, labels: Tensor, mask: Tensor, policy: Source, *, reference: Source | None = None,
                snapshot: Source | None = None, owned: dict[str, Source] | None = None,
                cached_ref: Tensor | None = None, ref_activations: Tensor | None = None,
-               columns: dict[str, Tensor] | None = None, chunk: int = 0) -> PairView:
+               ref_hidden: Tensor | None = None, columns: dict[str, Tensor] | None = None,
+               chunk: int = 0) -> PairView:
     """labels, mask [N, T]; policy/reference/snapshot/owned: logits sources over the same rows and positions;
     cached_ref [N, T] per-token reference log-probs (replaces the reference's gathered log-probs);
-    ref_activations [N, T, L]; columns: name -> [N, T] per-token data values. Returns [2, B, ...] fields."""
+    ref_activations [N, T, L]; ref_hidden [N, T, L, H]; columns: name -> [N, T] per-token data values.
+    Returns [2, B, ...] fields."""
     pairs = lambda x: to_pairs(x * mask)                                   # [N, T] -> [2, B, T], zero on padding
     view = PairView(logps=pairs(token_logps(policy, labels, chunk)), mask=to_pairs(mask))
     want_ref = needs.reference or needs.snapshot == "reference"
@@ -42,6 +44,8 @@ def build_view(needs: Needs, labels: Tensor, mask: Tensor, policy: Source, *, re
         view.kl_pi_ref = pairs(token_kl(policy, _required(reference, "reference"), chunk))
     if needs.ref_activations:
         view.ref_activations = to_pairs(_required(ref_activations, "reference activations") * mask[..., None])
+    if needs.ref_hidden:
+        view.ref_hidden = to_pairs(_required(ref_hidden, "reference hidden states") * mask[..., None, None])
     for name in needs.token_columns:
         if columns is None or name not in columns:
             raise ValueError(f"this prior needs the per-token data column '{name}' (chosen_{name} / "
@@ -59,8 +63,9 @@ def _required(x, what: str):
 
 
 def live_reference(needs: Needs, cached: bool) -> bool:
-    """Whether the reference model must run on each batch (full-vocabulary or activation inputs, or no cache)."""
-    return needs.kl_ref_pi or needs.kl_pi_ref or needs.ref_activations or (
+    """Whether the reference model must run on each batch (full-vocabulary, activation or hidden-state inputs, or no
+    cache)."""
+    return needs.kl_ref_pi or needs.kl_pi_ref or needs.ref_activations or needs.ref_hidden or (
         (needs.reference or needs.snapshot == "reference") and not cached)
 
 
@@ -69,3 +74,10 @@ def layer_means(hidden_states: tuple[Tensor, ...]) -> Tensor:
     """Mean activation per layer at each label position: hidden states [N, S, H] per layer -> [N, S-1, L]
     (position t+1, the token y_t itself, as MaPO's hooks see it)."""
     return torch.stack([h.float().mean(-1) for h in hidden_states[1:]], -1)[:, 1:]
+
+
+@torch.no_grad()
+def layer_states(hidden_states: tuple[Tensor, ...]) -> Tensor:
+    """Every layer's hidden states at each label position, aligned as layer_means: [N, S, H] per layer ->
+    [N, S-1, L, H] in float32 (position t+1, the token y_t itself)."""
+    return torch.stack([h.float() for h in hidden_states[1:]], -2)[:, 1:]

@@ -21,6 +21,7 @@ class Needs:
     kl_ref_pi: bool = False        # per-position KL_t(pi_ref || pi), full vocabulary    -> PairView.kl_ref_pi
     kl_pi_ref: bool = False        # per-position KL_t(pi || pi_ref), full vocabulary    -> PairView.kl_pi_ref
     ref_activations: bool = False  # per-layer mean reference activation [2, B, T, L]   -> PairView.ref_activations
+    ref_hidden: bool = False       # every layer's reference hidden states [2, B, T, L, H] -> PairView.ref_hidden
     snapshot: str | None = None    # frozen earlier policy ("reference" or a model path) -> PairView.snapshot_logps
     token_columns: tuple[str, ...] = ()  # per-token values given by the data            -> PairView.token_values
     owned: tuple[str, ...] = ()    # models the prior owns (Prior.owned_models), by name -> PairView.owned_logps
@@ -28,7 +29,7 @@ class Needs:
     @property
     def reference_model(self) -> bool:
         """Whether any input requires running the reference model."""
-        return self.reference or self.kl_ref_pi or self.kl_pi_ref or self.ref_activations
+        return self.reference or self.kl_ref_pi or self.kl_pi_ref or self.ref_activations or self.ref_hidden
 
 
 @dataclass
@@ -40,9 +41,11 @@ class PairView:
     kl_ref_pi: Tensor | None = None        # [2, B, T]
     kl_pi_ref: Tensor | None = None        # [2, B, T]
     ref_activations: Tensor | None = None  # [2, B, T, L]
+    ref_hidden: Tensor | None = None       # [2, B, T, L, H], H = the model's hidden size
     snapshot_logps: Tensor | None = None   # [2, B, T]
     token_values: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # name -> [2, B, T]
     owned_logps: dict[str, Tensor] = dataclasses.field(default_factory=dict)   # prior's own model name -> [2, B, T]
+    memo: dict = dataclasses.field(default_factory=dict, repr=False)  # a prior's values derived once per batch
 
     def seq(self, x: Tensor) -> Tensor:
         """Masked sum over completion positions: [2, B, T] -> [2, B]."""
@@ -185,7 +188,10 @@ class Prior(torch.nn.Module):
 
     # ----- priors that own models or learn (all no-ops for a fixed prior) ---------------------------
 
-    learnable: ClassVar[bool] = False             # owns trainable parameters (possibly built in `attach`)
+    # Owns trainable parameters (possibly built in `attach`). On the class (read by the arms of sweeps and the learned_*
+    # naming): every setting of the prior learns. A prior whose settings decide (SparsePO, masks=learned) sets it per
+    # instance in __post_init__; the engine and `midpo verify` read the instance.
+    learnable: ClassVar[bool] = False
     lr: ClassVar[float | None] = None             # learning rate of the prior's own optimiser
     max_grad_norm: ClassVar[float] = 0.0          # gradient clipping of the prior's parameters (0 = off)
 
@@ -199,6 +205,21 @@ class Prior(torch.nn.Module):
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[dict]:
+        """`trainable()` as the parameter groups of the prior's optimiser; a group may carry its own optimiser settings
+        (SparsePO's mask weights their weight_decay)."""
+        return [{"params": self.trainable()}]
+
+    def initial_equivalent(self) -> dict:
+        """The prior this one equals once attached, before its first step (`midpo verify` checks it): DPO by default."""
+        return {"name": "dpo", "beta": self.a}
+
+    def gradient_check(self) -> str:
+        """A name for the prior's parameters when `midpo verify` should check that the MI-DPO form and the original
+        form give them the same, non-zero gradient on its probes (e.g. "learned-mask"); "" for no such check (fixed
+        priors, and learnable ones whose gradient the probes do not reach or that cut J's gradient by design)."""
+        return ""
 
     def updates(self, step: int) -> tuple[bool, bool]:
         """(policy, prior): which of the two take an optimiser step at this (1-based) step."""

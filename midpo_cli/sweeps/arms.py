@@ -25,7 +25,7 @@ def arms() -> dict[str, tuple[str, Arm]]:
     out = {}
     for name, cls in sorted(PRIORS.items()):
         if not cls.learnable:
-            out[name] = (name, Arm({}, f"the fixed prior {name} with its defaults (conf/prior/{name}.yaml)"))
+            out[name] = (name, Arm({}, f"the prior {name} with its defaults (conf/prior/{name}.yaml)"))
         out.update({f"{name}-{suffix}": (name, arm) for suffix, arm in cls.arms.items()})
     return out
 

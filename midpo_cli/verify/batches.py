@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from midpo_cli.engine.views import build_view, layer_means
+from midpo_cli.engine.views import build_view, layer_means, layer_states
 from midpo_cli.priors import Needs, PairView
 
 F64 = torch.float64
@@ -30,13 +30,15 @@ class Probe:
     """Everything a prior may read, as the engine would get it, plus the tensors gradients are compared on.
 
     sources: logits [N, T, V] of "policy" (carries the gradient), "reference" and "snapshot", N = 2B rows;
-    labels, mask [N, T]; activations [N, T, L] (reference, per layer); columns: name -> [N, T].
+    labels, mask [N, T]; activations [N, T, L] (reference, per layer); hidden [N, T, L, H] (reference, every layer's
+    hidden states); columns: name -> [N, T].
     `view(probe, needs)` hands them to the engine's view builder, so verify checks the priors on exactly the
     inputs training computes, and an undeclared input shows up as an error instead of silently being there."""
     sources: dict
     labels: Tensor
     mask: Tensor
     activations: Tensor
+    hidden: Tensor
     columns: dict
     params: list[Tensor]           # leaves: policy logits (random) or model parameters (real)
     label: str = ""
@@ -44,12 +46,12 @@ class Probe:
     @property
     def full(self) -> dict:
         """Every per-token input as [2, B, T] float64 (for checks that build a PairView by hand)."""
-        everything = Needs(reference=True, kl_ref_pi=True, kl_pi_ref=True, ref_activations=True,
+        everything = Needs(reference=True, kl_ref_pi=True, kl_pi_ref=True, ref_activations=True, ref_hidden=True,
                            snapshot="path", token_columns=tuple(self.columns))
         v = view(self, everything)
         return {"logps": v.logps, "mask": v.mask, "ref_logps": v.ref_logps, "kl_ref_pi": v.kl_ref_pi,
                 "kl_pi_ref": v.kl_pi_ref, "snapshot_logps": v.snapshot_logps,
-                "ref_activations": v.ref_activations, "token_values": v.token_values}
+                "ref_activations": v.ref_activations, "ref_hidden": v.ref_hidden, "token_values": v.token_values}
 
 
 def view(p: Probe, needs: Needs, owned: dict | None = None, columns: dict | None = None, **override) -> PairView:
@@ -60,7 +62,8 @@ def view(p: Probe, needs: Needs, owned: dict | None = None, columns: dict | None
     if owned is None:
         owned = {name: p.sources["snapshot"] for name in needs.owned}
     v = build_view(needs, p.labels, p.mask, p.sources["policy"], reference=p.sources["reference"],
-                   snapshot=p.sources["snapshot"], owned=owned, ref_activations=p.activations, columns=cols)
+                   snapshot=p.sources["snapshot"], owned=owned, ref_activations=p.activations, ref_hidden=p.hidden,
+                   columns=cols)
     for k, x in override.items():
         setattr(v, k, {**v.token_values, **x} if k == "token_values" else x)
     return v
@@ -80,7 +83,7 @@ class Columns(dict):
         return self[name]
 
 
-def random_probe(seed: int, B: int = 4, T: int = 7, V: int = 11, L: int = 3) -> Probe:
+def random_probe(seed: int, B: int = 4, T: int = 7, V: int = 11, L: int = 3, H: int = 5) -> Probe:
     """Random float64 logits with unequal lengths and right padding."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64)
@@ -89,7 +92,9 @@ def random_probe(seed: int, B: int = 4, T: int = 7, V: int = 11, L: int = 3) -> 
     theta = rnd(2 * B, T, V).requires_grad_()                                         # [N, T, V] policy logits
     sources = {"policy": theta, "reference": rnd(2 * B, T, V), "snapshot": rnd(2 * B, T, V)}
     labels = torch.randint(0, V, (2 * B, T), generator=g)
-    return Probe(sources, labels, mask, rnd(2 * B, T, L), Columns(mask, seed), [theta], f"random B={B} T={T} V={V}")
+    acts = rnd(2 * B, T, L)                                                           # [N, T, L]
+    hidden = rnd(2 * B, T, L, H)                                                      # [N, T, L, H]
+    return Probe(sources, labels, mask, acts, hidden, Columns(mask, seed), [theta], f"random B={B} T={T} V={V}")
 
 
 def _encode(tok, pairs) -> tuple[Tensor, Tensor, Tensor]:
@@ -116,8 +121,9 @@ def _model_probe(policy, ref_fn, snap_fn, tok, seed: int, label: str, params, pa
     with torch.no_grad():
         ref, snap = ref_fn(ids, att, out), snap_fn(ids, att, out)
         acts = layer_means(out.hidden_states).to(F64)                                  # [2B, S-1, L]
+        states = layer_states(out.hidden_states).to(F64)                               # [2B, S-1, L, H]
     sources = {"policy": out.logits[:, :-1], "reference": ref, "snapshot": snap}       # [2B, S-1, V]
-    return Probe(sources, ids[:, 1:], comp, acts, Columns(comp, seed), params, label)
+    return Probe(sources, ids[:, 1:], comp, acts, states, Columns(comp, seed), params, label)
 
 
 def tiny_probe(seed: int) -> Probe:

@@ -2,8 +2,10 @@
 original (authors') loss in value AND gradient, in float64 (docs/priors.md, "What midpo verify checks").
 
 Checks, for every prior in the registry (or cfg.priors) and every entry of its `options`:
-  equivalence   on random ragged logits, on a real tiny-model forward, on SmolLM2 when installed
-  initialisation  a prior with parameters or models of its own starts as exact DPO (engine's pair_view, tiny model)
+  equivalence   on random ragged logits, on a real tiny-model forward, on SmolLM2 when installed (and the gradient
+                w.r.t. the prior's own parameters where it names them: SparsePO's learned-mask heads)
+  initialisation  a prior with parameters or models of its own starts as it declares (initial_equivalent: DPO,
+                or TDPO1 for SparsePO's learned masks; engine's pair_view, tiny model)
   invariants    stop-gradients that must matter, x-only invariance, reductions, prior-gradient sign
   knobs         every knob() changes the loss or its gradient (no silently ignored option)
   TRL           DPO, dpo_norm (sigmoid_norm), lddpo (ld_alpha) and trdpo (ref_model = its moving reference) vs
@@ -50,13 +52,19 @@ def gaps(f, g, params) -> tuple[float, float]:
     return abs((a - b).item()), grad
 
 
+def checked_prior(cfg: dict) -> Prior:
+    """A prior as verify compares it: built, in evaluation mode (no training-time noise such as SparsePO's mask
+    dropout: both forms, and each check's two sides, must read the same masks)."""
+    return build_prior(cfg).eval()
+
+
 def option_text(opt: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in opt.items()) or "default"
 
 
 def settings(names) -> list[tuple[str, dict, Prior]]:
     """(name, option overrides, built prior) for every prior and every entry of its `options`."""
-    return [(n, opt, build_prior({"name": n, **opt})) for n in names for opt in prior_class(n).options]
+    return [(n, opt, checked_prior({"name": n, **opt})) for n in names for opt in prior_class(n).options]
 
 
 class Rows(list):
@@ -82,10 +90,19 @@ class Rows(list):
 # ----- (i)/(ii) equivalence -----------------------------------------------------------------------
 
 def equivalence(rows: Rows, p: Probe, names, atol: float) -> None:
+    """Value and gradient w.r.t. the policy; for a prior that names its parameters (Prior.gradient_check, e.g.
+    SparsePO's learned masks) also the gradient w.r.t. them, which must be the same from both forms and non-zero."""
     for name, opt, prior in settings(names):
         v = lambda: view(p, prior.needs())
         rows.check(name, option_text(opt), f"MI-DPO == original (value, grad): {p.label}",
                    lambda: max(gaps(lambda: unified(prior, v()), lambda: original(prior, v()), p.params)), atol)
+        what = prior.gradient_check()
+        if what:
+            own = lambda: (unified(prior, v()), prior.trainable())[1]        # parameters built on first read
+            rows.check(name, option_text(opt), f"{what} gradient: MI-DPO == original: {p.label}",
+                       lambda: gaps(lambda: unified(prior, v()), lambda: original(prior, v()), own())[1], atol)
+            rows.check(name, option_text(opt), f"{what} gradient: non-zero for every parameter: {p.label}",
+                       lambda: min(float(g.abs().max()) for g in _grads(unified(prior, v()), own())), differs=True)
 
 
 # ----- (iii) invariants (docs/priors.md, "What midpo verify checks") -----------------------------
@@ -138,7 +155,7 @@ def reductions(rows: Rows, p: Probe, names, atol: float) -> None:
     for name in names:
         for red in prior_class(name).reductions:
             def fn(red=red):
-                pa, pb = build_prior({"name": name, **red.settings}), build_prior(red.equals)
+                pa, pb = checked_prior({"name": name, **red.settings}), checked_prior(red.equals)
                 cols = {c: value * torch.ones_like(p.mask) for c, value in red.columns.items()}
                 va = lambda: view(p, pa.needs(), columns=cols)
                 vb = lambda: OTHER_VIEWS[red.other_view](view(p, pb.needs())) if red.other_view else view(p, pb.needs())
@@ -150,10 +167,11 @@ def reductions(rows: Rows, p: Probe, names, atol: float) -> None:
 
 def initialisation(rows: Rows, names, seed: int, atol: float) -> None:
     """Every prior with parameters or models of its own (Prior.learnable, Needs.owned: e.g. TR-DPO's moving
-    reference) starts as exact DPO: attached as the engine attaches it (policy = reference) and run through the
-    engine's own pair_view on a float64 tiny model, its J + penalty and their gradient w.r.t. the policy equal DPO's;
-    then, the policy moved off the reference with the prior still at its initialisation (no on_step yet), J and the
-    gradient of J + penalty w.r.t. the policy still equal DPO's."""
+    reference) starts as the prior its `initial_equivalent()` names (exact DPO for the learned_* priors and trdpo,
+    TDPO1 for SparsePO's learned masks): attached as the engine attaches it (policy = reference) and run through the
+    engine's own pair_view on a float64 tiny model, its J + penalty and their gradient w.r.t. the policy equal that
+    prior's; then, the policy moved off the reference with the prior still at its initialisation (no on_step yet),
+    J and the gradient of J + penalty w.r.t. the policy still equal its."""
     from midpo_cli.engine.forward import pair_view
     from midpo_cli.verify.batches import tiny_engine_setup
 
@@ -163,10 +181,10 @@ def initialisation(rows: Rows, names, seed: int, atol: float) -> None:
 
         def gap(opt=opt, name=name):
             policy, reference, batch = tiny_engine_setup(seed)
-            prior = build_prior({"name": name, **opt})
+            prior = checked_prior({"name": name, **opt})
             prior.attach(policy, reference)
             prior.to(torch.float64)
-            dpo = build_prior({"name": "dpo", "beta": prior.a})
+            start = checked_prior(prior.initial_equivalent())
             params, worst = list(policy.parameters()), 0.0
             for moved in (False, True):
                 if moved:
@@ -174,13 +192,14 @@ def initialisation(rows: Rows, names, seed: int, atol: float) -> None:
                         for w in params:
                             w.add_(0.05 * torch.randn_like(w))
                 a = preference_loss(prior, pair_view(batch, policy, prior, reference=reference))
-                b = preference_loss(dpo, pair_view(batch, policy, dpo, reference=reference))
+                b = preference_loss(start, pair_view(batch, policy, start, reference=reference))
                 value = (a.loss - b.loss) if moved else (a.total - b.total)
                 grads = zip(_grads(a.total, params), _grads(b.total, params))
                 worst = max(worst, abs(float(value.detach())), *(float((x - y).abs().max()) for x, y in grads))
             return worst
-        rows.check(name, option_text(opt), "at initialisation == dpo (value, grad w.r.t. the policy): tiny model, "
-                   "engine's pair_view", gap, atol)
+        start = built.initial_equivalent()
+        rows.check(name, option_text(opt), f"at initialisation == {start['name']} (value, grad w.r.t. the policy): "
+                   "tiny model, engine's pair_view", gap, atol)
 
 
 # ----- (iv) knobs, (v) TRL -------------------------------------------------------------------------
@@ -189,7 +208,7 @@ def knobs(rows: Rows, p: Probe, names) -> None:
     """Perturbing each knob (x*1.37 + 0.05) must change J + penalty or its gradient."""
     for name, opt, prior in settings(names):
         for knob in prior.knobs():
-            pert = build_prior({"name": name, **opt, knob: getattr(prior, knob) * 1.37 + 0.05})
+            pert = checked_prior({"name": name, **opt, knob: getattr(prior, knob) * 1.37 + 0.05})
             loss = lambda q: lambda: preference_loss(q, view(p, q.needs())).total
             rows.check(name, option_text(opt), f"knob {knob} changes loss or grad",
                        lambda: max(gaps(loss(prior), loss(pert), p.params)), differs=True)
@@ -223,13 +242,13 @@ def sync_gap(opt: dict, seed: int, steps: int = 7) -> float:
 def trl_checks(rows: Rows, p: Probe, names, atol: float, seed: int = 0) -> None:
     from midpo_cli.verify.batches import trl_dpo_loss, trl_simpo_loss
     if "dpo" in names:
-        d = build_prior({"name": "dpo"})
+        d = checked_prior({"name": "dpo"})
         rows.check("dpo", "default", "== trl DPOTrainer._compute_loss, sigmoid (value, grad)",
                    lambda: max(gaps(lambda: unified(d, view(p, d.needs())), lambda: trl_dpo_loss(p, d.beta),
                                     p.params)), atol)
     for name, opt, kw in (("dpo_norm", {}, {"loss_type": "sigmoid_norm"}), ("lddpo", {"ld_alpha": 0.3}, {"ld_alpha": 0.3})):
         if name in names:
-            prior = build_prior({"name": name, **opt})
+            prior = checked_prior({"name": name, **opt})
             what = ", ".join(f"{k}={v}" for k, v in kw.items())
             rows.check(name, ", ".join(f"{k}={v}" for k, v in opt.items()) or "default",
                        f"== trl DPOTrainer._compute_loss, {what} (value, grad)",
@@ -245,7 +264,7 @@ def trl_checks(rows: Rows, p: Probe, names, atol: float, seed: int = 0) -> None:
             rows.check("trdpo", option_text(opt), "on_step == trl SyncRefModelCallback.on_step_end, steps 1-7 "
                        "(weights): tiny model", lambda opt=opt: sync_gap(opt, seed), atol)
     if "simpo" in names:
-        s = build_prior({"name": "simpo", "beta": 2.0, "gamma": 0.5, "gamma_convention": "absolute"})
+        s = checked_prior({"name": "simpo", "beta": 2.0, "gamma": 0.5, "gamma_convention": "absolute"})
         rows.check("simpo", "gamma_convention=absolute, gamma=0.5",
                    "== trl CPOTrainer simpo, cpo_alpha=0 (value, grad)",
                    lambda: max(gaps(lambda: unified(s, view(p, s.needs())), lambda: trl_simpo_loss(p, 2.0, 0.5),
