@@ -123,6 +123,10 @@ class Stage:
                                                             # with a "name": another prior, these settings only
     start: str | None = None          # model directory the policy starts from (None: the task's reference)
     rows: tuple | None = None         # (train rows, eval rows) instead of the task's pairs
+    config: dict = dataclasses.field(default_factory=dict)  # dotted config keys over the run's, for this training
+                                                            # alone (e.g. {"trainer.max_steps": 40}); hashed with it
+    seed: int | None = None           # this training's seed (initialisation, loader order, sampling) instead of the
+                                      # run's, which still makes the task's data and reference (their digests key them)
 
     @property
     def key(self) -> dict:
@@ -130,18 +134,37 @@ class Stage:
         return {"stage": self.name, "prior": self.prior, "start": self.start} if self.name else {}
 
 
+def stage_config(cfg: DictConfig, stage: Stage) -> DictConfig:
+    """The run's config with the stage's `config` keys set (a copy; the run's own when there are none)."""
+    if not stage.config:
+        return cfg
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key, value in stage.config.items():
+        if OmegaConf.select(cfg, key, default=KeyError) is KeyError:
+            raise ValueError(f"stage {stage.name or 'run'}: config key {key} does not exist")
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
 class Recipe:
     """One training run of the config `cfg` (a composed `midpo train` config), or one stage of its pipeline."""
 
     def __init__(self, cfg: DictConfig, stage: Stage = Stage()):
+        cfg = stage_config(cfg, stage)
         check_config(cfg)
         self.cfg, self.tc, self.stage = cfg, cfg.trainer, stage
+        self.seed = cfg.seed if stage.seed is None else stage.seed        # the training's; the task's is cfg.seed
         self.task = build_task(cfg.dataset)                                # the task's own settings, checked
         check_source(cfg.model)                                            # a broken model directory, by its headers
         own = OmegaConf.to_container(cfg.prior, resolve=True, enum_to_str=True)
         self.prior = build_prior(stage.prior if "name" in stage.prior else {**own, **stage.prior})
         self.needs = self.prior.needs()                                    # what the engine computes for it
-        self.settings = run_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)) | stage.key
+        settings = run_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        if "name" in stage.prior:                                          # another prior: the run's is not trained
+            settings["prior"] = stage.prior
+        if stage.seed is not None:
+            settings["seed"] = stage.seed
+        self.settings = settings | stage.key
         self.config_hash = config_hash(self.settings)
         self.lora = cfg.model.lora.r > 0
         self.on_results = []                                               # callables adding to the results
@@ -187,7 +210,7 @@ class Recipe:
         model, acc, needs, start = self.cfg.model, self.acc, self.needs, self.stage.start
         self.tokenizer = load_tokenizer(model)
         self.ctx = Context(self.tokenizer, model, self.cfg.seed, Path(self.cfg.cache_dir), acc.device)
-        seed_everything(self.cfg.seed)
+        seed_everything(self.cfg.seed)                                     # the task's reference (a seeded init too)
         with acc.main_process_first():                                     # e.g. SFT, cached for the others
             path = self.task.reference_weights(self.ctx)
         reference = load_model(model, self.tokenizer, path=path)
@@ -195,6 +218,8 @@ class Recipe:
         policy = reference if start is None else load_model(model, self.tokenizer, path=start)
         self.start_digest = self.reference_digest if start is None else weights_digest(policy)
         check_lengths(self.cfg.dataset, policy)
+        if self.stage.seed is not None:
+            seed_everything(self.seed)                                     # the training's own from here (LoRA init)
         self.policy = (add_lora(policy, model.lora) if self.lora else policy).to(acc.device)
         wants = needs.reference_model or needs.snapshot == "reference" or self.task.evaluates_reference \
             or self.prior.learnable                                        # a learnable prior builds on it in attach
@@ -213,7 +238,7 @@ class Recipe:
         if needs.snapshot:
             self.snapshot = self.reference if needs.snapshot == "reference" else \
                 frozen(load_model(self.cfg.model, self.tokenizer, path=needs.snapshot)).to(acc.device)
-        seed_everything(self.cfg.seed)
+        seed_everything(self.seed)
         self.train_pairs, train_report = build_pairs(train_rows, self.tokenizer, dataset, needs.token_columns, "train")
         self.eval_pairs, eval_report = build_pairs(eval_rows, self.tokenizer, dataset, needs.token_columns, "eval")
         self.pairs_digest = pairs_digest(self.train_pairs + self.eval_pairs)
@@ -240,7 +265,7 @@ class Recipe:
             return
         acc = self.acc
         scorer = self.policy if self.reference is None else self.reference   # untrained, the policy is the reference
-        scored, why = scored_train_pairs(self.train_pairs, self.tc, self.cfg.seed, acc.num_processes)
+        scored, why = scored_train_pairs(self.train_pairs, self.tc, self.seed, acc.num_processes)
         log.info("reference log-probs: %d of %d training pairs (%s), and all %d eval pairs", len(scored),
                  len(self.train_pairs), why, len(self.eval_pairs))
         with acc.main_process_first():
@@ -267,7 +292,7 @@ class Recipe:
         optimizer = instantiate(self.cfg.optimizer)([p for p in self.policy.parameters() if p.requires_grad])
         sched = schedule(optimizer, tc.lr_schedule, tc.warmup_steps, tc.max_steps)
         required = (refcache.COLUMN,) if tc.ref_cache else ()
-        loader = data_loader(self.train_pairs, tc.batch_size, self.cfg.seed, self.tokenizer.pad_token_id, required)
+        loader = data_loader(self.train_pairs, tc.batch_size, self.seed, self.tokenizer.pad_token_id, required)
         self.prior_params, extra = self.prior.trainable(), []
         if self.prior_params:                                              # a learnable prior: its own optimiser
             prior_opt = prior_optimizer(self.cfg.optimizer, self.prior)
@@ -476,14 +501,14 @@ class Recipe:
         (a learned prior, a moving reference) saved (only when finite); results.json written last."""
         acc, policy = self.acc, self.acc.unwrap_model(self.policy)
         results = {"config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
-                   "overrides": self.overrides, "prior": self.prior.name, "seed": self.cfg.seed, "data": self.data,
+                   "overrides": self.overrides, "prior": self.prior.name, "seed": self.seed, "data": self.data,
                    "ref_cache": self.ref_cache, "resumed_from": str(self.resume_from) if self.resume_from else None,
                    "final": self.history, "train_wall_s": train_wall,
                    "tokens_per_s": self.tokens / train_wall if train_wall else 0.0, "skipped_steps": self.skipped,
                    "warnings": self.warnings, "peak_memory_mb": peak_memory_mb(acc.device),
                    "world_size": acc.num_processes}
         if acc.is_main_process:
-            seed_everything(self.cfg.seed + 3)
+            seed_everything(self.seed + 3)
             ev = self.task.evaluate(self.ctx, policy, self.reference)
             if ev:
                 results["eval"], results["eval_title"] = ev, self.task.title

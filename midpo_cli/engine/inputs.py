@@ -172,9 +172,9 @@ def model_inputs(model_cfg) -> list[tuple[str, Path]]:
 
 
 def run_inputs(task, model_cfg, prior, memo: Path) -> dict[str, dict]:
-    """Fingerprints of every file a run reads: the task's data files, the model, a prior's snapshot model
-    (hashes memoised under `memo`)."""
-    labelled = [*task.inputs(), *model_inputs(model_cfg)]
+    """Fingerprints of every file a run reads: the task's data files, the model, a prior's own files and snapshot
+    model (hashes memoised under `memo`)."""
+    labelled = [*task.inputs(), *model_inputs(model_cfg), *prior.input_files()]
     snapshot = prior.needs().snapshot
     if snapshot and snapshot != "reference" and Path(snapshot).expanduser().exists():
         labelled.append(("prior.snapshot", Path(snapshot)))

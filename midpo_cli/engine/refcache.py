@@ -60,8 +60,9 @@ def compute(reference, pairs: list, pad_id: int, device, batch_size: int = 16, c
     return out
 
 
-def _save(values: list, path: Path) -> None:
-    """One flat float32 tensor + per-row lengths (safetensors), and its content hash in the metadata."""
+def save_values(values: list, path: Path) -> None:
+    """[(chosen per-token values, rejected per-token values)] per pair as one flat float32 tensor + per-row lengths
+    (safetensors), and its content hash in the metadata."""
     from safetensors.torch import save_file
     flat = [x for pair in values for side in pair for x in side]
     lens = [len(side) for pair in values for side in pair]
@@ -77,8 +78,8 @@ def _checksum(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def _load(path: Path, n_pairs: int) -> list:
-    """The cached values, or ValueError saying why the entry cannot be trusted."""
+def load_values(path: Path, n_pairs: int) -> list:
+    """The values save_values wrote for `n_pairs` pairs, or ValueError saying why the entry cannot be trusted."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), "pt") as f:
@@ -113,7 +114,7 @@ def attach(pair_sets: list[list], reference, weights: str, tokenizer, cache_root
         values, hit = None, path.exists()
         if hit:
             try:
-                values = _load(path, len(flat))
+                values = load_values(path, len(flat))
                 log.info("reference log-probs: cache hit %s", path)
             except ValueError as e:
                 log.warning("reference log-prob cache entry %s is damaged (%s): recomputing it", path, e)
@@ -123,7 +124,7 @@ def attach(pair_sets: list[list], reference, weights: str, tokenizer, cache_root
             log.info("reference log-probs: computing for %d pairs (cached at %s)", len(flat), path)
             values = compute(reference, flat, pad_id, device)
             with publish(path) as tmp:
-                _save(values, tmp)
+                save_values(values, tmp)
     for p, v in zip(flat, values):
         p.values[COLUMN] = v
     return {"hit": hit, "key": key, "path": str(path)}

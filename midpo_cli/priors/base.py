@@ -181,6 +181,11 @@ class Prior(torch.nn.Module):
     def hyperparameters(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def input_files(self) -> list:
+        """[(label, path)] of files or model directories the prior reads besides the task's and the model's (e.g.
+        models it loads), fingerprinted with the run's inputs so that a finished run is reused only while they hold."""
+        return []
+
     def pipeline(self):
         """A run of this prior that is several trainings (midpo_cli/pipelines: e.g. DICE's rounds) returns the
         Pipeline that composes them; None (the default) is one training."""
