@@ -116,7 +116,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One training of a pipeline (a prior whose run is several trainings: midpo_cli/pipeline.py), as what differs
+    """One training of a pipeline (a prior whose run is several trainings: midpo_cli/pipelines), as what differs
     from the run's own config. The default stage is the run itself, as configured."""
     name: str = ""                    # "": the run itself; else its sub-directory (e.g. "rounds/1"), hashed apart
     prior: dict = dataclasses.field(default_factory=dict)   # prior settings over the run's (e.g. {"snapshot": ...});
