@@ -51,3 +51,14 @@ def kill_after_first_checkpoint(args, run) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "results.json").exists(), "the run finished before it could be killed"
+
+
+def fails(capsys, args) -> str:
+    """Run `midpo *args` in-process; it must exit 1 with one line on stderr and no traceback. Returns the line."""
+    from midpo_cli.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1, err
+    assert "Traceback" not in err and "\n" not in err, err
+    return err

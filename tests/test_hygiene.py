@@ -5,6 +5,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import fails
 from hydra import compose, initialize_config_module
 from transformers import GPT2Config, LlamaConfig
 
@@ -22,16 +23,6 @@ PRIOR_OPTIONS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "c
 
 DATA = Path(__file__).parent / "data" / "standard.jsonl"
 register_schemas()
-
-
-def fails(capsys, args) -> str:
-    """Run `midpo *args` in-process; it must exit 1 with one line on stderr and no traceback."""
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 1, err
-    assert "Traceback" not in err and "\n" not in err, err
-    return err
 
 
 # ----- unknown keys and options: before Hydra runs, with + / ++ too --------------------------------------

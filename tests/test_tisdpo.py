@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import fails
 from midpo_cli.__main__ import main
 from midpo_cli.pipelines import tisdpo
 from midpo_cli.priors import build_prior
@@ -76,15 +77,6 @@ def test_bad_transform_settings(bad, words):
     with pytest.raises(ValueError) as e:
         build_prior({"name": "tisdpo", **bad})
     assert words in str(e.value) and "\n" not in str(e.value)
-
-
-def fails(capsys, args) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 1, err
-    assert "Traceback" not in err and "\n" not in err, err
-    return err
 
 
 @pytest.mark.parametrize("args, words", [
