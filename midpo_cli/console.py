@@ -97,7 +97,8 @@ def pipeline_table(pipeline: dict) -> Table:
     for r in rows:
         t.add_column(show(r.get(keys[0])), justify="right")
     for k in keys[1:]:
-        t.add_row(k, *(show(r.get(k)) for r in rows))
+        if any(r.get(k) is not None for r in rows):                       # a quantity no training has: no row
+            t.add_row(k, *(show(r.get(k)) for r in rows))
     return t
 
 
