@@ -34,9 +34,9 @@ def fast(cache_dir):
     return [*FAST, f"cache_dir={cache_dir}"]
 
 
-def kill_after_first_checkpoint(args, run) -> None:
-    """Start `midpo train *args` in `run`, SIGKILL it once its first checkpoint is published, and check that it
-    had not finished by then."""
+def kill_after_first_checkpoint(args, run, where: str = "checkpoints") -> None:
+    """Start `midpo train *args` in `run`, SIGKILL it once its first checkpoint is published (in `run / where`: a
+    pipeline's stage keeps its own), and check that it had not finished by then."""
     import signal
     import subprocess
     import sys
@@ -46,7 +46,7 @@ def kill_after_first_checkpoint(args, run) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "midpo_cli", "train", *args, f"hydra.run.dir={run}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list(run.glob("checkpoints/step-*/manifest.json")) and time.time() < deadline:
+    while not list(run.glob(f"{where}/step-*/manifest.json")) and time.time() < deadline:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -1,5 +1,5 @@
 """DICE's rounds (midpo_cli/pipelines/dice.py): the length-regularised selection, the replay mix, the previous
-round's policy as the prior, and a run killed in its last round that resumes where it stopped."""
+round's policy as the prior, and a run killed in its first or last round that resumes where it stopped."""
 import json
 
 import pytest
@@ -47,7 +47,7 @@ ARGS = ["prior=dice", "prior.samples=4", "trainer.max_steps=6", "trainer.save_ev
 
 
 @pytest.mark.slow
-def test_two_rounds_the_second_against_the_first_and_a_kill_in_round_two_resumes(tmp_path, fast, monkeypatch):
+def test_two_rounds_the_second_against_the_first_and_a_kill_in_either_round_resumes(tmp_path, fast, monkeypatch):
     from midpo_cli.data.tokenize import collate
     from midpo_cli.engine.forward import pair_view
     from midpo_cli.engine.models import load_model
@@ -82,3 +82,12 @@ def test_two_rounds_the_second_against_the_first_and_a_kill_in_round_two_resumes
     again = json.loads((killed / "results.json").read_text())
     assert again["resumed_from"] and (killed / "rounds/1/results.json").stat().st_mtime_ns == round1
     assert abs(again["final"]["loss"] - res["final"]["loss"]) < 1e-3
+
+    # killed in round 1 (a sub-run's checkpoints): the same command resumes round 1 there, then trains round 2
+    early = tmp_path / "outputs" / "early"
+    kill_after_first_checkpoint(args, early, where="rounds/1/checkpoints")
+    assert not (early / "rounds/1/results.json").exists() and not (early / "rounds/2").exists()
+    main(["train", *args, f"hydra.run.dir={early}"])
+    first = json.loads((early / "rounds/1/results.json").read_text())
+    assert first["resumed_from"] and "rounds/1/checkpoints/step-" in first["resumed_from"]
+    assert abs(json.loads((early / "results.json").read_text())["final"]["loss"] - res["final"]["loss"]) < 1e-3
