@@ -5,6 +5,7 @@ Shapes (defined once): B pairs, T completion positions, V vocabulary. Every per-
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -75,6 +76,25 @@ class PairView:
             raise ValueError(f"this prior needs the per-token data column '{name}' (chosen_{name} / rejected_{name} "
                              f"in the dataset); columns present: {sorted(self.token_values) or 'none'}")
         return self.token_values[name]
+
+
+def frozen_copy(policy) -> torch.nn.Module:
+    """A frozen copy of the policy (through a DDP wrapper) for a prior to own: eval mode, no gradient, a registered
+    submodule once assigned (so it is moved, checkpointed and saved with the prior)."""
+    return copy.deepcopy(getattr(policy, "module", policy)).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def mix_toward(model: torch.nn.Module, policy, mixup: float, owner: str) -> None:
+    """model <- mixup*policy + (1-mixup)*model, parameter by parameter (named_parameters lists a tied weight once);
+    mixup = 1 leaves an exact copy of the policy's weights. TR-DPO's soft/hard update (TRL's sync_ref_model)."""
+    source = dict(getattr(policy, "module", policy).named_parameters())
+    targets = dict(model.named_parameters())
+    if source.keys() != targets.keys():
+        raise ValueError(f"{owner}: the policy's parameters are not those of the copy it updates ({len(source)} vs "
+                         f"{len(targets)} names; a policy sharded after attach, e.g. by FSDP, cannot be mixed in)")
+    for name, p in targets.items():
+        p.mul_(1 - mixup).add_(source[name].detach().to(p.dtype), alpha=mixup)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,4 @@
 """learned_mix (P3, our design: docs/learnable_priors.md): per-token mixture of the reference and a lagged policy."""
-import copy
 from typing import Literal
 
 import torch
@@ -7,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from midpo_cli.priors import Needs, PairView, Reduction, register_prior
+from midpo_cli.priors.base import frozen_copy, mix_toward
 from midpo_cli.priors.learnable import LearnablePrior
 from midpo_cli.priors.sparsepo import zn_rescale
 
@@ -47,8 +47,7 @@ class LearnedMix(LearnablePrior):
         return Needs(reference=True, ref_activations=self.gate == "token", owned=("snapshot",))
 
     def attach(self, policy, reference) -> None:
-        inner = getattr(policy, "module", policy)
-        self.snapshot = copy.deepcopy(inner).eval().requires_grad_(False)       # a registered, frozen module
+        self.snapshot = frozen_copy(policy)
 
     def owned_models(self) -> dict:
         if self.snapshot is None:
@@ -74,11 +73,8 @@ class LearnedMix(LearnablePrior):
 
     @torch.no_grad()
     def on_step(self, step: int, policy) -> None:
-        if self.snapshot is None or step % self.sync_every:
-            return
-        source = dict(getattr(policy, "module", policy).named_parameters())
-        for name, p in self.snapshot.named_parameters():
-            p.mul_(1 - self.mixup).add_(source[name].detach().to(p.dtype), alpha=self.mixup)
+        if self.snapshot is not None and step % self.sync_every == 0:
+            mix_toward(self.snapshot, policy, self.mixup, "learned_mix")
 
     def scalars(self) -> dict[str, float]:
         out = {"prior/lambda": float(torch.sigmoid(self.bias.detach()))}

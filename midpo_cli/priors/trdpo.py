@@ -1,12 +1,10 @@
 """TR-DPO (Gorbatovski et al., 2024, arXiv:2404.09656): DPO whose reference moves toward the policy during training,
 as TRL's DPOConfig computes it with sync_ref_model=True (ref_model_sync_steps, ref_model_mixup_alpha)."""
-import copy
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from midpo_cli.priors import Needs, PairView, Prior, Reduction, register_prior
+from midpo_cli.priors.base import frozen_copy, mix_toward
 
 MOVING = "moving_reference"     # the name of the prior's own model (Needs.owned, PairView.owned)
 
@@ -51,8 +49,7 @@ class TRDPO(Prior):
         return Needs(owned=(MOVING,))
 
     def attach(self, policy, reference) -> None:
-        inner = getattr(policy, "module", policy)
-        self.moving_reference = copy.deepcopy(inner).eval().requires_grad_(False)
+        self.moving_reference = frozen_copy(policy)
 
     def owned_models(self) -> dict:
         if self.moving_reference is None:
@@ -69,16 +66,8 @@ class TRDPO(Prior):
         chosen_logratios, rejected_logratios = policy[0] - moving[0], policy[1] - moving[1]
         return -F.logsigmoid(self.beta * (chosen_logratios - rejected_logratios))
 
-    @torch.no_grad()
     def on_step(self, step: int, policy) -> None:
-        """After optimiser step `step` (1-based): every sync_every-th, theta_ref <- mixup*theta + (1-mixup)*theta_ref,
-        parameter by parameter (a tied weight once); mixup = 1 leaves an exact copy of the policy's weights."""
-        if self.moving_reference is None or step % self.sync_every:
-            return
-        source = dict(getattr(policy, "module", policy).named_parameters())
-        targets = dict(self.moving_reference.named_parameters())
-        if source.keys() != targets.keys():
-            raise RuntimeError(f"trdpo: the policy's parameters are not the moving reference's ({len(source)} vs "
-                               f"{len(targets)} names; a policy sharded after attach, e.g. by FSDP, cannot be mixed in)")
-        for name, p in targets.items():
-            p.mul_(1 - self.mixup).add_(source[name].detach().to(p.dtype), alpha=self.mixup)
+        """After optimiser step `step` (1-based): every sync_every-th, theta_ref <- mixup*theta + (1-mixup)*theta_ref
+        (mix_toward); mixup = 1 leaves an exact copy of the policy's weights."""
+        if self.moving_reference is not None and step % self.sync_every == 0:
+            mix_toward(self.moving_reference, policy, self.mixup, "trdpo")
