@@ -66,12 +66,20 @@ def build_pairs(rows: list[dict], tokenizer, dataset, columns=(), split: str = "
     (or, under dataset.on_bad_rows=error, the first one stops the run). Rows are checked and tokenised `chunk`
     at a time (tokenize.encode_pairs), then met one by one in row order: the same pairs, counts, report and
     errors as one row at a time."""
+    pairs, _, report = pairs_of_rows(rows, tokenizer, dataset, columns, split, chunk)
+    return pairs, report
+
+
+def pairs_of_rows(rows: list[dict], tokenizer, dataset, columns=(), split: str = "train", chunk: int = CHUNK):
+    """build_pairs, and which rows the pairs come from: (pairs, row positions, report), the i-th pair made from
+    rows[positions[i]] (a pipeline that adds columns to the rows a run trains on: midpo_cli/pipelines/tisdpo.py)."""
     dataset = DataSettings.of(dataset)                                             # read once, not per row
     strict = dataset.on_bad_rows == "error"
     columns = tuple(columns)
     rules = Rules(dataset.max_length, dataset.max_prompt_length, columns, dataset.truncation, char_limit(tokenizer, dataset.max_length))
     batch_ids = BatchIds(tokenizer)
-    pairs, formats, bad, policy, truncated, hints, first_bad = [], Tally(), Tally(), Tally(), Tally(), {}, None
+    pairs, positions, formats, bad, policy, truncated, hints, first_bad = [], [], Tally(), Tally(), Tally(), Tally(), \
+        {}, None
     for start in range(0, len(rows), chunk):
         checked = [_checked(raw, dataset, columns) for raw in rows[start:start + chunk]]
         ok = [c[1] for c in checked if not isinstance(c, Exception)]
@@ -101,6 +109,7 @@ def build_pairs(rows: list[dict], tokenizer, dataset, columns=(), split: str = "
             if p.truncated:
                 truncated.add(f"{p.truncated} truncated to fit", where, order)
             pairs.append(p)
+            positions.append(i)
     if first_bad is not None:
         raise BadRowError(first_bad[1], first_bad[2])
     kinds = dict(formats.counts)
@@ -117,7 +126,7 @@ def build_pairs(rows: list[dict], tokenizer, dataset, columns=(), split: str = "
               "truncated": truncated.total(), "truncated_reasons": dict(truncated.counts),
               "truncated_examples": truncated.examples,
               "on_bad_rows": dataset.on_bad_rows, "max_bad_fraction": dataset.max_bad_fraction}
-    return pairs, report
+    return pairs, positions, report
 
 
 def _checked(raw, dataset: DataSettings, columns: tuple) -> tuple[str, dict] | Exception:

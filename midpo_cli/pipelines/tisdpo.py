@@ -97,24 +97,13 @@ def sequence_weights(plus: list[float], minus: list[float], chosen: bool, ends_w
     return (transform(x, p).tolist() if n else []) + [0.0] * (len(plus) - n)
 
 
-def encoded(rows: list, tokenizer, dataset) -> list:
-    """Each row's pair as training tokenises it (data/prepare.py build_pairs), None for a row training drops."""
-    from midpo_cli.data.rows import check_row
-    from midpo_cli.data.settings import DataSettings
-    from midpo_cli.data.tokenize import EncodedPair, Rules, char_limit, encode_pairs
-
-    settings = DataSettings.of(dataset)
-    rules = Rules(settings.max_length, settings.max_prompt_length, (), settings.truncation,
-                  char_limit(tokenizer, settings.max_length))
-    out, ok = [None] * len(rows), []
-    for i, row in enumerate(rows):
-        try:
-            ok.append((i, check_row(row, settings)[1]))
-        except ValueError:                                                 # a bad row: training drops it too
-            continue
-    for (i, _), p in zip(ok, encode_pairs(tokenizer, [r for _, r in ok], rules)):
-        if isinstance(p, EncodedPair) and p.chosen != p.rejected:
-            out[i] = p
+def encoded(rows: list, tokenizer, dataset, split: str) -> list:
+    """Each row's pair as the run tokenises it (data/prepare.py), None for a row the run drops."""
+    from midpo_cli.data.prepare import pairs_of_rows
+    pairs, positions, _ = pairs_of_rows(rows, tokenizer, dataset, split=split)
+    out = [None] * len(rows)
+    for i, p in zip(positions, pairs):
+        out[i] = p
     return out
 
 
@@ -143,7 +132,7 @@ class Estimated(Pipeline):
     def run(self, runner: Runner) -> dict:
         p, cfg, tok = self.prior, runner.cfg, runner.tokenizer()
         rows = runner.offline_rows()
-        pairs = [encoded(split, tok, cfg.dataset) for split in rows]
+        pairs = [encoded(split, tok, cfg.dataset, name) for split, name in zip(rows, ("train", "eval"))]
         kept = [x for split in pairs for x in split if x is not None]
         if not any(x is not None for x in pairs[0]):
             raise ValueError(f"prior.weights=estimated: no training pairs left to estimate token weights on (all "
