@@ -40,7 +40,7 @@ class Runner:
                  rerun: str = ""):
         self.recipe, self.cfg, self.run_dir, self.resume_from = recipe, recipe.cfg, run_dir, resume_from
         self.state, self.overrides, self.rerun = state, list(overrides), rerun
-        self._offline = None
+        self._offline = self._reference = None
 
     def stage_config(self) -> DictConfig:
         """The run's config for a sub-run: its model is always saved (a later stage starts from it) and it opens no
@@ -52,6 +52,7 @@ class Runner:
     def subrun(self, stage: Stage, directory: Path | None = None) -> dict:
         """Train `stage` in `directory` (default: <run dir>/<stage.name>): reused when it finished there, resumed from
         its latest checkpoint when it stopped there, trained from its start otherwise. Returns its results."""
+        self._reference = None                                             # not held while a stage trains
         recipe = Recipe(self.stage_config(), stage)
         path = Path(directory) if directory is not None else self.run_dir / stage.name
         main = self.state.is_main_process
@@ -83,6 +84,7 @@ class Runner:
     def final(self, stage: Stage, on_results=None) -> dict:
         """Train the last stage as the run itself (in the run directory, from the run's own checkpoint when it
         resumes); `on_results(results)` may add to the results before results.json is written."""
+        self._reference = None
         recipe = Recipe(self.cfg, Stage(name="", prior=stage.prior, start=stage.start, rows=stage.rows))
         if on_results is not None:
             recipe.on_results.append(on_results)
@@ -111,21 +113,23 @@ class Runner:
     def offline_rows(self) -> tuple[list[dict], list[dict]]:
         """The task's own (train rows, eval rows), as a single run of this config would train on."""
         if self._offline is None:
+            reference = self.reference()
+            with self.state.main_process_first():                          # e.g. sampled pairs, cached
+                self._offline = self.recipe.task.pairs(self.context(), reference)
+        return self._offline
+
+    def reference(self):
+        """The task's reference policy, frozen on the device, built as a run of this config builds it (seeded: a
+        model made from its config gets the run's initialisation); kept until the next stage trains."""
+        if self._reference is None:
             from midpo_cli.engine.models import frozen, load_model
             from midpo_cli.engine.trainer import seed_everything
 
-            tok, ctx = self.tokenizer(), self.context()
             seed_everything(self.cfg.seed)
-            with self.state.main_process_first():
-                path = self.recipe.task.reference_weights(ctx)
-                reference = frozen(load_model(self.cfg.model, tok, path=path)).to(ctx.device)
-                self._offline = self.recipe.task.pairs(ctx, reference)
-        return self._offline
-
-    def reference_path(self) -> str | None:
-        """The directory of the task's reference weights (None: the model config's own)."""
-        with self.state.main_process_first():
-            return self.recipe.task.reference_weights(self.context())
+            with self.state.main_process_first():                          # e.g. SFT, cached for the others
+                path = self.recipe.task.reference_weights(self.context())
+            self._reference = frozen(load_model(self.cfg.model, self.tokenizer(), path=path)).to(self.device())
+        return self._reference
 
     def context(self):
         """What the task may use (tasks.Context): the run's tokenizer, model settings, seed, cache and device."""

@@ -82,7 +82,7 @@ class Rounds(Pipeline):
                 results = runner.subrun(stage)
                 table.append(info | row_of(results))
                 log.info("DICE round %d of %d: %s", r, p.rounds, ", ".join(f"{k} {v}" for k, v in table[-1].items()))
-                before = prev if prev is not None else (p.snapshot if p.snapshot != "reference" else "reference")
+                before = prev if prev is not None else p.snapshot
                 prev = str(runner.run_dir / f"rounds/{r}/model")
             else:
                 def add(results, info=info):
@@ -110,8 +110,7 @@ class Rounds(Pipeline):
         temperature = p.temperature if p.temperature is not None else sampler.get("temperature", 1.0)
         new_tokens = p.max_new_tokens if p.max_new_tokens is not None else sampler.get("max_new_tokens", 64)
         policy = frozen(load_model(cfg.model, tok, path=prev)).to(device)
-        older = frozen(load_model(cfg.model, tok, path=runner.reference_path() if before == "reference" else before))
-        older = older.to(device)
+        older = runner.reference() if before == "reference" else frozen(load_model(cfg.model, tok, path=before)).to(device)
         k = p.samples
         log.info("DICE round %d: sampling %d prompts x %d completions from round %d's policy", r, len(prompts), k, r - 1)
         seed_everything(cfg.seed + 7919 * r)

@@ -183,13 +183,10 @@ class Estimated(Pipeline):
         from midpo_cli.engine import refcache
         from midpo_cli.engine.cache import build_lock, config_hash
         from midpo_cli.engine.inputs import weights_digest
-        from midpo_cli.engine.models import load_model
-        from midpo_cli.engine.trainer import seed_everything
 
         cfg, tok = runner.cfg, runner.tokenizer()
         stages = self.stages(runner, rows)
-        seed_everything(cfg.seed)                                          # the reference as the run builds it
-        reference = weights_digest(load_model(cfg.model, tok, path=runner.reference_path()))
+        reference = weights_digest(runner.reference())
         key = config_hash({"pairs": refcache.key_of(reference, tok, [], cfg.trainer.precision, runner.device(), digest),
                            **{side: Recipe(runner.stage_config(), s).config_hash for side, s in stages.items()}})
         root = Path(cfg.cache_dir) / "tisdpo" / "contrastive" / key
