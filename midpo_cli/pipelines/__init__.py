@@ -11,11 +11,12 @@ reads the pairs it had made from disk. The train command never looks at which pr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from midpo_cli.engine import checkpoint, files, rundir
 from midpo_cli.recipe import Recipe, Stage
@@ -42,18 +43,17 @@ class Runner:
         self.state, self.overrides, self.rerun = state, list(overrides), rerun
         self._offline = self._reference = None
 
-    def stage_config(self) -> DictConfig:
-        """The run's config for a sub-run: its model is always saved (a later stage starts from it) and it opens no
-        tracker run of its own (both settings are outside the config hash)."""
-        cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
-        cfg.trainer.save_model, cfg.trainer.trackers = True, []
-        return cfg
+    def sub_recipe(self, stage: Stage) -> Recipe:
+        """The recipe of a sub-run: its model is always saved (a later stage starts from it) and it opens no tracker
+        run of its own (both settings are outside the config hash)."""
+        extra = {"trainer.save_model": True, "trainer.trackers": []}
+        return Recipe(self.cfg, dataclasses.replace(stage, config={**stage.config, **extra}))
 
     def subrun(self, stage: Stage, directory: Path | None = None) -> dict:
         """Train `stage` in `directory` (default: <run dir>/<stage.name>): reused when it finished there, resumed from
         its latest checkpoint when it stopped there, trained from its start otherwise. Returns its results."""
         self._reference = None                                             # not held while a stage trains
-        recipe = Recipe(self.stage_config(), stage)
+        recipe = self.sub_recipe(stage)
         path = Path(directory) if directory is not None else self.run_dir / stage.name
         main = self.state.is_main_process
         inputs = recipe.inputs() if main else None

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from midpo_cli.pipelines import Pipeline, Runner
-from midpo_cli.recipe import Recipe, Stage
+from midpo_cli.recipe import Stage
 
 log = logging.getLogger("midpo")
 BOUNDS_TOL = 1e-6                       # weights are kept as float32: "at a bound" within this
@@ -188,7 +188,7 @@ class Estimated(Pipeline):
         stages = self.stages(runner, rows)
         reference = weights_digest(runner.reference())
         key = config_hash({"pairs": refcache.key_of(reference, tok, [], cfg.trainer.precision, runner.device(), digest),
-                           **{side: Recipe(runner.stage_config(), s).config_hash for side, s in stages.items()}})
+                           **{side: runner.sub_recipe(s).config_hash for side, s in stages.items()}})
         root = Path(cfg.cache_dir) / "tisdpo" / "contrastive" / key
         dirs, table = [], []
         main = runner.state.is_main_process
