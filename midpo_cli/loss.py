@@ -76,14 +76,20 @@ def pair_metrics(policy_logps: Tensor, log_prior: Tensor, a: float, losses: Tens
     }
 
 
+COMMON_SCALE = 0.1   # a of logratio/loss: J(pi, pi_ref) at DPO's default beta, the same for every prior
+
+
 @torch.no_grad()
 def logratio_metrics(policy_logps: Tensor, ref_logps: Tensor, log_prior: Tensor) -> dict[str, float]:
     """Prior-independent yardsticks against the reference, sequence log-probs [2, B] each:
     logratio/margins = mean[(log pi - log pi_ref)_w - (log pi - log pi_ref)_l] (the policy's own margin);
+    logratio/loss = J(pi, pi_ref) at a = COMMON_SCALE: the policy's J under one fixed prior (DPO's), comparable
+    across priors whatever prior or scale each trained with (on held-out pairs: eval/logratio/loss);
     prior/shift = mean[(log zeta - log pi_ref)_w - (log zeta - log pi_ref)_l] (how far the prior's margin
     moved from the reference's; 0 for DPO, and for a learnable prior at initialisation)."""
     ratio = (policy_logps - ref_logps).float()                           # [2, B]
     shift = (log_prior - ref_logps).float()
     return {"logratio/margins": (ratio[0] - ratio[1]).mean().item(),
+            "logratio/loss": mi_dpo_loss(ratio, torch.zeros_like(ratio), COMMON_SCALE).mean().item(),
             "logratio/accuracies": (ratio[0] > ratio[1]).float().mean().item(),
             "prior/shift": (shift[0] - shift[1]).mean().item()}

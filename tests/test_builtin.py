@@ -60,3 +60,33 @@ def test_length_bias_shapes_pairs(tmp_path, fast):
         rows = builtin.sampled_pairs(ctx, ref)["pairs"]
         lens[bias] = sum(len(r["chosen"]) - len(r["rejected"]) for r in rows) / len(rows)
     assert lens[0.5] > 0 > lens[-0.5]
+
+
+def test_evaluation_pairs_policy_and_reference_draws(tmp_path):
+    """The held-out evaluation draws eval_samples_per_prompt samples per prompt, and the reference's figures do not
+    depend on the policy sampled before it (common random numbers): a policy equal to the reference draws the
+    reference's very samples (gain 0, win-rate 1/2), and any other policy leaves the reference's reward unchanged."""
+    import torch
+    from omegaconf import OmegaConf
+    from midpo_cli.config import ModelConfig
+    from midpo_cli.engine.models import byte_tokenizer, load_model
+    from midpo_cli.tasks.base import Context
+    from midpo_cli.tasks.builtin import BuiltinSettings, BuiltinTask
+
+    cfg = OmegaConf.create({"source": "builtin", "task": OmegaConf.structured(BuiltinSettings)})
+    cfg.task.eval_prompts, cfg.task.eval_samples_per_prompt = 6, 3
+    model_cfg, tok = OmegaConf.structured(ModelConfig), byte_tokenizer()
+    ctx = Context(tok, model_cfg, 0, tmp_path, torch.device("cpu"))
+    task = BuiltinTask(cfg)
+    torch.manual_seed(0)
+    reference, other = load_model(model_cfg, tok), load_model(model_cfg, tok)
+    runs = []
+    for policy in (reference, other):
+        torch.manual_seed(5)
+        runs.append(task.evaluate(ctx, policy, reference))
+    same, moved = runs
+    assert same["true_reward/policy"] == same["true_reward/reference"] and same["win_rate"] == 0.5
+    assert [s["policy"] for s in same["samples"]] == [s["reference"] for s in same["samples"]]
+    assert moved["true_reward/reference"] == same["true_reward/reference"]
+    assert [s["reference"] for s in moved["samples"]] == [s["reference"] for s in same["samples"]]
+    assert len(same["samples"]) == 8 and same["samples"][0]["prompt"] == same["samples"][2]["prompt"]  # 3 per prompt

@@ -40,6 +40,7 @@ class BuiltinSettings:
     train_prompts: int = 640            # prompts sampled for preference pairs
     eval_prompts: int = 128             # held-out prompts for evaluation
     samples_per_prompt: int = 4         # reference samples ranked per prompt (best = chosen, worst = rejected)
+    eval_samples_per_prompt: int = 4    # samples per held-out prompt from each of policy and reference (less noise)
     temperature: float = 1.0            # sampling temperature (pairs and evaluation)
     length_bias: float = 0.0            # annotator bias per character: >0 prefers longer, <0 shorter chosen
     eval_pairs_fraction: float = 0.1    # pairs held out for the preference metrics during training
@@ -96,6 +97,8 @@ def check(task) -> None:
         raise ValueError(f"dataset.task.kind='{task.kind}' is not one of {', '.join(KINDS)}.{hint}")
     if not 0 < task.min_len <= task.max_len:
         raise ValueError("dataset.task needs 0 < min_len <= max_len")
+    if task.eval_samples_per_prompt < 1:
+        raise ValueError(f"dataset.task.eval_samples_per_prompt={task.eval_samples_per_prompt} must be >= 1")
 
 
 def sft_reference(task, model_cfg, tokenizer, seed: int, cache_root: Path, device) -> Path:
@@ -174,7 +177,3 @@ class BuiltinTask(SampledTask):
     @property
     def max_new_tokens(self) -> int:
         return self.task.max_len * 2 + 2
-
-    @property
-    def eval_samples(self) -> int:
-        return 1

@@ -128,13 +128,17 @@ class SampledTask(Task):
     def evaluate(self, ctx: Context, policy, reference) -> dict:
         """Mean reward of policy and reference samples, win-rate of the policy's i-th sample over the
         reference's (ties 1/2), KL(pi || pi_ref) estimated as E_{y~pi}[log pi(y|x) - log pi_ref(y|x)] (y + EOS,
-        summed over tokens), mean lengths, the task's fractions, and the first 8 samples."""
+        summed over tokens), mean lengths, the task's fractions, and the first 8 samples. Policy and reference
+        sample from the same random state (common random numbers): the reference's figures are the same for every
+        run of a seed whatever its policy, and a policy equal to the reference draws the reference's samples."""
         _, held = self.split(ctx)
         log.info("evaluating: sampling %d held-out prompts x %d from policy and reference", len(held),
                  self.eval_samples)
         items = [x for x in held for _ in range(self.eval_samples)]
         prompts = [self.prompt(x) for x in items]
-        pol = sample(policy, ctx.tokenizer, prompts, self.task.temperature, self.max_new_tokens, ctx.device)
+        cuda = [ctx.device] if torch.device(ctx.device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):                      # restored after: the reference starts there too
+            pol = sample(policy, ctx.tokenizer, prompts, self.task.temperature, self.max_new_tokens, ctx.device)
         ref = sample(reference, ctx.tokenizer, prompts, self.task.temperature, self.max_new_tokens, ctx.device)
         r_pol = torch.tensor([self.reward(x, y) for x, y in zip(items, pol)])
         r_ref = torch.tensor([self.reward(x, y) for x, y in zip(items, ref)])
