@@ -147,3 +147,34 @@ def test_a_sweeps_command_line_shows_what_ran(tmp_path):
     OmegaConf.save({"hydra": {"overrides": {"task": ["+experiment=all_priors", "prior=dpo,simpo"]},
                               "sweeper": {"params": {"prior": "glob(*)", "seed": "0,1"}}}}, tmp_path / "multirun.yaml")
     assert sweep_command(tmp_path) == "midpo train --multirun +experiment=all_priors prior=dpo,simpo seed=0,1"
+
+
+def fake_run(d: Path, prior: str, seed: int, beta: float | None = None, *, reward: float, kl: float = 1.0,
+             win: float = 0.5, final: dict | None = None, arm: str | None = None) -> Path:
+    """A finished run directory of the built-in task, as `midpo train` leaves it (results.json, metrics.jsonl)."""
+    d.mkdir(parents=True)
+    beta = PRIORS[prior].beta if beta is None else beta
+    overrides = [f"+arm={arm}" if arm else f"prior={prior}", f"seed={seed}", f"prior.beta={beta}"]
+    ev = {"true_reward/policy": reward, "true_reward/reference": 0.3, "kl/policy_ref": kl, "win_rate": win,
+          "length/policy": 5.0, "length/reference": 5.0}
+    (d / "results.json").write_text(json.dumps({
+        "config": {"seed": seed, "prior": {"name": prior, "beta": beta}, "dataset": {"source": "builtin"}},
+        "eval": ev, "overrides": overrides}))
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 0.6, **(final or {})}) + "\n")
+    return d
+
+
+def test_t_interval_is_the_hand_computed_one_and_the_summary_uses_it_below_ten_seeds():
+    d = np.array([0.1, 0.3, 0.2, 0.4, 0.0])      # mean 0.2, s = sqrt(0.1/4) = 0.15811, t_{4,0.975} = 2.7764
+    lo, hi = tables.t_interval(d, 0.95)
+    assert math.isclose((lo + hi) / 2, 0.2) and math.isclose((hi - lo) / 2, 2.7764451 * 0.1581139 / math.sqrt(5),
+                                                             rel_tol=1e-6)
+    assert math.isclose((hi - lo) / 2, 0.19632, abs_tol=1e-5)
+    assert math.isclose(tables._t_quantile(0.975, 4), 2.7764451, rel_tol=1e-7)    # without scipy: the same
+    assert math.isclose(tables._t_quantile(0.995, 9), 3.2498355, rel_tol=1e-7)
+    df = pd.DataFrame({"group": ["a"] * 3 + ["b"] * 10, "prior": "dpo", "status": "ok",
+                       "x": [0.1, 0.2, 0.6, *np.linspace(0, 1, 10)]})
+    agg = tables.aggregate(df, ["x"])
+    assert list(agg["x/interval"]) == ["t", "bootstrap"]
+    lo, hi = tables.t_interval(np.array([0.1, 0.2, 0.6]))
+    assert (agg["x/ci_lo"][0], agg["x/ci_hi"][0]) == (lo, hi) and lo < 0.1 and hi > 0.6   # not the seeds' min-max

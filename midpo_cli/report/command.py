@@ -1,7 +1,8 @@
 """`midpo report DIR... [--out DIR]`: one result table from run and sweep directories, seeds aggregated.
 
 Finished, failed and incomplete (crashed) runs are all rows. Writes into --out (default: DIR/report/):
-runs.csv/.parquet/.md (a row per run), summary.csv (per group: mean, std, 95% bootstrap CI over seeds),
+runs.csv/.parquet/.md (a row per run), summary.csv (per group: mean, std, 95% CI over seeds: t below 10 seeds,
+bootstrap from 10),
 report.md (the pivot, how to read it, the figures) and the PNG figures; prints the pivot.
 """
 from __future__ import annotations
@@ -26,13 +27,14 @@ DPO's beta=0.1 log-ratio are not comparable). Compare priors on the prior-indepe
 - `logp margin`: log pi(y_w|x) - log pi(y_l|x) of the trained policy on held-out pairs (nats; no prior,
   no reference, no scale). It includes the reference's own starting margin.
 {tasks}
-Cells are `mean±std` over seeds (`tokens/s`: the mean); `summary.csv` has the 95% percentile-bootstrap CI of each mean
-(2000 resamples), drawn as error bars in the figures. Failed and incomplete runs count in `seeds ok`
-but not in the means.
+Cells are `mean±std` over seeds (`tokens/s`: the mean); `summary.csv` has the {ci} of each mean
+(`<metric>/ci_lo`, `/ci_hi`, and `/interval`: which kind; the bootstrap: 2000 resamples; with 3 seeds a
+bootstrap would only span their min-max, too narrow), drawn as error bars in the figures. Failed and incomplete
+runs count in `seeds ok` but not in the means.
 """
 FIGURES = {"frontier.png": "The task's headline metric vs its cost (e.g. KL to the reference): the trade-off.",
            "curves.png": "Training curves.", "bars.png": "Accuracy, the task's outcomes and margin per prior, with "
-                                                          "95% CIs.",
+                                                          "95% CIs of the mean.",
            "objective.png": "Final J on the training pairs and what it bought: held-out accuracy of the policy's "
                             "log-ratio, the task's trade-off metrics, and the prior's shift, with 95% CIs."}
 
@@ -66,7 +68,8 @@ def task_reading(df) -> str:
     return "\n".join([head, *lines, ""]) if lines else ""
 
 
-def write_markdown(out: Path, dirs: list[Path], df, agg, piv, figures: list[Path]) -> Path:
+def write_markdown(out: Path, dirs: list[Path], df, agg, piv, figures: list[Path], level: float = 0.95,
+                   extra: list[str] = ()) -> Path:
     status = df["status"].value_counts().to_dict()
     lines = ["# midpo report", "",
              f"Sources: {', '.join(f'`{d}`' for d in dirs)}. Runs: {len(df)} "
@@ -78,7 +81,7 @@ def write_markdown(out: Path, dirs: list[Path], df, agg, piv, figures: list[Path
         lines += ["`a (= b)`: every outcome of a equals b's to 9 decimals, so their points coincide in the figures "
                   "(a prior that reduces exactly to another with its default settings): " +
                   ", ".join(f"{a} = {b}" for a, b in same.items()) + ".", ""]
-    lines += [READING.format(tasks=task_reading(df))]
+    lines += [READING.format(tasks=task_reading(df), ci=tables.ci_words(level)), *extra]
     for f in figures:
         lines += [f"![{f.stem}]({f.name})", "", FIGURES.get(f.name, ""), ""]
     lines += ["## Runs", "", tables.markdown(df[tables.main_columns(df)]), "",
