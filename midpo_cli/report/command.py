@@ -1,18 +1,27 @@
-"""`midpo report DIR... [--out DIR]`: one result table from run and sweep directories, seeds aggregated.
+"""`midpo report DIR... [report.KEY=VALUE ...] [--out DIR]`: one result table from run and sweep directories, seeds
+aggregated.
 
 Finished, failed and incomplete (crashed) runs are all rows. Writes into --out (default: DIR/report/):
 runs.csv/.parquet/.md (a row per run), summary.csv (per group: mean, std, 95% CI over seeds: t below 10 seeds,
 bootstrap from 10),
-report.md (the pivot, how to read it, the figures) and the PNG figures; prints the pivot.
+report.md (the pivot, how to read it, the figures) and the PNG figures; prints the pivot. Options (Hydra-style,
+after the directories): report.baseline=NAME (a group, or a prior/arm name, of the report's rows) adds the paired
+comparison of every other group against it (report/paired.py: paired.csv, matched_kl.csv, a section of
+report.md, a printed table), report.confidence=0.95 the intervals' level, report.match_kl=KL the KL at which each
+group's beta frontier is read (default: the baseline's own KL per seed).
 """
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
 
 from midpo_cli import console
-from midpo_cli.report import tables
+import pandas as pd
+
+from midpo_cli.report import paired, tables
 
 READING = """\
 ## Reading the columns
@@ -39,11 +48,57 @@ FIGURES = {"frontier.png": "The task's headline metric vs its cost (e.g. KL to t
                             "log-ratio, the task's trade-off metrics, and the prior's shift, with 95% CIs."}
 
 
+OPTIONS = {"report.baseline": "a group (or prior/arm name) of the report's rows: every other group against it, "
+                              "paired by seed",
+           "report.confidence": "the level of every interval, in (0, 1) (default 0.95)",
+           "report.match_kl": "the KL at which each group's beta frontier is read (default: the baseline's KL on "
+                              "each seed)"}
+OPTION = re.compile(r"[A-Za-z_][\w.]*=")               # key=value after the directories (not a directory)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
+    """The directories and --out (argparse), then the report.KEY=VALUE tokens among the positionals: `baseline`,
+    `confidence`, `match_kl` set on the namespace; SystemExit(2) with one line for a wrong key or value."""
     p = argparse.ArgumentParser(prog="midpo report", description=__doc__.splitlines()[0])
-    p.add_argument("dirs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
+    p.add_argument("dirs", nargs="+", metavar="DIR | report.KEY=VALUE",
+                   help="run or sweep directories (searched recursively), then options: " +
+                        "; ".join(f"{k}=...: {v}" for k, v in OPTIONS.items()))
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the first DIR's report/)")
-    return p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    given = {}
+    dirs = []
+    for token in args.dirs:
+        if OPTION.match(token) and not Path(token).is_dir():
+            key, _, value = token.partition("=")
+            if key.lstrip("+~") not in OPTIONS:
+                _fail(f"unknown option {key}; midpo report takes {', '.join(f'{k}=...' for k in OPTIONS)}")
+            given[key.lstrip("+~")] = value
+        else:
+            dirs.append(Path(token))
+    if not dirs:
+        _fail("no directory given: midpo report DIR [DIR ...] [report.baseline=NAME ...]")
+    args.dirs = dirs
+    args.baseline = given.get("report.baseline") or None
+    args.confidence = _number(given, "report.confidence", 0.95, lambda v: 0 < v < 1, "a level in (0, 1), e.g. 0.95")
+    args.match_kl = _number(given, "report.match_kl", None, lambda v: v >= 0, "a KL >= 0 (nats), e.g. 0.5")
+    return args
+
+
+def _number(given: dict, key: str, default, ok, what: str):
+    if key not in given:
+        return default
+    try:
+        v = float(given[key])
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and ok(v)):
+        _fail(f"{key}={given[key]}: give {what}")
+    return v
+
+
+def _fail(message: str):
+    console.error(message)
+    raise SystemExit(2)
 
 
 def sweep_command(d: Path) -> str | None:
@@ -102,17 +157,61 @@ def main(argv: list[str] | None = None) -> None:
         console.error(f"no runs under {', '.join(map(str, args.dirs))}: a run directory holds results.json, "
                       "error.json, config.yaml or metrics.jsonl")
         raise SystemExit(1)
+    level = args.confidence
+    try:                                                                     # a wrong name: before any file is written
+        base = paired.baseline_groups(df, args.baseline) if args.baseline else None
+    except paired.Unusable as e:
+        _fail(str(e))
     out = args.out or args.dirs[0] / "report"
     tables.write_table(df, out, "runs")
-    agg = tables.aggregate(df)
+    agg = tables.aggregate(df, level=level)
     agg.to_csv(out / "summary.csv", index=False)
     piv = tables.pivot(agg, tables.summary_columns(df))
     from midpo_cli.report import plots                                        # matplotlib only when reporting
-    figures = plots.plot_all(df, agg, out)
-    md = write_markdown(out, args.dirs, df, agg, piv, figures)
+    figures = plots.plot_all(df, agg, out, level)
+    comparison, printed, notes = compare(df, base, level, args.match_kl, out)
+    md = write_markdown(out, args.dirs, df, agg, piv, figures, level, comparison)
     tables.print_table(piv, f"midpo report: {len(df)} runs, mean±std over seeds")
+    for frame, title in printed:
+        tables.print_table(frame, title)
+    for note in notes:
+        console.line(note, "warning", "bold yellow")
     bad = df[df["status"] != "ok"]
     if not bad.empty:
         tables.print_table(tables.sweep_summary(bad), "runs that did not finish")
+    written = [out / n for n in ("runs.csv", "summary.csv", "paired.csv", "matched_kl.csv") if (out / n).exists()]
     console.console.print(f"report: {md}\nfigures: {', '.join(str(f) for f in figures) or 'none'}\n"
-                          f"tables: {out / 'runs.csv'}, {out / 'summary.csv'}", highlight=False, soft_wrap=True)
+                          f"tables: {', '.join(map(str, written))}", highlight=False, soft_wrap=True)
+
+
+def compare(df, base: list[str] | None, level: float, match_kl: float | None, out: Path):
+    """The paired comparison against `base` (report.baseline's groups) and the matched-KL reading: paired.csv and
+    matched_kl.csv written (removed when not asked for: they would be a previous report's), report.md's lines,
+    the tables to print (frame, title) and the warnings (a line each)."""
+    for stale in ("paired.csv", "matched_kl.csv"):
+        (out / stale).unlink(missing_ok=True)
+    if base is None and match_kl is None:
+        return [], [], []
+    lines, printed = [], []
+    rows = paired.compare(df, base, level) if base else pd.DataFrame()
+    fam, seeds, at_kl, notes = paired.matched_kl(df, base, level, match_kl)
+    rows = pd.concat([rows, at_kl], ignore_index=True)
+    if base:
+        lines += paired.explanation(base, level, not fam.empty)
+    if not rows.empty:
+        rows.to_csv(out / "paired.csv", index=False)
+        view = paired.shown(rows, level)
+        printed.append((view, f"paired by seed against {', '.join(base)}: difference = group - baseline"))
+        lines += [tables.markdown(view), ""]
+    if not fam.empty:
+        seeds.to_csv(out / "matched_kl.csv", index=False)
+        xy = tables.frontier_of(df)
+        label = tables.declared(df)[xy[1]][0].label
+        view = paired.shown_matched(fam, label)
+        printed.append((view, f"{label} at matched KL, read off each group's own beta frontier (never extrapolated)"))
+        if not base:
+            lines += ["## At matched KL", "", paired.explanation([], level, True)[-2], ""]
+        lines += ["Each group's reward at the target KL (per seed in `matched_kl.csv`):", "", tables.markdown(view), ""]
+    notes = [*paired.warnings(rows), *notes]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return lines, printed, notes

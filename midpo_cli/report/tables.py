@@ -32,10 +32,12 @@ from midpo_cli.tasks import TASKS, Metric, source_of
 MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl", "job.json", "run.json")
 FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin", "logratio/margins",
          "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/margin", "eval/logratio/margins",
-         "eval/logratio/accuracies", "prior/margin", "prior/shift", "eval/prior/shift", "train/loss")
+         "eval/logratio/accuracies", "eval/logratio/loss", "prior/margin", "prior/shift", "eval/prior/shift",
+         "train/loss")
 BEST = {"loss": min, "rewards/accuracies": max, "eval/loss": min, "eval/rewards/accuracies": max}
 # The aggregate's metrics: the fair ones first (the task's declared metrics, then these), each prior's own, cost.
-SUMMARY = ("final/eval/logratio/margins", "final/eval/logratio/accuracies", "final/eval/logps/margin",
+SUMMARY = ("final/eval/logratio/margins", "final/eval/logratio/accuracies", "final/eval/logratio/loss",
+           "final/eval/logps/margin",
            "final/eval/rewards/margins", "final/eval/rewards/accuracies", "final/eval/loss", "final/train/loss",
            "final/eval/prior/shift", "tokens_per_s", "wall_time_s")
 COST = ("tokens_per_s", "wall_time_s")
@@ -45,7 +47,8 @@ LABELS = {"final/eval/logps/margin": "logp margin",
           "final/eval/logratio/margins": "logratio margin", "final/eval/logratio/accuracies": "logratio accuracy",
           "final/train/loss": "J (train pairs)", "final/eval/prior/shift": "prior shift",
           "final/eval/rewards/margins": "own margin", "final/eval/rewards/accuracies": "own accuracy",
-          "final/eval/loss": "eval loss", "tokens_per_s": "tokens/s", "wall_time_s": "wall s"}
+          "final/eval/loss": "held-out J (own prior)", "final/eval/logratio/loss": "held-out J(π, π_ref)",
+          "tokens_per_s": "tokens/s", "wall_time_s": "wall s"}
 
 MAIN = ("job", "status", "reused", "prior", "seed", "overrides", "final/eval/rewards/accuracies",   # the markdown's columns
         "final/eval/rewards/margins", "final/eval/logratio/margins", "final/eval/logps/margin", "task/",
@@ -156,6 +159,7 @@ def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = N
            "error": (error or {}).get("error", ""), "overrides": " ".join(overrides),
            "prior": prior.get("name") or _from_overrides(overrides, "prior") or "",
            "prior_params": " ".join(f"{k}={v}" for k, v in prior.items() if k != "name"),
+           "beta": prior.get("beta") if isinstance(prior.get("beta"), (int, float)) else None,   # the scale
            "seed": (config or {}).get("seed", _from_overrides(overrides, "seed")),
            "task": source or _from_overrides(overrides, "dataset.source") or _from_overrides(overrides, "dataset")}
     lines = metrics_of(run_dir)
