@@ -196,7 +196,8 @@ def test_paired_differences_against_the_baseline_have_the_hand_computed_t_interv
     r = rows.loc["task/true_reward"]
     assert (r["group"], r["baseline"], r["n"], r["seeds"]) == ("dpo", "simpo", 5, "0 1 2 3 4")
     assert math.isclose(r["mean_diff"], 0.2) and math.isclose(r["std"], 0.158114, rel_tol=1e-5)
-    assert math.isclose(r["t_hi"] - 0.2, 0.196324, rel_tol=1e-5) and math.isclose(0.2 - r["t_lo"], 0.196324, rel_tol=1e-5)
+    assert math.isclose(r["t_hi"] - 0.2, 0.196324, rel_tol=1e-5)                   # 2.776445 * 0.158114 / sqrt(5)
+    assert math.isclose(0.2 - r["t_lo"], 0.196324, rel_tol=1e-5)
     assert r["wins"] == 4 and np.isnan(r["bootstrap_lo"])                   # 0.0 is no win; n < 10: no bootstrap
     j = rows.loc["final/eval/logratio/loss"]
     assert math.isclose(j["mean_diff"], -0.1) and j["wins"] == 5 and "final/train/loss" not in rows.index

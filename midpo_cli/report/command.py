@@ -1,14 +1,12 @@
-"""`midpo report DIR... [report.KEY=VALUE ...] [--out DIR]`: one result table from run and sweep directories, seeds
-aggregated.
+"""`midpo report DIR... [report.KEY=VALUE ...] [--out DIR]`: one table of run and sweep directories, by seed.
 
 Finished, failed and incomplete (crashed) runs are all rows. Writes into --out (default: DIR/report/):
 runs.csv/.parquet/.md (a row per run), summary.csv (per group: mean, std, 95% CI over seeds: t below 10 seeds,
-bootstrap from 10),
-report.md (the pivot, how to read it, the figures) and the PNG figures; prints the pivot. Options (Hydra-style,
-after the directories): report.baseline=NAME (a group, or a prior/arm name, of the report's rows) adds the paired
-comparison of every other group against it (report/paired.py: paired.csv, matched_kl.csv, a section of
-report.md, a printed table), report.confidence=0.95 the intervals' level, report.match_kl=KL the KL at which each
-group's beta frontier is read (default: the baseline's own KL per seed).
+bootstrap from 10), report.md (the pivot, how to read it, the figures) and the PNG figures; prints the pivot.
+Options (Hydra-style, after the directories): report.baseline=NAME (a group, or a prior/arm name, of the
+report's rows) adds the paired comparison of every other group against it (report/paired.py: paired.csv,
+matched_kl.csv, a section of report.md, a printed table), report.confidence=0.95 the intervals' level,
+report.match_kl=KL the KL at which each group's beta frontier is read (default: the baseline's KL per seed).
 """
 from __future__ import annotations
 

@@ -203,12 +203,11 @@ def matched_kl(df: pd.DataFrame, base: list[str] | None, level: float, match_kl:
         fam_rows.append({"group": f, "baseline": "" if is_base else bf or "", "is_baseline": is_base,
                          "betas": " ".join(f"{b:g}" for b in betas[f]),
                          "target": f"KL = {match_kl:g}" if match_kl is not None else "the baseline's KL per seed",
-                         "seeds": len(s), "in_range": len(inside), "out_of_range": int((s["status"] == "out of range").sum()),
+                         "seeds": len(s), "in_range": len(inside),
+                         "out_of_range": int((s["status"] == "out of range").sum()),
                          "frontier": bool(spans.get(f)), "reward_mean": inside["reward_at_target"].mean(),
                          "reward_std": inside["reward_at_target"].std(ddof=1) if len(inside) > 1 else math.nan,
-                         "per_seed": "" if not (spans.get(f) or is_base and match_kl is None) else ", ".join(f"{r.seed}: {r.reward_at_target:.3f}" if r.status == "in range" or
-                                               r.status == "the baseline's own point" else f"{r.seed}: {r.status}"
-                                               for r in s.itertuples())})
+                         "per_seed": _per_seed(s) if spans.get(f) or is_base and match_kl is None else ""})
         if base is None or is_base or not spans.get(f):
             continue
         d = inside.set_index("seed")["reward_at_target"] - inside.set_index("seed")["baseline_reward"]
@@ -217,14 +216,21 @@ def matched_kl(df: pd.DataFrame, base: list[str] | None, level: float, match_kl:
         if match_kl is not None and bf is not None and not spans.get(bf):
             note = (f"the baseline {bf} has a single beta: no reward at KL = {match_kl:g} to subtract "
                     "(omit report.match_kl to match its own KL)")
-        paired_rows.append({"metric": f"{reward}@kl", "label": f"{m.label} at matched KL", "direction": m.direction or "",
-                            "group": f, "baseline": bf or "", **stats(d.dropna(), level, m.direction), "note": note})
+        paired_rows.append({"metric": f"{reward}@kl", "label": f"{m.label} at matched KL",
+                            "direction": m.direction or "", "group": f, "baseline": bf or "",
+                            **stats(d.dropna(), level, m.direction), "note": note})
     notes = []
     out = sum(r["out_of_range"] for r in fam_rows)
     if out:
         notes.append(f"matched KL: {out} seed(s) with the target KL outside their group's KL range are 'out of range' "
                      "(never extrapolated) and left out of the paired differences")
     return pd.DataFrame(fam_rows), pd.DataFrame(seeds_rows), pd.DataFrame(paired_rows), notes
+
+
+def _per_seed(s: pd.DataFrame) -> str:
+    """`seed: reward` of each seed of a group's matched-KL rows, or `seed: why not` (e.g. out of range)."""
+    return ", ".join(f"{r.seed}: {r.reward_at_target:.3f}" if np.isfinite(r.reward_at_target)
+                     else f"{r.seed}: {r.status}" for r in s.itertuples())
 
 
 def _num(v: float, sign: bool = False) -> str:
