@@ -147,3 +147,120 @@ def test_a_sweeps_command_line_shows_what_ran(tmp_path):
     OmegaConf.save({"hydra": {"overrides": {"task": ["+experiment=all_priors", "prior=dpo,simpo"]},
                               "sweeper": {"params": {"prior": "glob(*)", "seed": "0,1"}}}}, tmp_path / "multirun.yaml")
     assert sweep_command(tmp_path) == "midpo train --multirun +experiment=all_priors prior=dpo,simpo seed=0,1"
+
+
+def fake_run(d: Path, prior: str, seed: int, beta: float | None = None, *, reward: float, kl: float = 1.0,
+             win: float = 0.5, final: dict | None = None, arm: str | None = None) -> Path:
+    """A finished run directory of the built-in task, as `midpo train` leaves it (results.json, metrics.jsonl)."""
+    d.mkdir(parents=True)
+    overrides = [f"+arm={arm}" if arm else f"prior={prior}", f"seed={seed}", *([f"prior.beta={beta}"] if beta else [])]
+    beta = PRIORS[prior].beta if beta is None else beta
+    ev = {"true_reward/policy": reward, "true_reward/reference": 0.3, "kl/policy_ref": kl, "win_rate": win,
+          "length/policy": 5.0, "length/reference": 5.0}
+    (d / "results.json").write_text(json.dumps({
+        "config": {"seed": seed, "prior": {"name": prior, "beta": beta}, "dataset": {"source": "builtin"}},
+        "eval": ev, "overrides": overrides}))
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 0.6, **(final or {})}) + "\n")
+    return d
+
+
+def test_t_interval_is_the_hand_computed_one_and_the_summary_uses_it_below_ten_seeds():
+    d = np.array([0.1, 0.3, 0.2, 0.4, 0.0])      # mean 0.2, s = sqrt(0.1/4) = 0.15811, t_{4,0.975} = 2.7764
+    lo, hi = tables.t_interval(d, 0.95)
+    assert math.isclose((lo + hi) / 2, 0.2) and math.isclose((hi - lo) / 2, 2.7764451 * 0.1581139 / math.sqrt(5),
+                                                             rel_tol=1e-6)
+    assert math.isclose((hi - lo) / 2, 0.19632, abs_tol=1e-5)
+    assert math.isclose(tables._t_quantile(0.975, 4), 2.7764451, rel_tol=1e-7)    # without scipy: the same
+    assert math.isclose(tables._t_quantile(0.995, 9), 3.2498355, rel_tol=1e-7)
+    df = pd.DataFrame({"group": ["a"] * 3 + ["b"] * 10, "prior": "dpo", "status": "ok",
+                       "x": [0.1, 0.2, 0.6, *np.linspace(0, 1, 10)]})
+    agg = tables.aggregate(df, ["x"])
+    assert list(agg["x/interval"]) == ["t", "bootstrap"]
+    lo, hi = tables.t_interval(np.array([0.1, 0.2, 0.6]))
+    assert (agg["x/ci_lo"][0], agg["x/ci_hi"][0]) == (lo, hi) and lo < 0.1 and hi > 0.6   # not the seeds' min-max
+
+
+def paired_sweep(root: Path, diffs: list[float], base: str = "simpo", other: str = "dpo") -> Path:
+    """`other` - `base` true reward = diffs[seed]; KL and the held-out J(π, π_ref) too."""
+    for seed, d in enumerate(diffs):
+        fake_run(root / f"{base}{seed}", base, seed, reward=0.4 + 0.05 * seed, final={"eval/logratio/loss": 0.6})
+        fake_run(root / f"{other}{seed}", other, seed, reward=0.4 + 0.05 * seed + d, final={"eval/logratio/loss": 0.5})
+    return root
+
+
+def test_paired_differences_against_the_baseline_have_the_hand_computed_t_interval(tmp_path, capsys):
+    d = paired_sweep(tmp_path / "s", [0.1, 0.3, 0.2, 0.4, 0.0])
+    main(["report", str(d), "report.baseline=simpo"])
+    out, err = capsys.readouterr()
+    rows = pd.read_csv(d / "report" / "paired.csv").set_index("metric")
+    r = rows.loc["task/true_reward"]
+    assert (r["group"], r["baseline"], r["n"], r["seeds"]) == ("dpo", "simpo", 5, "0 1 2 3 4")
+    assert math.isclose(r["mean_diff"], 0.2) and math.isclose(r["std"], 0.158114, rel_tol=1e-5)
+    assert math.isclose(r["t_hi"] - 0.2, 0.196324, rel_tol=1e-5)                   # 2.776445 * 0.158114 / sqrt(5)
+    assert math.isclose(0.2 - r["t_lo"], 0.196324, rel_tol=1e-5)
+    assert r["wins"] == 4 and np.isnan(r["bootstrap_lo"])                   # 0.0 is no win; n < 10: no bootstrap
+    j = rows.loc["final/eval/logratio/loss"]
+    assert math.isclose(j["mean_diff"], -0.1) and j["wins"] == 5 and "final/train/loss" not in rows.index
+    assert "t [+0.0037, +0.3963]" in out and "held-out J(π, π_ref)" in out and "paired by seed" in out
+    assert "n = 5 paired" not in err
+    md = (d / "report" / "report.md").read_text()
+    assert "## Paired comparison against `simpo`" in md and "t [+0.0037, +0.3963]" in md
+
+    d3 = paired_sweep(tmp_path / "s3", [0.1, 0.3, 0.2])
+    main(["report", str(d3), "report.baseline=simpo"])
+    err = capsys.readouterr().err
+    assert "n = 3 paired seeds" in err and "the t-interval is wide and assumes normal differences" in err
+
+
+def test_a_bootstrap_interval_only_from_ten_paired_seeds():
+    from midpo_cli.report import paired
+    nine, ten = (pd.Series(np.linspace(-0.1, 0.3, n)) for n in (9, 10))
+    assert np.isnan(paired.stats(nine, 0.95, "max")["bootstrap_lo"])
+    s = paired.stats(ten, 0.95, "max")
+    assert (s["bootstrap_lo"], s["bootstrap_hi"]) == tables.bootstrap_ci(ten.to_numpy()) and np.isfinite(s["t_lo"])
+
+
+def frontier_sweep(root: Path) -> Path:
+    """dpo at two betas (KL 2 -> reward 0.5, KL 4 -> 0.7 on both seeds) and simpo at one beta: its KL 3 on seed 0
+    (inside dpo's range), 5 on seed 1 (outside)."""
+    for seed in (0, 1):
+        fake_run(root / f"dpo-a{seed}", "dpo", seed, 0.1, reward=0.5, kl=2.0)
+        fake_run(root / f"dpo-b{seed}", "dpo", seed, 1.0, reward=0.7, kl=4.0)
+    fake_run(root / "simpo0", "simpo", 0, reward=0.55, kl=3.0)
+    fake_run(root / "simpo1", "simpo", 1, reward=0.6, kl=5.0)
+    return root
+
+
+def test_reward_at_matched_kl_is_interpolated_on_each_seed_and_never_extrapolated(tmp_path, capsys):
+    from midpo_cli.report import paired
+    d = frontier_sweep(tmp_path / "f")
+    df = tables.collect([d])
+    fam, seeds, rows, notes = paired.matched_kl(df, paired.baseline_groups(df, "simpo"), 0.95, None)
+    dpo = seeds[seeds["group"] == "dpo"].set_index("seed")
+    assert math.isclose(dpo.loc[0, "reward_at_target"], 0.6) and dpo.loc[0, "target_kl"] == 3.0   # 0.5 + 0.2 * 1/2
+    assert dpo.loc[1, "status"] == "out of range" and np.isnan(dpo.loc[1, "reward_at_target"])   # KL 5 > 4: not 0.7
+    r = rows.iloc[0]
+    assert (r["group"], r["n"], r["seeds"]) == ("dpo", 1, "0") and math.isclose(r["mean_diff"], 0.05)
+    assert fam.set_index("group").loc["dpo", "out_of_range"] == 1 and any("out of range" in n for n in notes)
+
+    fam, seeds, rows, _ = paired.matched_kl(df, None, 0.95, 2.5)                 # report.match_kl, no baseline
+    assert list(seeds[seeds["group"] == "dpo"]["reward_at_target"]) == pytest.approx([0.55, 0.55])
+    assert fam.set_index("group").loc["simpo", "frontier"] == False and rows.empty   # noqa: E712
+    _, _, _, notes = paired.matched_kl(df, paired.baseline_groups(df, "dpo"), 0.95, None)
+    assert "spans several betas" in notes[0] and "report.match_kl" in notes[0]
+
+    main(["report", str(d), "report.baseline=simpo"])
+    out = capsys.readouterr().out
+    assert "out of range" in out and "1 of 2 seeds" in out and "single beta" not in out
+
+
+def test_report_options_are_checked_in_one_line(tmp_path, capsys):
+    d = paired_sweep(tmp_path / "s", [0.1, 0.2])
+    for option, words in [("report.baseline=ipo", "report.baseline=ipo names no group of this report; one of: dpo, simpo"),
+                          ("report.basline=dpo", "unknown option report.basline; midpo report takes report.baseline=..."),
+                          ("report.confidence=95", "report.confidence=95: give a level in (0, 1)")]:
+        with pytest.raises(SystemExit) as e:
+            main(["report", str(d), option])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not (d / "report").exists()                                         # nothing written

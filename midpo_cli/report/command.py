@@ -1,17 +1,25 @@
-"""`midpo report DIR... [--out DIR]`: one result table from run and sweep directories, seeds aggregated.
+"""`midpo report DIR... [report.KEY=VALUE ...] [--out DIR]`: one table of run and sweep directories, by seed.
 
 Finished, failed and incomplete (crashed) runs are all rows. Writes into --out (default: DIR/report/):
-runs.csv/.parquet/.md (a row per run), summary.csv (per group: mean, std, 95% bootstrap CI over seeds),
-report.md (the pivot, how to read it, the figures) and the PNG figures; prints the pivot.
+runs.csv/.parquet/.md (a row per run), summary.csv (per group: mean, std, 95% CI over seeds: t below 10 seeds,
+bootstrap from 10), report.md (the pivot, how to read it, the figures) and the PNG figures; prints the pivot.
+Options (Hydra-style, after the directories): report.baseline=NAME (a group, or a prior/arm name, of the
+report's rows) adds the paired comparison of every other group against it (report/paired.py: paired.csv,
+matched_kl.csv, a section of report.md, a printed table), report.confidence=0.95 the intervals' level,
+report.match_kl=KL the KL at which each group's beta frontier is read (default: the baseline's KL per seed).
 """
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
 
 from midpo_cli import console
-from midpo_cli.report import tables
+import pandas as pd
+
+from midpo_cli.report import paired, tables
 
 READING = """\
 ## Reading the columns
@@ -26,22 +34,69 @@ DPO's beta=0.1 log-ratio are not comparable). Compare priors on the prior-indepe
 - `logp margin`: log pi(y_w|x) - log pi(y_l|x) of the trained policy on held-out pairs (nats; no prior,
   no reference, no scale). It includes the reference's own starting margin.
 {tasks}
-Cells are `mean±std` over seeds (`tokens/s`: the mean); `summary.csv` has the 95% percentile-bootstrap CI of each mean
-(2000 resamples), drawn as error bars in the figures. Failed and incomplete runs count in `seeds ok`
-but not in the means.
+Cells are `mean±std` over seeds (`tokens/s`: the mean); `summary.csv` has the {ci} of each mean
+(`<metric>/ci_lo`, `/ci_hi`, and `/interval`: which kind; the bootstrap: 2000 resamples; with 3 seeds a
+bootstrap would only span their min-max, too narrow), drawn as error bars in the figures. Failed and incomplete
+runs count in `seeds ok` but not in the means.
 """
 FIGURES = {"frontier.png": "The task's headline metric vs its cost (e.g. KL to the reference): the trade-off.",
            "curves.png": "Training curves.", "bars.png": "Accuracy, the task's outcomes and margin per prior, with "
-                                                          "95% CIs.",
+                                                          "95% CIs of the mean.",
            "objective.png": "Final J on the training pairs and what it bought: held-out accuracy of the policy's "
                             "log-ratio, the task's trade-off metrics, and the prior's shift, with 95% CIs."}
 
 
+OPTIONS = {"report.baseline": "a group (or prior/arm name) of the report's rows: every other group against it, "
+                              "paired by seed",
+           "report.confidence": "the level of every interval, in (0, 1) (default 0.95)",
+           "report.match_kl": "the KL at which each group's beta frontier is read (default: the baseline's KL on "
+                              "each seed)"}
+OPTION = re.compile(r"[A-Za-z_][\w.]*=")               # key=value after the directories (not a directory)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
+    """The directories and --out (argparse), then the report.KEY=VALUE tokens among the positionals: `baseline`,
+    `confidence`, `match_kl` set on the namespace; SystemExit(2) with one line for a wrong key or value."""
     p = argparse.ArgumentParser(prog="midpo report", description=__doc__.splitlines()[0])
-    p.add_argument("dirs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
+    p.add_argument("dirs", nargs="+", metavar="DIR | report.KEY=VALUE",
+                   help="run or sweep directories (searched recursively), then options: " +
+                        "; ".join(f"{k}=...: {v}" for k, v in OPTIONS.items()))
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the first DIR's report/)")
-    return p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    given = {}
+    dirs = []
+    for token in args.dirs:
+        if OPTION.match(token) and not Path(token).is_dir():
+            key, _, value = token.partition("=")
+            if key.lstrip("+~") not in OPTIONS:
+                _fail(f"unknown option {key}; midpo report takes {', '.join(f'{k}=...' for k in OPTIONS)}")
+            given[key.lstrip("+~")] = value
+        else:
+            dirs.append(Path(token))
+    if not dirs:
+        _fail("no directory given: midpo report DIR [DIR ...] [report.baseline=NAME ...]")
+    args.dirs = dirs
+    args.baseline = given.get("report.baseline") or None
+    args.confidence = _number(given, "report.confidence", 0.95, lambda v: 0 < v < 1, "a level in (0, 1), e.g. 0.95")
+    args.match_kl = _number(given, "report.match_kl", None, lambda v: v >= 0, "a KL >= 0 (nats), e.g. 0.5")
+    return args
+
+
+def _number(given: dict, key: str, default, ok, what: str):
+    if key not in given:
+        return default
+    try:
+        v = float(given[key])
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and ok(v)):
+        _fail(f"{key}={given[key]}: give {what}")
+    return v
+
+
+def _fail(message: str):
+    console.error(message)
+    raise SystemExit(2)
 
 
 def sweep_command(d: Path) -> str | None:
@@ -66,7 +121,8 @@ def task_reading(df) -> str:
     return "\n".join([head, *lines, ""]) if lines else ""
 
 
-def write_markdown(out: Path, dirs: list[Path], df, agg, piv, figures: list[Path]) -> Path:
+def write_markdown(out: Path, dirs: list[Path], df, agg, piv, figures: list[Path], level: float = 0.95,
+                   extra: list[str] = ()) -> Path:
     status = df["status"].value_counts().to_dict()
     lines = ["# midpo report", "",
              f"Sources: {', '.join(f'`{d}`' for d in dirs)}. Runs: {len(df)} "
@@ -78,7 +134,7 @@ def write_markdown(out: Path, dirs: list[Path], df, agg, piv, figures: list[Path
         lines += ["`a (= b)`: every outcome of a equals b's to 9 decimals, so their points coincide in the figures "
                   "(a prior that reduces exactly to another with its default settings): " +
                   ", ".join(f"{a} = {b}" for a, b in same.items()) + ".", ""]
-    lines += [READING.format(tasks=task_reading(df))]
+    lines += [READING.format(tasks=task_reading(df), ci=tables.ci_words(level)), *extra]
     for f in figures:
         lines += [f"![{f.stem}]({f.name})", "", FIGURES.get(f.name, ""), ""]
     lines += ["## Runs", "", tables.markdown(df[tables.main_columns(df)]), "",
@@ -99,17 +155,61 @@ def main(argv: list[str] | None = None) -> None:
         console.error(f"no runs under {', '.join(map(str, args.dirs))}: a run directory holds results.json, "
                       "error.json, config.yaml or metrics.jsonl")
         raise SystemExit(1)
+    level = args.confidence
+    try:                                                                     # a wrong name: before any file is written
+        base = paired.baseline_groups(df, args.baseline) if args.baseline else None
+    except paired.Unusable as e:
+        _fail(str(e))
     out = args.out or args.dirs[0] / "report"
     tables.write_table(df, out, "runs")
-    agg = tables.aggregate(df)
+    agg = tables.aggregate(df, level=level)
     agg.to_csv(out / "summary.csv", index=False)
     piv = tables.pivot(agg, tables.summary_columns(df))
     from midpo_cli.report import plots                                        # matplotlib only when reporting
-    figures = plots.plot_all(df, agg, out)
-    md = write_markdown(out, args.dirs, df, agg, piv, figures)
+    figures = plots.plot_all(df, agg, out, level)
+    comparison, printed, notes = compare(df, base, level, args.match_kl, out)
+    md = write_markdown(out, args.dirs, df, agg, piv, figures, level, comparison)
     tables.print_table(piv, f"midpo report: {len(df)} runs, mean±std over seeds")
+    for frame, title in printed:
+        tables.print_table(frame, title)
+    for note in notes:
+        console.line(note, "warning", "bold yellow")
     bad = df[df["status"] != "ok"]
     if not bad.empty:
         tables.print_table(tables.sweep_summary(bad), "runs that did not finish")
+    written = [out / n for n in ("runs.csv", "summary.csv", "paired.csv", "matched_kl.csv") if (out / n).exists()]
     console.console.print(f"report: {md}\nfigures: {', '.join(str(f) for f in figures) or 'none'}\n"
-                          f"tables: {out / 'runs.csv'}, {out / 'summary.csv'}", highlight=False, soft_wrap=True)
+                          f"tables: {', '.join(map(str, written))}", highlight=False, soft_wrap=True)
+
+
+def compare(df, base: list[str] | None, level: float, match_kl: float | None, out: Path):
+    """The paired comparison against `base` (report.baseline's groups) and the matched-KL reading: paired.csv and
+    matched_kl.csv written (removed when not asked for: they would be a previous report's), report.md's lines,
+    the tables to print (frame, title) and the warnings (a line each)."""
+    for stale in ("paired.csv", "matched_kl.csv"):
+        (out / stale).unlink(missing_ok=True)
+    if base is None and match_kl is None:
+        return [], [], []
+    lines, printed = [], []
+    rows = paired.compare(df, base, level) if base else pd.DataFrame()
+    fam, seeds, at_kl, notes = paired.matched_kl(df, base, level, match_kl)
+    rows = pd.concat([rows, at_kl], ignore_index=True)
+    if base:
+        lines += paired.explanation(base, level, not fam.empty)
+    if not rows.empty:
+        rows.to_csv(out / "paired.csv", index=False)
+        view = paired.shown(rows, level)
+        printed.append((view, f"paired by seed against {', '.join(base)}: difference = group - baseline"))
+        lines += [tables.markdown(view), ""]
+    if not fam.empty:
+        seeds.to_csv(out / "matched_kl.csv", index=False)
+        xy = tables.frontier_of(df)
+        label = tables.declared(df)[xy[1]][0].label
+        view = paired.shown_matched(fam, label)
+        printed.append((view, f"{label} at matched KL, read off each group's own beta frontier (never extrapolated)"))
+        if not base:
+            lines += ["## At matched KL", "", paired.explanation([], level, True)[-2], ""]
+        lines += ["Each group's reward at the target KL (per seed in `matched_kl.csv`):", "", tables.markdown(view), ""]
+    notes = [*paired.warnings(rows), *notes]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return lines, printed, notes

@@ -4,7 +4,7 @@ frontier.png  the task's trade-off (Task.frontier, e.g. its reward vs KL to the 
               their mean (tasks that declare one)
 curves.png    training curves per group, mean over seeds with the min-max band
 bars.png      held-out accuracy, the task's outcomes (its metrics with a direction) and log-likelihood margin per
-              group, 95% bootstrap CIs
+              group, 95% CIs (t-interval below 10 seeds, percentile bootstrap from 10; tables.interval)
 objective.png runs with trainer.eval_train: final J on the training pairs and what it bought (held-out accuracy of the
               policy's log-ratio, the task's trade-off metrics) beside the prior's shift, per group (learnable priors)
 
@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from midpo_cli.report.tables import declared, display_names, metrics_of, same_as  # noqa: E402
-from midpo_cli.tasks import TASKS, Metric  # noqa: E402
+from midpo_cli.report.tables import ci_words, declared, display_names, frontier_of, metrics_of, same_as  # noqa: E402
+from midpo_cli.tasks import Metric  # noqa: E402
 
 DPI = 100
 MARKERS = "osD^vP*Xph<>"
@@ -41,15 +41,6 @@ SHIFT = ("final/eval/prior/shift", "held-out prior shift [nats]\n(log ζ − log
 def axis(m: Metric) -> str:
     """A declared metric's axis label, its bracket on a line of its own."""
     return m.axis.replace(" [", "\n[", 1)
-
-
-def frontier_of(df: pd.DataFrame) -> tuple[str, str] | None:
-    """(x, y) columns of the first task of df's runs that declares a trade-off figure (Task.frontier)."""
-    for source in dict.fromkeys(df["task"].dropna()) if "task" in df else ():
-        cls = TASKS.get(source)
-        if cls is not None and cls.frontier:
-            return f"task/{cls.frontier[0]}", f"task/{cls.frontier[1]}"
-    return None
 
 
 def no_change(df: pd.DataFrame, metrics: dict[str, tuple[Metric, str]]) -> dict[str, float]:
@@ -94,14 +85,14 @@ def _save(fig, path: Path) -> Path:
 
 
 def _err(agg: pd.DataFrame, m: str) -> np.ndarray:
-    """Asymmetric error bars [2, n] from the bootstrap CI (0 where a group has a single seed)."""
+    """Asymmetric error bars [2, n] from the summary's CI (0 where a group has a single seed)."""
     mean = agg[f"{m}/mean"].to_numpy(float)
     lo, hi = agg[f"{m}/ci_lo"].to_numpy(float), agg[f"{m}/ci_hi"].to_numpy(float)
     return np.nan_to_num(np.stack([mean - lo, hi - mean]), nan=0.0).clip(min=0)
 
 
 def frontier(df: pd.DataFrame, agg: pd.DataFrame, path: Path, xy: tuple[str, str], metrics: dict,
-             base: dict[str, float], col: dict) -> Path:
+             base: dict[str, float], col: dict, level: float = 0.95) -> Path:
     """`xy`: the (x, y) columns; `metrics`: column -> (Metric, what); `base`: column -> value of no change (the
     reference policy's point, where both are known); `col`: group -> colour."""
     (x, y), ok = xy, df[df["status"] == "ok"]
@@ -121,7 +112,7 @@ def frontier(df: pd.DataFrame, agg: pd.DataFrame, path: Path, xy: tuple[str, str
     ax.set_xlabel(mx.axis)
     ax.set_ylabel(my.axis)
     ax.set_title(f"{my.label} vs {mx.label}, held-out prompts\n"
-                 "large marker: mean over seeds ± 95% bootstrap CI; faint: single seeds", fontsize=10)
+                 f"large marker: mean over seeds ± {ci_words(level)}; faint: single seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title=_title(agg["group"]))
     return _save(fig, path)
@@ -157,7 +148,7 @@ def curves(df: pd.DataFrame, path: Path, names: dict, col: dict) -> Path | None:
     return _save(fig, path)
 
 
-def bars(agg: pd.DataFrame, path: Path, base: dict[str, float], col: dict, which) -> Path | None:
+def bars(agg: pd.DataFrame, path: Path, base: dict[str, float], col: dict, which, level: float = 0.95) -> Path | None:
     """Horizontal bars per group, one panel per (column, label) of `which` present; `base` (column -> value of no
     change) drawn as a dashed line."""
     panels = [(m, label) for m, label in which if f"{m}/mean" in agg]
@@ -173,13 +164,13 @@ def bars(agg: pd.DataFrame, path: Path, base: dict[str, float], col: dict, which
         ax.grid(axis="x", alpha=0.3)
     first = np.atleast_1d(axes)[0]
     first.set_yticks(y, display_names(agg), fontsize=9)
-    fig.suptitle("Per prior: mean over seeds, error bars = 95% bootstrap CI; "
+    fig.suptitle(f"Per prior: mean over seeds, error bars = {ci_words(level)};\n"
                  "dashed: no change (the reference policy's value)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_all(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
+def plot_all(df: pd.DataFrame, agg: pd.DataFrame, out: Path, level: float = 0.95) -> list[Path]:
     """Every figure the runs allow (the frontier needs a task that declares one); the PNGs written."""
     out.mkdir(parents=True, exist_ok=True)
     names, col = merged(agg), colors(agg["group"])                     # curves: crashed runs' partial ones too
@@ -189,9 +180,9 @@ def plot_all(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
     xy = xy if xy and all(f"{c}/mean" in agg for c in xy) else None
     outcomes = [(c, axis(m)) for c, (m, what) in metrics.items() if what == "policy" and m.direction]
     trade = [(c, axis(metrics[c][0])) for c in reversed(xy)] if xy else []
-    made = [frontier(df, agg, out / "frontier.png", xy, metrics, base, col) if xy else None,
+    made = [frontier(df, agg, out / "frontier.png", xy, metrics, base, col, level) if xy else None,
             curves(df, out / "curves.png", names, col),
-            bars(agg, out / "bars.png", base, col, [ACCURACY, *outcomes, MARGIN]),
-            bars(agg, out / "objective.png", base, col, [*OBJECTIVE, *trade, SHIFT])
+            bars(agg, out / "bars.png", base, col, [ACCURACY, *outcomes, MARGIN], level),
+            bars(agg, out / "objective.png", base, col, [*OBJECTIVE, *trade, SHIFT], level)
             if "final/train/loss/mean" in agg else None]
     return [p for p in made if p is not None]

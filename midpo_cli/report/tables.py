@@ -32,10 +32,12 @@ from midpo_cli.tasks import TASKS, Metric, source_of
 MARKERS = ("results.json", "error.json", "config.yaml", "metrics.jsonl", "job.json", "run.json")
 FINAL = ("loss", "rewards/accuracies", "rewards/margins", "logps/margin", "logratio/margins",
          "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/margin", "eval/logratio/margins",
-         "eval/logratio/accuracies", "prior/margin", "prior/shift", "eval/prior/shift", "train/loss")
+         "eval/logratio/accuracies", "eval/logratio/loss", "prior/margin", "prior/shift", "eval/prior/shift",
+         "train/loss")
 BEST = {"loss": min, "rewards/accuracies": max, "eval/loss": min, "eval/rewards/accuracies": max}
 # The aggregate's metrics: the fair ones first (the task's declared metrics, then these), each prior's own, cost.
-SUMMARY = ("final/eval/logratio/margins", "final/eval/logratio/accuracies", "final/eval/logps/margin",
+SUMMARY = ("final/eval/logratio/margins", "final/eval/logratio/accuracies", "final/eval/logratio/loss",
+           "final/eval/logps/margin",
            "final/eval/rewards/margins", "final/eval/rewards/accuracies", "final/eval/loss", "final/train/loss",
            "final/eval/prior/shift", "tokens_per_s", "wall_time_s")
 COST = ("tokens_per_s", "wall_time_s")
@@ -45,7 +47,8 @@ LABELS = {"final/eval/logps/margin": "logp margin",
           "final/eval/logratio/margins": "logratio margin", "final/eval/logratio/accuracies": "logratio accuracy",
           "final/train/loss": "J (train pairs)", "final/eval/prior/shift": "prior shift",
           "final/eval/rewards/margins": "own margin", "final/eval/rewards/accuracies": "own accuracy",
-          "final/eval/loss": "eval loss", "tokens_per_s": "tokens/s", "wall_time_s": "wall s"}
+          "final/eval/loss": "held-out J (own prior)", "final/eval/logratio/loss": "held-out J(π, π_ref)",
+          "tokens_per_s": "tokens/s", "wall_time_s": "wall s"}
 
 MAIN = ("job", "status", "reused", "prior", "seed", "overrides", "final/eval/rewards/accuracies",   # the markdown's columns
         "final/eval/rewards/margins", "final/eval/logratio/margins", "final/eval/logps/margin", "task/",
@@ -60,6 +63,15 @@ def declared(df: pd.DataFrame) -> dict[str, tuple[Metric, str]]:
         for c, v in task_columns(declared_metrics(source)).items():
             out.setdefault(c, v)
     return out
+
+
+def frontier_of(df: pd.DataFrame) -> tuple[str, str] | None:
+    """(x, y) columns of the first task of df's runs that declares a trade-off (Task.frontier, e.g. KL and reward)."""
+    for source in dict.fromkeys(df["task"].dropna()) if "task" in df else ():
+        cls = TASKS.get(source)
+        if cls is not None and cls.frontier:
+            return f"task/{cls.frontier[0]}", f"task/{cls.frontier[1]}"
+    return None
 
 
 def label(m: Metric, what: str) -> str:
@@ -147,6 +159,7 @@ def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = N
            "error": (error or {}).get("error", ""), "overrides": " ".join(overrides),
            "prior": prior.get("name") or _from_overrides(overrides, "prior") or "",
            "prior_params": " ".join(f"{k}={v}" for k, v in prior.items() if k != "name"),
+           "beta": prior.get("beta") if isinstance(prior.get("beta"), (int, float)) else None,   # the scale
            "seed": (config or {}).get("seed", _from_overrides(overrides, "seed")),
            "task": source or _from_overrides(overrides, "dataset.source") or _from_overrides(overrides, "dataset")}
     lines = metrics_of(run_dir)
@@ -327,6 +340,75 @@ def bootstrap_ci(x: np.ndarray, level: float = 0.95, resamples: int = 2000, seed
     return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
 
 
+BOOTSTRAP_FROM = 10        # seeds: a percentile bootstrap of the mean from here on; below, the t-interval
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with `df` (an integer >= 1) degrees of freedom: scipy's where it is installed,
+    else from the exact finite series of P(|T| <= x) for integer df, solved by bisection."""
+    try:
+        from scipy.stats import t
+    except ImportError:
+        return _t_quantile(p, df)
+    return float(t.ppf(p, df))
+
+
+def _t_within(x: float, df: int) -> float:
+    """P(|T| <= x) for Student's t with integer df >= 1 (theta = atan(x/sqrt(df)); the series in cos^2 theta)."""
+    theta = math.atan(x / math.sqrt(df))
+    s, c, c2 = math.sin(theta), math.cos(theta), math.cos(theta) ** 2
+    term, total = 1.0, 1.0
+    if df % 2:                                         # odd: (2/pi)(theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 ...))
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * 2 * k / (2 * k + 1)
+            total += term
+        return 2 / math.pi * (theta + (s * c * total if df > 1 else 0.0))
+    for k in range(1, df // 2):                        # even: sin (1 + 1/2 c^2 + 1*3/(2*4) c^4 ...)
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return s * total
+
+
+def _t_quantile(p: float, df: int) -> float:
+    if p == 0.5:
+        return 0.0
+    within, lo, hi = abs(2 * p - 1), 0.0, 1.0
+    while _t_within(hi, df) < within:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_within(mid, df) < within else (lo, mid)
+    return math.copysign((lo + hi) / 2, p - 0.5)
+
+
+def t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean: mean -+ t_{n-1,(1+level)/2} * s / sqrt(n); (nan, nan) below two values."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return math.nan, math.nan
+    half = t_quantile((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, str]:
+    """(lo, hi, kind) of the mean over seeds: the t-interval below BOOTSTRAP_FROM values (a bootstrap of 3 seeds
+    is only their min-max), the percentile bootstrap from there on; kind "" below two values."""
+    x = np.asarray(x, dtype=float)
+    n = int(np.isfinite(x).sum())
+    if n < 2:
+        return math.nan, math.nan, ""
+    if n < BOOTSTRAP_FROM:
+        return (*t_interval(x, level), "t")
+    return (*bootstrap_ci(x, level), "bootstrap")
+
+
+def ci_words(level: float) -> str:
+    """What the summary's intervals are, for titles and notes."""
+    return (f"{level * 100:g}% CI (t-interval below {BOOTSTRAP_FROM} seeds, percentile bootstrap from "
+            f"{BOOTSTRAP_FROM})")
+
+
 def summary_columns(df: pd.DataFrame) -> dict[str, str]:
     """{column: label} of the aggregate's metrics: the declared task metrics of df's runs (each policy value,
     the headline's gain), then SUMMARY."""
@@ -334,9 +416,10 @@ def summary_columns(df: pd.DataFrame) -> dict[str, str]:
     return {**own, **{m: LABELS[m] for m in SUMMARY}}
 
 
-def aggregate(df: pd.DataFrame, metrics=None) -> pd.DataFrame:
-    """A row per group (prior + varied overrides): n, n_ok, and <metric>/mean, /std, /ci_lo, /ci_hi of each of
-    `metrics` (default: summary_columns)."""
+def aggregate(df: pd.DataFrame, metrics=None, level: float = 0.95) -> pd.DataFrame:
+    """A row per group (prior + varied overrides): n, n_ok, and <metric>/mean, /std, /ci_lo, /ci_hi, /interval
+    of each of `metrics` (default: summary_columns); the interval at `level`, its kind (`interval`): t below
+    BOOTSTRAP_FROM seeds, bootstrap from there on."""
     metrics = list(summary_columns(df)) if metrics is None else metrics
     out = []
     for group, g in df.groupby("group", sort=False):
@@ -344,9 +427,10 @@ def aggregate(df: pd.DataFrame, metrics=None) -> pd.DataFrame:
         row = {"group": group, "prior": g["prior"].iloc[0], "n": len(g), "n_ok": len(ok)}
         for m in metrics:
             x = pd.to_numeric(ok[m], errors="coerce").dropna().to_numpy() if m in ok else np.array([])
-            lo, hi = bootstrap_ci(x)
+            lo, hi, kind = interval(x, level)
             row.update({f"{m}/mean": x.mean() if len(x) else math.nan,
-                        f"{m}/std": x.std(ddof=1) if len(x) > 1 else math.nan, f"{m}/ci_lo": lo, f"{m}/ci_hi": hi})
+                        f"{m}/std": x.std(ddof=1) if len(x) > 1 else math.nan, f"{m}/ci_lo": lo, f"{m}/ci_hi": hi,
+                        f"{m}/interval": kind})
         out.append(row)
     agg = pd.DataFrame(out)
     empty = [c for c in agg.columns if c.endswith("/mean") and agg[c].isna().all()]
