@@ -168,6 +168,7 @@ def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = N
         final.update(m)
     row["steps"] = final.get("step")
     row.update({f"final/{k}": final.get(k) for k in FINAL})
+    row.update({f"final/{k}": v for k, v in final.items() if k.startswith("prior/") and k not in FINAL})  # its scalars
     for k, better in BEST.items():
         values = [m[k] for m in lines if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
         row[f"best/{k}"] = better(values) if values else None
@@ -413,7 +414,9 @@ def summary_columns(df: pd.DataFrame) -> dict[str, str]:
     """{column: label} of the aggregate's metrics: the declared task metrics of df's runs (each policy value,
     the headline's gain), then SUMMARY."""
     own = {c: label(m, what) for c, (m, what) in declared(df).items() if what != "reference"}
-    return {**own, **{m: LABELS[m] for m in SUMMARY}}
+    scalars = {c: c.removeprefix("final/") for c in df.columns     # a learnable prior's own scalars, e.g. prior/phi_len
+               if c.startswith("final/prior/") and c not in {f"final/{k}" for k in FINAL}}
+    return {**own, **{m: LABELS[m] for m in SUMMARY}, **scalars}
 
 
 def aggregate(df: pd.DataFrame, metrics=None, level: float = 0.95) -> pd.DataFrame:
