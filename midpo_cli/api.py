@@ -34,22 +34,27 @@ def loss(p: Prior, view: PairView) -> tuple[Tensor, dict]:
 
 def loss_from_logps(p: Prior, logps: Tensor, mask: Tensor, **inputs) -> tuple[Tensor, dict]:
     """From per-token log-probs [2, B, T]; `inputs` are the PairView fields the prior needs
-    (ref_logps, kl_ref_pi, kl_pi_ref, ref_activations, ref_hidden, snapshot_logps, token_values, owned_logps)."""
+    (ref_logps, kl_ref_pi, kl_pi_ref, ref_activations, ref_hidden, snapshot_logps, token_values, owned_logps,
+    cross_logps, cross_mask)."""
     return loss(p, PairView(logps=logps * mask, mask=mask, **inputs))
 
 
 def loss_from_logits(p: Prior, policy_logits: Tensor, labels: Tensor, mask: Tensor, ref_logits: Tensor | None = None,
                      snapshot_logits: Tensor | None = None, ref_activations: Tensor | None = None,
                      ref_hidden: Tensor | None = None, token_values: dict[str, Tensor] | None = None,
-                     owned_logits: dict[str, Tensor] | None = None) -> tuple[Tensor, dict]:
+                     owned_logits: dict[str, Tensor] | None = None, cross_logps: Tensor | None = None,
+                     cross_mask: Tensor | None = None) -> tuple[Tensor, dict]:
     """From full logits [2, B, T, V]: the engine's view builder computes exactly the per-token quantities the
     prior declares it needs (ref_activations [2, B, T, L], ref_hidden [2, B, T, L, H], token_values name -> [2, B, T],
-    owned_logits: name -> [2, B, T, V] logits of the models a learnable prior owns)."""
+    owned_logits: name -> [2, B, T, V] logits of the models a learnable prior owns; cross_logps [2, B, K]: each
+    response's sequence log-prob after K other prompts of the batch under the prior's Needs.cross_model, with
+    cross_mask [2, B, K] (1 = usable; default all), e.g. learned_marginal)."""
     flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])
     view = build_view(p.needs(), flat(labels), flat(mask), flat(policy_logits), reference=flat(ref_logits),
                       snapshot=flat(snapshot_logits), ref_activations=flat(ref_activations), ref_hidden=flat(ref_hidden),
                       owned={k: flat(v) for k, v in (owned_logits or {}).items()},
-                      columns={k: flat(v) for k, v in (token_values or {}).items()})
+                      columns={k: flat(v) for k, v in (token_values or {}).items()}, cross_logps=cross_logps,
+                      cross_mask=cross_mask)
     return loss(p, view)
 
 

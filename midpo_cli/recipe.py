@@ -32,8 +32,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from midpo_cli.config import AT_LEAST_ONE, BELOW_ONE, NON_NEGATIVE, POSITIVE
 from midpo_cli.data.prepare import build_pairs, check_bad_fraction, save_report
+from midpo_cli.data.tokenize import Rules
 from midpo_cli.engine import checkpoint, files, refcache
 from midpo_cli.engine.cache import config_hash
+from midpo_cli.engine.cross import Layout
 from midpo_cli.engine.draws import data_loader, endless, pairs_drawn
 from midpo_cli.engine.inputs import pairs_digest, run_inputs, weights_digest
 from midpo_cli.engine.lora import AdapterOff, add_lora, merged_for_saving
@@ -159,6 +161,9 @@ class Recipe:
         own = OmegaConf.to_container(cfg.prior, resolve=True, enum_to_str=True)
         self.prior = build_prior(stage.prior if "name" in stage.prior else {**own, **stage.prior})
         self.needs = self.prior.needs()                                    # what the engine computes for it
+        if self.needs.cross_prompts and self.tc.batch_size < 2:
+            raise ValueError(f"trainer.batch_size={self.tc.batch_size}: prior '{self.prior.name}' scores each response "
+                             "after other prompts of its batch; set trainer.batch_size >= 2")
         settings = run_settings(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         if "name" in stage.prior:                                          # another prior: the run's is not trained
             settings["prior"] = stage.prior
@@ -301,7 +306,9 @@ class Recipe:
             self.policy, optimizer, sched, loader, *extra)
         self.prior_opt, self.prior_sched = extra if extra else (None, None)
         self.lrs = "optimizer.lr" + (" or prior.lr" if self.prior_opt is not None else "")  # a non-finite stop's advice
-        self.models = {"reference": self.reference, "snapshot": self.snapshot}
+        self.models = {"reference": self.reference, "snapshot": self.snapshot,
+                       "layout": Layout(Rules(self.cfg.dataset.max_length, self.cfg.dataset.max_prompt_length),
+                                        self.tokenizer.pad_token_id)}
 
     def _resume(self) -> None:
         """Weights, optimisers, schedules, RNG and data position of the checkpoint resumed from; metrics.jsonl."""

@@ -24,6 +24,7 @@ FIXED = ["dice", "dpo", "dpo_norm", "hdpo", "lddpo", "rdpo", "simpo", "sparsepo"
          "trdpo"]   # new priors join by themselves
 LEARNABLE = [f"{p}-{rule}" for p in ("learned_adapter", "learned_mix", "learned_tilt")
              for rule in ("joint", "joint0", "marginal")]
+LEARNABLE += ["learned_marginal-ramp"]                  # its one arm: the marginal ramped in, no update rule
 register_schemas()
 
 PLUGIN = '''"""learned_plugin: a throwaway learnable prior from outside midpo_cli, with an arm of its own."""

@@ -168,6 +168,28 @@ def _texts(tokenizer, row: dict, rules: Rules) -> _Texts:
     return _Texts(row, p_text, c_text, r_text, cut_prompt, cut_chosen or cut_rejected)
 
 
+def fit(prompt: list[int], sides: list[list[int]], rules: Rules) -> tuple[list[int], list[list[int]], list[str]]:
+    """The length rule of every pair: the prompt keeps its last max_prompt_length tokens, then every completion is
+    cut to the same budget, max_length - len(prompt). Returns (prompt, sides, what was cut: "prompt", "completion");
+    with truncation="drop", a pair that does not fit raises Dropped instead. Sides are token ids, EOS included."""
+    cut = []
+    longest = max(map(len, sides))
+    fits = len(prompt) <= rules.max_prompt_length and len(prompt) + longest <= rules.max_length
+    if rules.truncation == "drop" and not fits:
+        raise rules.too_long()
+    if len(prompt) > rules.max_prompt_length:
+        prompt = prompt[-rules.max_prompt_length:]                         # keep the prompt's end
+        cut.append("prompt")
+    budget = rules.max_length - len(prompt)
+    if budget < 1:
+        raise ValueError(f"max_length={rules.max_length} leaves no room for the completion after a "
+                         f"{len(prompt)}-token prompt; raise dataset.max_length or lower max_prompt_length")
+    if longest > budget:
+        sides = [s[:budget] for s in sides]                                # same rule for both sides
+        cut.append("completion")
+    return prompt, sides, cut
+
+
 def _pair(t: _Texts, prompt: list[int], chosen: list[int], rejected: list[int], bos, eos, rules: Rules) -> EncodedPair:
     """The pair from its texts' token ids: BOS once, EOS once, both sides truncated alike, per-token values."""
     if bos is not None and len(prompt) > 1 and prompt[0] == bos and prompt[1] == bos:
@@ -177,22 +199,9 @@ def _pair(t: _Texts, prompt: list[int], chosen: list[int], rejected: list[int], 
         if eos is not None and (not ids or ids[-1] != eos):
             ids = ids + [eos]
         sides.append(ids)
-    cut = ["prompt"] if t.cut_prompt else []
-    longest = max(map(len, sides))
-    fits = len(prompt) <= rules.max_prompt_length and len(prompt) + longest <= rules.max_length
-    if rules.truncation == "drop" and not fits:
-        raise rules.too_long()
-    if len(prompt) > rules.max_prompt_length:
-        prompt = prompt[-rules.max_prompt_length:]                         # keep the prompt's end
-        cut = ["prompt"]
-    budget = rules.max_length - len(prompt)
-    if budget < 1:
-        raise ValueError(f"max_length={rules.max_length} leaves no room for the completion after a "
-                         f"{len(prompt)}-token prompt; raise dataset.max_length or lower max_prompt_length")
-    if longest > budget:
-        sides = [s[:budget] for s in sides]                                # same rule for both sides
-        cut.append("completion")
-    elif t.cut_completion:                                                 # cut in characters only
+    prompt, sides, fitted = fit(prompt, sides, rules)
+    cut = ["prompt"] if t.cut_prompt or "prompt" in fitted else []
+    if "completion" in fitted or t.cut_completion:                         # in tokens, or in characters only
         cut.append("completion")
     values = {}
     for name in rules.columns:

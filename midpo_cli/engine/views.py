@@ -20,11 +20,12 @@ def build_view(needs: Needs, labels: Tensor, mask: Tensor, policy: Source, *, re
                snapshot: Source | None = None, owned: dict[str, Source] | None = None,
                cached_ref: Tensor | None = None, ref_activations: Tensor | None = None,
                ref_hidden: Tensor | None = None, columns: dict[str, Tensor] | None = None,
-               chunk: int = 0) -> PairView:
+               chunk: int = 0, cross_logps: Tensor | None = None, cross_mask: Tensor | None = None) -> PairView:
     """labels, mask [N, T]; policy/reference/snapshot/owned: logits sources over the same rows and positions;
     cached_ref [N, T] per-token reference log-probs (replaces the reference's gathered log-probs);
-    ref_activations [N, T, L]; ref_hidden [N, T, L, H]; columns: name -> [N, T] per-token data values.
-    Returns [2, B, ...] fields."""
+    ref_activations [N, T, L]; ref_hidden [N, T, L, H]; columns: name -> [N, T] per-token data values;
+    cross_logps, cross_mask [2, B, K]: responses scored after other prompts of the batch (engine/cross.py), mask
+    default all usable. Returns [2, B, ...] fields."""
     pairs = lambda x: to_pairs(x * mask)                                   # [N, T] -> [2, B, T], zero on padding
     view = PairView(logps=pairs(token_logps(policy, labels, chunk)), mask=to_pairs(mask))
     want_ref = needs.reference or needs.snapshot == "reference"
@@ -53,6 +54,12 @@ def build_view(needs: Needs, labels: Tensor, mask: Tensor, policy: Source, *, re
         view.token_values[name] = pairs(columns[name])
     for name, source in (owned or {}).items():
         view.owned_logps[name] = pairs(token_logps(source, labels, chunk))
+    if needs.cross_prompts:
+        if cross_logps is None:
+            raise ValueError("the prior needs its responses scored after other prompts of the batch (cross_logps "
+                             "[2, B, K], Needs.cross_prompts), but none were given")
+        view.cross_logps = cross_logps
+        view.cross_mask = torch.ones_like(cross_logps) if cross_mask is None else cross_mask
     return view
 
 

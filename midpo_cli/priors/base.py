@@ -26,6 +26,8 @@ class Needs:
     snapshot: str | None = None    # frozen earlier policy ("reference" or a model path) -> PairView.snapshot_logps
     token_columns: tuple[str, ...] = ()  # per-token values given by the data            -> PairView.token_values
     owned: tuple[str, ...] = ()    # models the prior owns (Prior.owned_models), by name -> PairView.owned_logps
+    cross_prompts: int = 0         # K: each response also scored after up to K other prompts of its batch
+    cross_model: str = ""          # ... by this model of Prior.owned_models()  -> PairView.cross_logps, cross_mask
 
     @property
     def reference_model(self) -> bool:
@@ -46,6 +48,8 @@ class PairView:
     snapshot_logps: Tensor | None = None   # [2, B, T]
     token_values: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # name -> [2, B, T]
     owned_logps: dict[str, Tensor] = dataclasses.field(default_factory=dict)   # prior's own model name -> [2, B, T]
+    cross_logps: Tensor | None = None      # [2, B, K] sequence log p(y | x'_k), x'_k the k-th other prompt, no grad
+    cross_mask: Tensor | None = None       # [2, B, K] 1 where x'_k is usable for y (differs from y's prompt, y whole)
     memo: dict = dataclasses.field(default_factory=dict, repr=False)  # a prior's values derived once per batch
 
     def seq(self, x: Tensor) -> Tensor:

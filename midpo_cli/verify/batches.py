@@ -61,12 +61,28 @@ def view(p: Probe, needs: Needs, owned: dict | None = None, columns: dict | None
     cols = {name: (columns or {}).get(name, p.columns[name]) for name in needs.token_columns}
     if owned is None:
         owned = {name: p.sources["snapshot"] for name in needs.owned}
+    cross = cross_prompts(p, needs.cross_prompts) if needs.cross_prompts else (None, None)
     v = build_view(needs, p.labels, p.mask, p.sources["policy"], reference=p.sources["reference"],
                    snapshot=p.sources["snapshot"], owned=owned, ref_activations=p.activations, ref_hidden=p.hidden,
-                   columns=cols)
+                   columns=cols, cross_logps=cross[0], cross_mask=cross[1])
     for k, x in override.items():
         setattr(v, k, {**v.token_values, **x} if k == "token_values" else x)
     return v
+
+
+def cross_prompts(p: Probe, prompts: int) -> tuple[Tensor, Tensor]:
+    """Stand-ins for responses scored after other prompts of the batch (Needs.cross_prompts): [2, B, K] sequence
+    log-probs, random in [-12, -2], reproducible per probe; usable everywhere but at one entry, and not at all for one
+    response (its prior falls back to what it does without other prompts)."""
+    B = p.mask.shape[0] // 2
+    K = min(prompts, B - 1)
+    g = torch.Generator().manual_seed(zlib.crc32(p.label.encode()))
+    values = -2.0 - 10.0 * torch.rand(2, B, K, generator=g, dtype=F64)
+    usable = torch.ones(2, B, K, dtype=F64)
+    if K:
+        usable[0, 0, 0] = 0.0
+        usable[1, -1] = 0.0
+    return values, usable
 
 
 class Columns(dict):

@@ -198,6 +198,10 @@ def initialisation(rows: Rows, names, seed: int, atol: float) -> None:
                 worst = max(worst, abs(float(value.detach())), *(float((x - y).abs().max()) for x, y in grads))
             return worst
         start = built.initial_equivalent()
+        if not start:
+            rows.skip(name, option_text(opt), "at initialisation", "this setting does not start as a registered prior "
+                      "(initial_equivalent() names none)")
+            continue
         rows.check(name, option_text(opt), f"at initialisation == {start['name']} (value, grad w.r.t. the policy): "
                    "tiny model, engine's pair_view", gap, atol)
 
