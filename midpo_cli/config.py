@@ -54,7 +54,7 @@ class ModelConfig:
     attn_implementation: Optional[str] = None   # eager | sdpa | flash_attention_2; None = library default
     gradient_checkpointing: bool = False  # trade compute for activation memory
     trust_remote_code: bool = False       # run Python code shipped with a hub model (only for repos you trust)
-    lr: float = 1e-4                      # this model's learning rate: the optimizer's default (optimizer.lr= wins)
+    lr: float = 5e-5                      # this model's learning rate: the optimizer's default (optimizer.lr= wins)
     hidden_size: int = 128                # tiny only: width
     num_layers: int = 2                   # tiny only: transformer blocks
     num_heads: int = 4                    # tiny only: attention heads

@@ -39,7 +39,7 @@ def test_resume_refuses_other_config(tmp_path, fast, capsys):
     with pytest.raises(SystemExit):
         main(["train", *fast, "trainer.max_steps=4", "optimizer.lr=1e-3", f"trainer.resume={run}",
               f"hydra.run.dir={tmp_path / 'outputs/x/run2'}"])
-    assert "different config (optimizer.lr: 0.0001 -> 0.001)" in capsys.readouterr().err   # names what differs
+    assert "different config (optimizer.lr: 5e-05 -> 0.001)" in capsys.readouterr().err   # names what differs
     with pytest.raises(SystemExit):                                       # the same directory: the same words
         main(["train", *fast, "trainer.max_steps=6", "trainer.save_every=2", "trainer.save_model=false",
               f"hydra.run.dir={run}"])

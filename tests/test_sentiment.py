@@ -100,7 +100,7 @@ def test_train_on_tiny_model_end_to_end(tmp_path, monkeypatch):
           "dataset.max_length=160", "dataset.max_prompt_length=96", "trainer.max_steps=2", "trainer.batch_size=4",
           "trainer.eval_every=0", "trainer.save_model=false", f"cache_dir={tmp_path}/cache", f"hydra.run.dir={run}"])
     res = json.loads((run / "results.json").read_text())
-    assert res["data"]["train_pairs"] > 0 and res["config"]["optimizer"]["lr"] == 1e-4
+    assert res["data"]["train_pairs"] > 0 and res["config"]["optimizer"]["lr"] == 5e-5
     keys = [k for m in SentimentTask.metrics for k in (m.key, m.reference) if k]
     assert set(keys) <= set(res["eval"]) and res["eval_title"].startswith("sentiment task")
     assert all(isinstance(res["eval"][k], float) for k in keys)
