@@ -1,6 +1,6 @@
 """Learnable priors (docs/learnable_priors.md): learned_adapter (P1), learned_tilt (P2), learned_mix (P3).
 
-Each starts as exact DPO; update=joint moves the prior along the gradient of J, update=marginal keeps J's gradient
+Each starts as exact DPO; update=joint moves the prior along the gradient of J, update=tracking keeps J's gradient
 out of it and fits it label-free; the anchor pulls it back; the engine gives it its own optimiser, schedule,
 clipping, checkpoint state and a saved copy beside the policy; the collapse signature raises a warning."""
 import json
@@ -18,7 +18,7 @@ from midpo_cli.verify import checks
 from midpo_cli.verify.batches import random_probe, tiny_engine_setup, view
 
 LEARNED = ["learned_adapter", "learned_tilt", "learned_mix"]
-RULES = ["joint", "marginal"]
+RULES = ["joint", "tracking"]
 ALL = [(n, u) for n in LEARNED for u in RULES]
 
 
@@ -79,8 +79,8 @@ def _grad(loss, leaves):
 
 
 @pytest.mark.parametrize("name", LEARNED)
-def test_marginal_keeps_j_out_of_the_prior_and_the_penalty_out_of_the_policy(name):
-    p, prior, owned, leaves = _probe_and_prior(name, "marginal")
+def test_tracking_keeps_j_out_of_the_prior_and_the_penalty_out_of_the_policy(name):
+    p, prior, owned, leaves = _probe_and_prior(name, "tracking")
     out = preference_loss(prior, view(p, prior.needs(), owned=owned))
     assert all(float(g.abs().max()) == 0 for g in _grad(out.loss, leaves))               # J does not reach phi
     assert any(float(g.abs().max()) > 1e-6 for g in _grad(out.penalty, leaves))          # the fit does
@@ -186,7 +186,7 @@ def test_collapse_monitor_fires_once_and_names_the_fix():
     assert prior.monitor({"step": 5, "prior/shift": -0.5, "logratio/margins": 0.0}) == []      # not far yet
     assert prior.monitor({"step": 5, "prior/shift": -3.0, "logratio/margins": 5.0}) == []      # the policy leads
     (w,) = prior.monitor({"step": 10, "prior/shift": -3.0, "logratio/margins": 0.4})
-    assert "collapse" in w and "prior.anchor" in w and "prior.lr" in w and "prior.update=marginal" in w
+    assert "collapse" in w and "prior.anchor" in w and "prior.lr" in w and "prior.update=tracking" in w
     assert prior.monitor({"step": 15, "prior/shift": -4.0, "logratio/margins": 0.4}) == []     # once
 
 
@@ -206,6 +206,19 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="not one of"):
         build_prior({"name": "learned_mix", "update": "both"})
     assert any("anchor=0" in w for w in build_prior({"name": "learned_tilt", "anchor": 0.0}).warnings())
+
+
+def test_update_marginal_was_renamed_to_tracking(capsys, tmp_path):
+    """The rule's old name is refused in one line naming the new one: by build_prior (the Python API, a value from a
+    YAML) and on the command line, before anything loads."""
+    with pytest.raises(ValueError, match=r"^prior.update=marginal was renamed: use prior.update=tracking \("):
+        build_prior({"name": "learned_tilt", "update": "marginal"})
+    with pytest.raises(SystemExit):
+        main(["train", "prior=learned_tilt", "prior.update=marginal", "trainer.max_steps=1",
+              f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "prior.update=marginal was renamed: use prior.update=tracking" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_python_api_takes_a_learnable_prior():

@@ -143,6 +143,8 @@ class Prior(torch.nn.Module):
     typical_beta: ClassVar[tuple[float, float]] = (0.005, 1.0)   # beta outside this range earns a warning
     arms: ClassVar[dict[str, Arm]] = {}   # name suffix -> arm, for sweeps over arms (a fixed prior is also one arm:
                                           # itself with its defaults; a learnable prior is only the arms it declares)
+    renamed: ClassVar[dict[str, dict[str, tuple[str, str]]]] = {}   # option -> {old value: (new value, why)}: a
+                                          # renamed value is refused in one line naming the new one
 
     def __post_init__(self):
         torch.nn.Module.__init__(self)
