@@ -25,6 +25,7 @@ class Needs:
     ref_hidden: bool = False       # every layer's reference hidden states [2, B, T, L, H] -> PairView.ref_hidden
     snapshot: str | None = None    # frozen earlier policy ("reference" or a model path) -> PairView.snapshot_logps
     token_columns: tuple[str, ...] = ()  # per-token values given by the data            -> PairView.token_values
+    tokens: bool = False           # the responses' token ids, and the vocabulary size   -> PairView.tokens, .vocab_size
     owned: tuple[str, ...] = ()    # models the prior owns (Prior.owned_models), by name -> PairView.owned_logps
 
     @property
@@ -44,6 +45,8 @@ class PairView:
     ref_activations: Tensor | None = None  # [2, B, T, L]
     ref_hidden: Tensor | None = None       # [2, B, T, L, H], H = the model's hidden size
     snapshot_logps: Tensor | None = None   # [2, B, T]
+    tokens: Tensor | None = None           # [2, B, T] long: the response's token ids y_t, 0 on padding
+    vocab_size: int | None = None          # V of the models' logits (with `tokens`: ids are < V)
     token_values: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # name -> [2, B, T]
     owned_logps: dict[str, Tensor] = dataclasses.field(default_factory=dict)   # prior's own model name -> [2, B, T]
     memo: dict = dataclasses.field(default_factory=dict, repr=False)  # a prior's values derived once per batch
