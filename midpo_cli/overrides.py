@@ -233,9 +233,14 @@ def _declared(parent, leaf) -> type | None:
 
 def _check_choice(o, enum: type[Enum]) -> None:
     """A setting with a fixed set of values (an enum: trainer.precision, prior.form, ...): each value must be one."""
-    names = list(enum.__members__)
+    renamed = getattr(enum, "renamed", {})                      # old value -> (new value, why): Prior.renamed
+    names = [n for n in enum.__members__ if n not in renamed]
     values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(o.value())]
     for v in values:
+        moved = renamed.get(v)
+        if moved:
+            raise BadOverride(f"{o.key_or_group}={v} was renamed: use {o.key_or_group}={moved[0]} ({moved[1]}) "
+                              f"(in `{o.input_line}`)")
         if v not in names:
             close = _closest(v, names, cutoff=0.5)
             hint = f" Did you mean {_names(close)}?" if close else ""

@@ -22,8 +22,8 @@ from midpo_cli.sweeps.expand import basic_jobs
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FIXED = ["dice", "dpo", "dpo_norm", "hdpo", "lddpo", "rdpo", "simpo", "sparsepo", "tdpo", "tisdpo",
          "trdpo"]   # new priors join by themselves
-LEARNABLE = [f"{p}-{rule}" for p in ("learned_adapter", "learned_mix", "learned_tilt")
-             for rule in ("joint", "joint0", "marginal")]
+LEARNABLE = [f"{p}-{rule}" for p in ("learned_adapter", "learned_mix", "learned_poe", "learned_tilt")
+             for rule in ("joint", "joint0", "tracking")]
 LEARNABLE += ["learned_marginal-ramp"]                  # its one arm: the marginal ramped in, no update rule
 register_schemas()
 
@@ -80,7 +80,7 @@ def test_the_arms_are_every_fixed_prior_and_each_learnable_prior_s_update_rules(
     assert all(text and "\n" not in text for _, arm in arms().values() for text in [arm.text])
     prior = compose_arm("learned_tilt-joint0").prior
     assert (prior.name, prior["update"].name, prior.anchor) == ("learned_tilt", "joint", 0.0)
-    assert compose_arm("learned_mix-marginal").prior["update"].name == "marginal"
+    assert compose_arm("learned_mix-tracking").prior["update"].name == "tracking"
     assert compose_arm("dpo").prior.name == "dpo"
 
 
@@ -98,7 +98,7 @@ def test_a_prior_from_a_plug_in_folder_joins_with_its_arms(plugin_folder):
     try:
         import_outside("priors", [plugin_folder])
         register_schemas()
-        mine = ["learned_plugin-fast", "learned_plugin-joint", "learned_plugin-joint0", "learned_plugin-marginal"]
+        mine = ["learned_plugin-fast", "learned_plugin-joint", "learned_plugin-joint0", "learned_plugin-tracking"]
         assert experiment_arms() == sorted(FIXED + LEARNABLE + mine)
         prior = compose_arm("learned_plugin-fast").prior
         assert (prior.name, prior["update"].name, prior.lr) == ("learned_plugin", "joint", 0.5)

@@ -1,6 +1,7 @@
-"""Learnable priors (docs/learnable_priors.md): learned_adapter (P1), learned_tilt (P2), learned_mix (P3).
+"""Learnable priors (docs/learnable_priors.md): learned_adapter (P1), learned_tilt (P2), learned_mix (P3),
+learned_poe (P4).
 
-Each starts as exact DPO; update=joint moves the prior along the gradient of J, update=marginal keeps J's gradient
+Each starts as exact DPO; update=joint moves the prior along the gradient of J, update=tracking keeps J's gradient
 out of it and fits it label-free; the anchor pulls it back; the engine gives it its own optimiser, schedule,
 clipping, checkpoint state and a saved copy beside the policy; the collapse signature raises a warning."""
 import json
@@ -13,12 +14,12 @@ import torch
 from midpo_cli.__main__ import main
 from midpo_cli.api import loss_from_logits, prior as make_prior
 from midpo_cli.loss import mi_dpo_loss, preference_loss
-from midpo_cli.priors import PRIORS, build_prior
+from midpo_cli.priors import PRIORS, Needs, build_prior
 from midpo_cli.verify import checks
 from midpo_cli.verify.batches import random_probe, tiny_engine_setup, view
 
-LEARNED = ["learned_adapter", "learned_tilt", "learned_mix"]
-RULES = ["joint", "marginal"]
+LEARNED = ["learned_adapter", "learned_tilt", "learned_mix", "learned_poe"]
+RULES = ["joint", "tracking"]
 ALL = [(n, u) for n in LEARNED for u in RULES]
 
 
@@ -68,6 +69,7 @@ def _probe_and_prior(name, update, **opts):
     p = random_probe(0)
     prior = build_prior({"name": name, "update": update, "anchor": 0.5, **opts})
     owned = {n: p.sources["snapshot"].clone().requires_grad_() for n in prior.needs().owned}
+    preference_loss(prior, view(p, prior.needs(), owned=owned))          # parameters built on first read (learned_poe)
     move_off_init(prior)
     leaves = [*prior.trainable(), *owned.values()] if name == "learned_adapter" else prior.trainable()
     return p, prior, owned, leaves
@@ -79,8 +81,8 @@ def _grad(loss, leaves):
 
 
 @pytest.mark.parametrize("name", LEARNED)
-def test_marginal_keeps_j_out_of_the_prior_and_the_penalty_out_of_the_policy(name):
-    p, prior, owned, leaves = _probe_and_prior(name, "marginal")
+def test_tracking_keeps_j_out_of_the_prior_and_the_penalty_out_of_the_policy(name):
+    p, prior, owned, leaves = _probe_and_prior(name, "tracking")
     out = preference_loss(prior, view(p, prior.needs(), owned=owned))
     assert all(float(g.abs().max()) == 0 for g in _grad(out.loss, leaves))               # J does not reach phi
     assert any(float(g.abs().max()) > 1e-6 for g in _grad(out.penalty, leaves))          # the fit does
@@ -140,6 +142,110 @@ def _winners_longer(v):
     return sw(v.mask), sw(v.logps), sw(v.ref_logps)
 
 
+# ----- learned_poe: the reference times a prompt-free expert on the response ---------------------------------
+
+def _poe_moved(update="joint"):
+    """learned_poe on a random probe (V = 11), its token weights and length term moved off 0."""
+    p = random_probe(0)
+    prior = build_prior({"name": "learned_poe", "update": update})
+    preference_loss(prior, view(p, prior.needs()))                          # u sized by the view's vocabulary
+    torch.manual_seed(0)
+    move_off_init(prior)
+    return p, prior
+
+
+@pytest.mark.parametrize("update", RULES)
+def test_poe_moved_off_init_equals_its_original_loss(update):
+    """With phi_len and u away from 0, J in MI-DPO form equals the written-out PoE loss in value and policy gradient,
+    and (update=joint) in the gradient into (phi_len, u), which is not 0; verify's rows on the moved prior pass."""
+    p, prior = _poe_moved(update)
+    assert prior.u.shape == (11,) and float(prior.u.detach().abs().min()) > 0 and float(prior.phi_len.detach()) != 0
+    mi = lambda: checks.unified(prior, view(p, prior.needs()))
+    orig = lambda: checks.original(prior, view(p, prior.needs()))
+    assert max(checks.gaps(mi, orig, p.params)) < 1e-12
+    dpo = checks.unified(build_prior({"name": "dpo"}), view(p, Needs(reference=True)))
+    assert abs(float(mi().detach() - dpo.detach())) > 1e-3                  # the moved prior is not DPO's
+    if update == "joint":
+        assert checks.gaps(mi, orig, prior.trainable())[1] < 1e-12
+        assert all(float(g.abs().max()) > 1e-6 for g in _grad(mi(), prior.trainable()))
+
+
+def test_poe_bag_is_prompt_free_and_its_offset_is_the_length_term():
+    """A constant that depends on the prompt only, added to log zeta (log Z(x)), leaves J and its gradients unchanged;
+    a constant c added to every token weight is not such a constant (it adds c*|y|): it equals phi_len + c."""
+    p, prior = _poe_moved()
+    v = view(p, prior.needs())
+    seq, z = v.seq(v.logps), prior.log_zeta(v)
+    c = torch.linspace(-2.0, 3.0, z.shape[1], dtype=z.dtype)                # [B], x only: same on both sides
+    a, b = mi_dpo_loss(seq, z, prior.a).mean(), mi_dpo_loss(seq, z + c, prior.a).mean()
+    assert abs(float(a - b)) < 1e-12
+    ga, gb = _grad(a, [*p.params, *prior.trainable()]), _grad(b, [*p.params, *prior.trainable()])
+    assert max(float((x - y).abs().max()) for x, y in zip(ga, gb)) < 1e-12
+    with torch.no_grad():
+        prior.u.add_(0.7)
+    shifted = float(checks.unified(prior, view(p, prior.needs())))
+    assert abs(shifted - float(a)) > 1e-4                                  # c*|y| does not cancel (lengths differ)
+    with torch.no_grad():
+        prior.u.sub_(0.7)
+        prior.phi_len.add_(0.7)
+    assert abs(float(checks.unified(prior, view(p, prior.needs()))) - shifted) < 1e-9   # phi_len: float32
+
+
+def test_tokens_need_gives_the_response_ids_and_the_vocabulary():
+    """Needs.tokens: build_view hands the labels on completion positions (0 on padding) and V; undeclared, none."""
+    from midpo_cli.engine.views import build_view
+    p = random_probe(0)
+    v = build_view(Needs(tokens=True), p.labels, p.mask, p.sources["policy"])
+    assert v.tokens.dtype == torch.long and v.tokens.shape == v.mask.shape and v.vocab_size == 11
+    assert torch.equal(v.tokens, (p.labels * (p.mask > 0)).view(2, 4, -1))
+    assert torch.equal(v.tokens[v.mask == 0], torch.zeros_like(v.tokens[v.mask == 0]))
+    bare = build_view(Needs(), p.labels, p.mask, p.sources["policy"])
+    assert bare.tokens is None and bare.vocab_size is None
+    with pytest.raises(ValueError, match="PairView.tokens"):
+        bare.require("tokens")
+
+
+def test_poe_attach_sizes_its_weights_by_the_model_and_its_state_round_trips():
+    """attach builds u over the model's vocabulary (before the optimisers exist: the prior's optimiser gets it);
+    state_dict holds phi_len and u, and loads back exactly."""
+    from midpo_cli.recipe import prior_optimizer
+    from omegaconf import OmegaConf
+    policy, reference, _ = tiny_engine_setup(0)
+    prior = build_prior({"name": "learned_poe"})
+    assert [n for n, _ in prior.named_parameters()] == ["phi_len"]
+    prior.attach(policy, reference)
+    assert prior.u.shape == (policy.get_output_embeddings().weight.shape[0],) and not prior.u.any()
+    opt = prior_optimizer(OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True}), prior)
+    assert {id(x) for g in opt.param_groups for x in g["params"]} == {id(prior.u), id(prior.phi_len)}
+    state = prior.state_dict()
+    assert set(state) == {"phi_len", "u"}
+    moved = {k: v + torch.rand_like(v) for k, v in state.items()}
+    fresh = build_prior({"name": "learned_poe"})
+    fresh.attach(policy, reference)
+    fresh.load_state_dict(moved)
+    assert all(torch.equal(fresh.state_dict()[k], moved[k]) for k in moved)
+    assert set(fresh.scalars()) == {"prior/phi_len", "prior/token_weight_norm"}
+    with pytest.raises(ValueError, match="vocabulary"):
+        fresh.weights(view(random_probe(0), fresh.needs(), vocab_size=10**6))
+
+
+def test_poe_python_api_starts_as_dpo_and_learns_its_token_weights():
+    B, T, V = 2, 6, 50
+    torch.manual_seed(0)
+    logits = torch.randn(2, B, T, V, requires_grad=True)
+    labels, mask, ref = torch.randint(V, (2, B, T)), torch.ones(2, B, T), torch.randn(2, B, T, V)
+    mask[1, 0, 4:] = 0
+    p = make_prior("learned_poe")
+    loss, metrics = loss_from_logits(p, logits, labels, mask, ref_logits=ref)
+    dpo, _ = loss_from_logits(make_prior("dpo"), logits, labels, mask, ref_logits=ref)
+    assert abs(loss.item() - dpo.item()) < 1e-6 and p.u.shape == (V,)
+    (g_poe,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (g_dpo,) = torch.autograd.grad(dpo, logits)
+    assert torch.allclose(g_poe, g_dpo, atol=1e-7)
+    loss.backward()
+    assert p.u.grad is not None and p.u.grad.abs().max() > 0 and "prior/token_weight_norm" in metrics
+
+
 # ----- schedule, state, monitor (units) ----------------------------------------------------------------------
 
 def test_alternating_schedule_steps_one_side_at_a_time():
@@ -186,7 +292,7 @@ def test_collapse_monitor_fires_once_and_names_the_fix():
     assert prior.monitor({"step": 5, "prior/shift": -0.5, "logratio/margins": 0.0}) == []      # not far yet
     assert prior.monitor({"step": 5, "prior/shift": -3.0, "logratio/margins": 5.0}) == []      # the policy leads
     (w,) = prior.monitor({"step": 10, "prior/shift": -3.0, "logratio/margins": 0.4})
-    assert "collapse" in w and "prior.anchor" in w and "prior.lr" in w and "prior.update=marginal" in w
+    assert "collapse" in w and "prior.anchor" in w and "prior.lr" in w and "prior.update=tracking" in w
     assert prior.monitor({"step": 15, "prior/shift": -4.0, "logratio/margins": 0.4}) == []     # once
 
 
@@ -206,6 +312,19 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="not one of"):
         build_prior({"name": "learned_mix", "update": "both"})
     assert any("anchor=0" in w for w in build_prior({"name": "learned_tilt", "anchor": 0.0}).warnings())
+
+
+def test_update_marginal_was_renamed_to_tracking(capsys, tmp_path):
+    """The rule's old name is refused in one line naming the new one: by build_prior (the Python API, a value from a
+    YAML) and on the command line, before anything loads."""
+    with pytest.raises(ValueError, match=r"^prior.update=marginal was renamed: use prior.update=tracking \("):
+        build_prior({"name": "learned_tilt", "update": "marginal"})
+    with pytest.raises(SystemExit):
+        main(["train", "prior=learned_tilt", "prior.update=marginal", "trainer.max_steps=1",
+              f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "prior.update=marginal was renamed: use prior.update=tracking" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_python_api_takes_a_learnable_prior():
@@ -304,14 +423,15 @@ def test_unanchored_joint_on_a_length_biased_task_warns_of_collapse(tmp_path, fa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["learned_adapter", "learned_mix"])
+@pytest.mark.parametrize("name", ["learned_adapter", "learned_mix", "learned_poe"])
 def test_kill_and_resume_ends_at_the_uninterrupted_loss(name, tmp_path, fast):
     """SIGKILL after a checkpoint, then the same command in the same directory (trainer.resume=auto): the prior's
     parameters, its optimiser and schedule (and learned_mix's snapshot) are restored: the final loss matches, and
     so does the saved prior (a resume that skipped the prior's state moves learned_mix's loss by only ~1e-6)."""
     from conftest import kill_after_first_checkpoint
+    extra = {"learned_mix": "prior.sync_every=3", "learned_adapter": "prior.rank=2", "learned_poe": "prior.lr=0.05"}
     args = [*fast, f"prior={name}", "trainer.max_steps=16", "trainer.save_every=5", "trainer.save_model=false",
-            "optimizer.lr=3e-4", "prior.sync_every=3" if name == "learned_mix" else "prior.rank=2"]
+            "optimizer.lr=3e-4", extra[name]]
     full = tmp_path / "full"
     main(["train", *args, f"hydra.run.dir={full}"])
     run = tmp_path / "job"

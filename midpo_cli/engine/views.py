@@ -47,6 +47,9 @@ def build_view(needs: Needs, labels: Tensor, mask: Tensor, policy: Source, *, re
         view.ref_activations = to_pairs(_required(ref_activations, "reference activations") * mask[..., None])
     if needs.ref_hidden:
         view.ref_hidden = to_pairs(_required(ref_hidden, "reference hidden states") * mask[..., None, None])
+    if needs.tokens:
+        view.tokens = to_pairs(torch.where(mask > 0, labels, torch.zeros_like(labels)).long())
+        view.vocab_size = vocabulary(policy)
     for name in needs.token_columns:
         if columns is None or name not in columns:
             raise ValueError(f"this prior needs the per-token data column '{name}' (chosen_{name} / "
@@ -61,6 +64,13 @@ def build_view(needs: Needs, labels: Tensor, mask: Tensor, policy: Source, *, re
         view.cross_logps = cross_logps
         view.cross_mask = torch.ones_like(cross_logps) if cross_mask is None else cross_mask
     return view
+
+
+def vocabulary(source: Source) -> int:
+    """V of a logits source: the logits' last dimension, or the LM head's rows."""
+    if isinstance(source, Head):
+        return int(source.weight.shape[0] if source.weight is not None else source.states.shape[-1])
+    return int(source.shape[-1])
 
 
 def _required(x, what: str):

@@ -27,13 +27,26 @@ def choices(hint) -> tuple | None:
     return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
 
 
-def _schema_type(name: str, hint):
-    """A Literal option becomes an Enum (member names = the values as text) for OmegaConf's compose-time check."""
+def _schema_type(name: str, hint, renamed: dict | None = None):
+    """A Literal option becomes an Enum (member names = the values as text) for OmegaConf's compose-time check.
+    A renamed value ({old value: (new value, why)}, Prior.renamed) is a member too, kept in `enum.renamed`: composing
+    lets it through (OmegaConf's own refusal is several lines) and the command line's check and `build_prior` refuse
+    it in one line naming the new value."""
     values = choices(hint)
     if values is None:
         return hint, None
-    enum = Enum(name, {str(v): v for v in values})
+    renamed = dict(renamed or {})
+    enum = Enum(name, {**{str(v): v for v in values}, **{old: old for old in renamed}})
+    enum.renamed = renamed
     return enum, enum
+
+
+def renamed_message(key: str, value, renamed: dict) -> str | None:
+    """The one line refusing a renamed value of `key` (e.g. prior.update=marginal), or None when it is not one."""
+    if str(value) not in renamed:
+        return None
+    new, why = renamed[str(value)]
+    return f"{key}={value} was renamed: use {key}={new} ({why})"
 
 
 def register_prior(name: str):
@@ -48,7 +61,7 @@ def register_prior(name: str):
         hints = typing.get_type_hints(cls)
         fields = [("name", str, dataclasses.field(default=name))]
         for f in dataclasses.fields(cls):
-            typ, enum = _schema_type(f"{cls.__name__}_{f.name}", hints[f.name])
+            typ, enum = _schema_type(f"{cls.__name__}_{f.name}", hints[f.name], cls.renamed.get(f.name))
             fields.append((f.name, typ, dataclasses.field(default=enum[str(f.default)] if enum else f.default)))
         schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
         ConfigStore.instance().store(group=SCHEMA_GROUP, name=name, node=schema)
@@ -71,6 +84,9 @@ def _coerce(cls, key: str, value):
         return OmegaConf.to_container(value, enum_to_str=True) if isinstance(value, (DictConfig, ListConfig)) \
             else value
     value = value.value if isinstance(value, Enum) else value
+    moved = renamed_message(f"prior.{key}", value, cls.renamed.get(key, {}))
+    if moved:
+        raise ValueError(moved)
     for v in allowed:                                   # "2" (from a YAML or the command line) matches 2
         if value == v or str(value) == str(v):
             return v

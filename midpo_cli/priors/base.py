@@ -25,6 +25,7 @@ class Needs:
     ref_hidden: bool = False       # every layer's reference hidden states [2, B, T, L, H] -> PairView.ref_hidden
     snapshot: str | None = None    # frozen earlier policy ("reference" or a model path) -> PairView.snapshot_logps
     token_columns: tuple[str, ...] = ()  # per-token values given by the data            -> PairView.token_values
+    tokens: bool = False           # the responses' token ids, and the vocabulary size   -> PairView.tokens, .vocab_size
     owned: tuple[str, ...] = ()    # models the prior owns (Prior.owned_models), by name -> PairView.owned_logps
     cross_prompts: int = 0         # K: each response also scored after up to K other prompts of its batch
     cross_model: str = ""          # ... by this model of Prior.owned_models()  -> PairView.cross_logps, cross_mask
@@ -46,6 +47,8 @@ class PairView:
     ref_activations: Tensor | None = None  # [2, B, T, L]
     ref_hidden: Tensor | None = None       # [2, B, T, L, H], H = the model's hidden size
     snapshot_logps: Tensor | None = None   # [2, B, T]
+    tokens: Tensor | None = None           # [2, B, T] long: the response's token ids y_t, 0 on padding
+    vocab_size: int | None = None          # V of the models' logits (with `tokens`: ids are < V)
     token_values: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # name -> [2, B, T]
     owned_logps: dict[str, Tensor] = dataclasses.field(default_factory=dict)   # prior's own model name -> [2, B, T]
     cross_logps: Tensor | None = None      # [2, B, K] sequence log p(y | x'_k), x'_k the k-th other prompt, no grad
@@ -147,6 +150,8 @@ class Prior(torch.nn.Module):
     typical_beta: ClassVar[tuple[float, float]] = (0.005, 1.0)   # beta outside this range earns a warning
     arms: ClassVar[dict[str, Arm]] = {}   # name suffix -> arm, for sweeps over arms (a fixed prior is also one arm:
                                           # itself with its defaults; a learnable prior is only the arms it declares)
+    renamed: ClassVar[dict[str, dict[str, tuple[str, str]]]] = {}   # option -> {old value: (new value, why)}: a
+                                          # renamed value is refused in one line naming the new one
 
     def __post_init__(self):
         torch.nn.Module.__init__(self)

@@ -6,10 +6,14 @@ f_phi = 0: at step 0 it is exactly DPO's prior (loss and policy gradient; `midpo
   update=joint     phi follows the gradient of J (+ anchor): the paper's min over (pi, zeta). By docs/priors.md,
                    dJ/dlog zeta_w = +a*sigma(-h) and dJ/dlog zeta_l = -a*sigma(-h): an unconstrained prior learns the
                    anti-preference and can take J towards 0 while pi stands still (collapse).
-  update=marginal  J sees zeta with phi detached (no gradient of J reaches phi); phi minimises a label-free fit to the
-                   policy on both responses, mean over pairs and sides of (log zeta - sg[log pi])^2 / |y|: Lemma 1's
-                   argmin over zeta (the marginal of pi) restricted to the prior's family, which cannot absorb the
-                   labels. It never changes the policy's gradient (sg on pi, no pi inside zeta).
+  update=tracking  J sees zeta with phi detached (no gradient of J reaches phi); phi minimises a label-free fit to the
+                   policy on both responses, mean over pairs and sides of (log zeta - sg[log pi])^2 / |y|, so the prior
+                   TRACKS the policy (as TR-DPO's moving reference does, fitted instead of copied). Every learnable prior
+                   here depends on the prompt x (through pi_ref at least), and over priors that may depend on x the
+                   minimiser of this fit, as of E_x KL(pi||zeta), is zeta = pi itself: the rule moves zeta towards pi
+                   as far as the family allows. It is NOT Lemma 1's prompt-free marginal q(y) = sum_x p(x) pi(y|x)
+                   (that is the prior learned_marginal). It cannot absorb the labels and never changes the policy's
+                   gradient (sg on pi, no pi inside zeta). Was called update=marginal.
   anchor           weight of anchor * mean over pairs and sides of (log zeta - log pi_ref)^2 / |y| (label-free): pulls
                    zeta back to the reference. Both penalties and their policy gradients are 0 at initialisation.
   schedule         simultaneous: both step every step | alternating: policy_steps policy steps, then prior_steps
@@ -19,7 +23,7 @@ f_phi = 0: at step 0 it is exactly DPO's prior (loss and policy gradient; `midpo
 Every logged row carries prior/margin, prior/shift (the prior's margin minus the reference's; 0 at initialisation),
 logratio/margins and the prior's scalars; `monitor` warns once when the collapse signature appears.
 None of these priors reads the policy: zeta depends on phi, the reference and frozen models only, so detaching log zeta
-(update=marginal) stops exactly the gradient into phi.
+(update=tracking) stops exactly the gradient into phi.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ class LearnablePrior(Prior):
     gradient into phi), `written_log_zeta` (the same prior written out independently, for `original_loss`) and
     `scalars`; they may build models in `attach` and list model state that `attach` rebuilds in `derived_state` (Prior)."""
     beta: float = 0.1                                          # the scale a of MI-DPO (DPO's beta)
-    update: Literal["joint", "marginal"] = "joint"             # joint: gradient of J | marginal: label-free fit to pi
+    update: Literal["joint", "tracking"] = "joint"             # joint: gradient of J | tracking: label-free fit to pi
     anchor: float = 0.1                                        # weight of the pull of zeta towards pi_ref
     lr: float = 0.01                                           # the prior's own learning rate
     max_grad_norm: float = 1.0                                 # clipping of the prior's gradient (0 = off)
@@ -50,13 +54,15 @@ class LearnablePrior(Prior):
     collapse_ratio: float = 1.0                                # ... while logratio/margins < this * |prior/shift|
 
     learnable: ClassVar[bool] = True
-    options: ClassVar[tuple[dict, ...]] = ({"update": "joint"}, {"update": "marginal"})
+    options: ClassVar[tuple[dict, ...]] = ({"update": "joint"}, {"update": "tracking"})
+    renamed = {"update": {"marginal": ("tracking", "the rule makes the prior track the policy; it is not Lemma 1's "
+                                                   "prompt-free marginal, docs/learnable_priors.md")}}
     arms: ClassVar[dict[str, Arm]] = {                         # the update rules, each an arm <name>-<suffix>
         "joint": Arm({"update": "joint"}, "prior trained on J + its default anchor (the paper's joint min, anchored)"),
         "joint0": Arm({"update": "joint", "anchor": 0.0},
                       "prior trained on J alone (the unconstrained min over pi and zeta)"),
-        "marginal": Arm({"update": "marginal"},
-                        "prior fitted label-free to the policy (Lemma 1) + its default anchor"),
+        "tracking": Arm({"update": "tracking"},
+                        "prior fitted label-free to the policy (it tracks pi) + its default anchor"),
     }
     loss_knobs: ClassVar[tuple[str, ...]] = ()                 # float options that change the loss at initialisation
 
@@ -76,7 +82,7 @@ class LearnablePrior(Prior):
 
     def log_prior(self, v: PairView) -> Tensor:
         z = self.log_zeta(v)
-        return z.detach() if self.update == "marginal" else z
+        return z.detach() if self.update == "tracking" else z
 
     def original_loss(self, v: PairView) -> Tensor:
         """The paper's J with the prior spelled out: -logsigmoid(a*[(log pi - log zeta)_w - (log pi - log zeta)_l])."""
@@ -84,11 +90,11 @@ class LearnablePrior(Prior):
         return -torch.nn.functional.logsigmoid(self.beta * ((pi[0] - zeta[0]) - (pi[1] - zeta[1])))
 
     def penalty(self, v: PairView) -> Tensor:
-        """anchor * mean (log zeta - log pi_ref)^2 / |y|, plus (update=marginal) mean (log zeta - sg[log pi])^2 / |y|;
+        """anchor * mean (log zeta - log pi_ref)^2 / |y|, plus (update=tracking) mean (log zeta - sg[log pi])^2 / |y|;
         means over pairs and both responses, no labels. Neither carries a gradient into the policy."""
         z, n = self.log_zeta(v), v.lengths                                          # [2, B]
         out = self.anchor * ((z - v.seq(v.require("ref_logps"))) ** 2 / n).mean()
-        if self.update == "marginal":
+        if self.update == "tracking":
             out = out + ((z - v.seq(v.logps).detach()) ** 2 / n).mean()
         return out
 
@@ -117,7 +123,7 @@ class LearnablePrior(Prior):
         if self.update == "joint" and self.anchor == 0:
             out.append(f"{self.name}: prior.update=joint with prior.anchor=0 is the unconstrained min over (pi, zeta); "
                        "its prior can learn the anti-preference and lower J without moving the policy (docs/learnable_priors.md). "
-                       "The run warns if prior/shift shows it; prior.anchor>0 or prior.update=marginal prevent it.")
+                       "The run warns if prior/shift shows it; prior.anchor>0 or prior.update=tracking prevent it.")
         return out
 
     # ----- training hooks ----------------------------------------------------------------------------------
@@ -141,4 +147,4 @@ class LearnablePrior(Prior):
                 f"below the reference's (prior/shift) while the policy's own margin moved {policy:.2f} nats "
                 f"(logratio/margins): the prior is learning the anti-preference and lowers J without changing the "
                 f"policy (docs/learnable_priors.md). Raise prior.anchor (now {self.anchor}), lower prior.lr (now {self.lr}), or use "
-                "prior.update=marginal."]
+                "prior.update=tracking."]

@@ -28,7 +28,7 @@ class LearnedMix(LearnablePrior):
     sync_every: int = 20         # steps between snapshot refreshes (TRL ref_model_sync_steps: 512 on real runs)
     mixup: float = 0.6           # snapshot <- mixup*policy + (1-mixup)*snapshot (TRL ref_model_mixup_alpha: 0.6)
 
-    options = ({"update": "joint"}, {"update": "marginal"}, {"update": "joint", "gate": "token"})
+    options = ({"update": "joint"}, {"update": "tracking"}, {"update": "joint", "gate": "token"})
     loss_knobs = ("anchor", "gate_init")
     reductions = (Reduction({"gate_init": 40.0}, {"name": "dpo", "beta": 0.1}, note="(lam = sigmoid(40) = 1)"),)
 

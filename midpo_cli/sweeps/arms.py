@@ -2,7 +2,7 @@
 
 An arm is a prior with settings over its defaults: every fixed prior is the arm `<name>` (its defaults), and each
 `Arm` a prior class declares under `arms` is the arm `<name>-<suffix>` (LearnablePrior declares the update rules
-joint, joint0 and marginal, so every learnable prior has them unless it declares its own). They are Hydra configs
+joint, joint0 and tracking, so every learnable prior has them unless it declares its own). They are Hydra configs
 of the group `arm` (ConfigStore), so `+arm=learned_tilt-joint` and `+arm: glob(*)` need no file per arm. A sweep
 over every arm (a glob over the group) stops before its first job, in one line, when a learnable prior declares no
 arm: it would be left out without a word.
@@ -54,7 +54,7 @@ def check_arms() -> None:
         classes = ", ".join(f"{PRIORS[n].__module__}.{PRIORS[n].__qualname__}" for n in missing)
         raise ValueError(f"learnable prior {', '.join(repr(n) for n in missing)} declares no arms, so a sweep over "
                          f"every arm (+experiment=learnable_priors) would leave it out: give {classes} `arms` (name "
-                         "suffix -> Arm(settings, text)), as LearnablePrior's joint, joint0 and marginal")
+                         "suffix -> Arm(settings, text)), as LearnablePrior's joint, joint0 and tracking")
 
 
 def sweeps_every_arm(config: DictConfig) -> bool:
