@@ -14,8 +14,13 @@ f_phi = 0: at step 0 it is exactly DPO's prior (loss and policy gradient; `midpo
                    as far as the family allows. It is NOT Lemma 1's prompt-free marginal q(y) = sum_x p(x) pi(y|x)
                    (that is the prior learned_marginal). It cannot absorb the labels and never changes the policy's
                    gradient (sg on pi, no pi inside zeta). Was called update=marginal.
-  anchor           weight of anchor * mean over pairs and sides of (log zeta - log pi_ref)^2 / |y| (label-free): pulls
-                   zeta back to the reference. Both penalties and their policy gradients are 0 at initialisation.
+  update=frozen    phi never moves and J sees zeta with phi detached: a fixed member of the family (e.g. learned_tilt
+                   with prior.init_len = R-DPO), to compare a learned prior with the fixed ones it could have chosen.
+  anchor           weight of anchor * A, A = mean over pairs and sides of (log zeta - log pi_ref)^2 / |y| (label-free):
+                   pulls zeta back to the reference. Both penalties and their policy gradients are 0 at initialisation.
+  anchor_mode      penalty: the fixed weight `anchor` | constraint: A <= anchor_eps held by dual ascent, the weight a
+                   multiplier lam >= 0 (from 0) moved after each step by lam <- max(0, lam + dual_lr * (A - anchor_eps))
+                   on that step's A (averaged over processes); lam is checkpointed and logged as prior/dual.
   schedule         simultaneous: both step every step | alternating: policy_steps policy steps, then prior_steps
                    prior steps, repeated (the engine asks `updates(step)`).
   lr, max_grad_norm  the prior's own optimiser (same optimizer config as the policy, this learning rate) and clipping.
@@ -43,8 +48,11 @@ class LearnablePrior(Prior):
     gradient into phi), `written_log_zeta` (the same prior written out independently, for `original_loss`) and
     `scalars`; they may build models in `attach` and list model state that `attach` rebuilds in `derived_state` (Prior)."""
     beta: float = 0.1                                          # the scale a of MI-DPO (DPO's beta)
-    update: Literal["joint", "tracking"] = "joint"             # joint: gradient of J | tracking: label-free fit to pi
+    update: Literal["joint", "tracking", "frozen"] = "joint"   # joint: gradient of J | tracking: label-free fit to pi
     anchor: float = 0.1                                        # weight of the pull of zeta towards pi_ref
+    anchor_mode: Literal["penalty", "constraint"] = "penalty"  # fixed weight | A <= anchor_eps by dual ascent
+    anchor_eps: float = 0.01                                   # constraint: the bound on A (nats^2 per token)
+    dual_lr: float = 10.0                                      # constraint: step size of the multiplier's ascent
     lr: float = 0.01                                           # the prior's own learning rate
     max_grad_norm: float = 1.0                                 # clipping of the prior's gradient (0 = off)
     schedule: Literal["simultaneous", "alternating"] = "simultaneous"   # who steps when
@@ -69,6 +77,8 @@ class LearnablePrior(Prior):
     def __post_init__(self):
         super().__post_init__()
         self._collapse_warned = False
+        self.register_buffer("dual", torch.zeros((), dtype=torch.float64))   # lam of anchor_mode=constraint
+        self._excess = None                                    # A - anchor_eps of the last training batch
 
     # ----- what a subclass writes ----------------------------------------------------------------------
 
@@ -82,7 +92,7 @@ class LearnablePrior(Prior):
 
     def log_prior(self, v: PairView) -> Tensor:
         z = self.log_zeta(v)
-        return z.detach() if self.update == "tracking" else z
+        return z if self.update == "joint" else z.detach()
 
     def original_loss(self, v: PairView) -> Tensor:
         """The paper's J with the prior spelled out: -logsigmoid(a*[(log pi - log zeta)_w - (log pi - log zeta)_l])."""
@@ -90,10 +100,19 @@ class LearnablePrior(Prior):
         return -torch.nn.functional.logsigmoid(self.beta * ((pi[0] - zeta[0]) - (pi[1] - zeta[1])))
 
     def penalty(self, v: PairView) -> Tensor:
-        """anchor * mean (log zeta - log pi_ref)^2 / |y|, plus (update=tracking) mean (log zeta - sg[log pi])^2 / |y|;
-        means over pairs and both responses, no labels. Neither carries a gradient into the policy."""
+        """w * A, A = mean (log zeta - log pi_ref)^2 / |y| (w = anchor, or the multiplier lam under anchor_mode=
+        constraint), plus (update=tracking) mean (log zeta - sg[log pi])^2 / |y|; means over pairs and both
+        responses, no labels. Neither carries a gradient into the policy; a frozen prior has none."""
         z, n = self.log_zeta(v), v.lengths                                          # [2, B]
-        out = self.anchor * ((z - v.seq(v.require("ref_logps"))) ** 2 / n).mean()
+        if self.update == "frozen":
+            return z.new_zeros(())
+        drift = ((z - v.seq(v.require("ref_logps"))) ** 2 / n).mean()               # A
+        if self.anchor_mode == "penalty":
+            out = self.anchor * drift
+        else:
+            out = self.dual.to(drift.dtype) * (drift - self.anchor_eps)
+            if self.training:
+                self._excess = drift.detach() - self.anchor_eps
         if self.update == "tracking":
             out = out + ((z - v.seq(v.logps).detach()) ** 2 / n).mean()
         return out
@@ -104,7 +123,7 @@ class LearnablePrior(Prior):
         for key in ("lr",):
             if getattr(self, key) <= 0:
                 raise ValueError(f"prior.{key}={getattr(self, key)} must be > 0")
-        for key in ("anchor", "max_grad_norm", "collapse_shift", "collapse_ratio"):
+        for key in ("anchor", "anchor_eps", "dual_lr", "max_grad_norm", "collapse_shift", "collapse_ratio"):
             if getattr(self, key) < 0:
                 raise ValueError(f"prior.{key}={getattr(self, key)} must be >= 0")
         for key in ("policy_steps", "prior_steps"):
@@ -130,9 +149,26 @@ class LearnablePrior(Prior):
 
     def updates(self, step: int) -> tuple[bool, bool]:
         if self.schedule == "simultaneous":
-            return True, True
+            return True, self.update != "frozen"
         position = (step - 1) % (self.policy_steps + self.prior_steps)
-        return position < self.policy_steps, position >= self.policy_steps
+        return position < self.policy_steps, position >= self.policy_steps and self.update != "frozen"
+
+    @torch.no_grad()
+    def on_step(self, step: int, policy) -> None:
+        """anchor_mode=constraint: one ascent step of the multiplier on this step's A - anchor_eps (the mean over
+        processes, so every process holds the same lam). Subclasses that override on_step call this first."""
+        if self.anchor_mode != "constraint" or self._excess is None:
+            return
+        excess = self._excess.to(self.dual)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(excess)
+            excess /= torch.distributed.get_world_size()
+        self.dual.copy_((self.dual + self.dual_lr * excess).clamp(min=0))
+        self._excess = None
+
+    def scalars(self) -> dict[str, float]:
+        """prior/dual (lam) under anchor_mode=constraint; subclasses add their parameters to these."""
+        return {"prior/dual": float(self.dual)} if self.anchor_mode == "constraint" else {}
 
     def monitor(self, row: dict) -> list[str]:
         """The collapse signature (docs/learnable_priors.md), once per run: the prior's margin fell collapse_shift nats below the

@@ -78,7 +78,7 @@ class LearnedAdapter(LearnablePrior):
 
     def derived_state(self) -> set[str]:
         return {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad} | \
-            {name for name, _ in self.named_buffers(remove_duplicate=False)}
+            {name for name, _ in self.named_buffers(remove_duplicate=False) if name.startswith("adapter.")}
 
     def log_zeta(self, v: PairView) -> Tensor:
         return v.seq(v.owned("adapter"))
@@ -94,6 +94,6 @@ class LearnedAdapter(LearnablePrior):
 
     def scalars(self) -> dict[str, float]:
         if self.adapter is None:
-            return {}
+            return super().scalars()
         b = [p.detach().float().pow(2).sum() for n, p in self.adapter.named_parameters() if "lora_B" in n]
-        return {"prior/adapter_norm": float(torch.stack(b).sum().sqrt())} if b else {}
+        return {**super().scalars(), **({"prior/adapter_norm": float(torch.stack(b).sum().sqrt())} if b else {})}

@@ -73,11 +73,12 @@ class LearnedMix(LearnablePrior):
 
     @torch.no_grad()
     def on_step(self, step: int, policy) -> None:
+        super().on_step(step, policy)
         if self.snapshot is not None and step % self.sync_every == 0:
             mix_toward(self.snapshot, policy, self.mixup, "learned_mix")
 
     def scalars(self) -> dict[str, float]:
-        out = {"prior/lambda": float(torch.sigmoid(self.bias.detach()))}
+        out = {**super().scalars(), "prior/lambda": float(torch.sigmoid(self.bias.detach()))}
         if self.gate == "token":
             out["prior/gate_weight"] = float(self.weight.detach())
         return out

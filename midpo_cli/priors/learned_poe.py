@@ -103,7 +103,7 @@ class LearnedPoE(LearnablePrior):
         return "prior (phi_len, u)" if self.update == "joint" else ""
 
     def scalars(self) -> dict[str, float]:
-        out = {"prior/phi_len": float(self.phi_len.detach())}
+        out = {**super().scalars(), "prior/phi_len": float(self.phi_len.detach())}
         if self.u is not None:
             out["prior/token_weight_norm"] = float(torch.linalg.vector_norm(self.u.detach().float()))
         return out

@@ -1,4 +1,6 @@
 """learned_tilt (P2, our design: docs/learnable_priors.md): an exponential length tilt of the reference, learned."""
+import math
+
 import torch
 from torch import Tensor
 
@@ -10,6 +12,8 @@ from midpo_cli.priors.learnable import LearnablePrior
 class LearnedTilt(LearnablePrior):
     """Prior:    log zeta(y|x) = log pi_ref(y|x) - phi_1*|y| - phi_2*log|y|  (- log Z_phi(x), which cancels in h),
               phi_i = c_i * tanh(raw_i), raw = 0 at initialisation (exact DPO); same on both sides; a = beta.
+              init_len starts phi_1 elsewhere: the run then starts as R-DPO with alpha = init_len * beta (and with
+              update=frozen stays there: a grid of fixed tilts in phi_1 itself).
     Original: R-DPO with a learned length coefficient: -logsigmoid(beta*[(d_w - d_l) + phi_1*(|y_w| - |y_l|)
               + phi_2*(log|y_w| - log|y_l|)]), d = log pi - log pi_ref; phi_1 = alpha_R/beta is R-DPO exactly.
     dJ/dphi_1 = -a*sigma(-h)*(|y_w| - |y_l|): under update=joint it explains away a length difference that correlates
@@ -18,10 +22,28 @@ class LearnedTilt(LearnablePrior):
     """
     bound_len: float = 0.5       # c_1: |phi_1| <= c_1 nats per token (R-DPO alpha/beta = 0.1 at its defaults)
     bound_loglen: float = 2.0    # c_2: |phi_2| <= c_2 nats per unit of log|y|
+    init_len: float = 0.0        # phi_1 at step 0 (0: DPO; else R-DPO with alpha = init_len*beta); |init_len| < c_1
+
+    options = (*LearnablePrior.options, {"update": "frozen", "init_len": 0.2})   # verify: starts as R-DPO, stays
 
     def __post_init__(self):
         super().__post_init__()
-        self.raw = torch.nn.Parameter(torch.zeros(2))                            # [2]: (raw_1, raw_2)
+        start = math.atanh(self.init_len / self.bound_len) if abs(self.init_len) < self.bound_len else 0.0
+        self.raw = torch.nn.Parameter(torch.tensor([start, 0.0]))                # [2]: (raw_1, raw_2)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bound_len <= 0 or self.bound_loglen <= 0:
+            raise ValueError(f"prior.bound_len={self.bound_len} and prior.bound_loglen={self.bound_loglen} must be > 0")
+        if not abs(self.init_len) < self.bound_len:
+            raise ValueError(f"prior.init_len={self.init_len} must lie strictly inside +-prior.bound_len="
+                             f"{self.bound_len} (phi_1 = bound_len * tanh(raw)): raise prior.bound_len")
+
+    def initial_equivalent(self) -> dict:
+        """DPO, or R-DPO with alpha = init_len * beta when the tilt starts off 0."""
+        if self.init_len == 0:
+            return super().initial_equivalent()
+        return {"name": "rdpo", "beta": self.beta, "alpha": self.init_len * self.beta}
 
     def needs(self) -> Needs:
         return Needs(reference=True)
@@ -43,4 +65,4 @@ class LearnedTilt(LearnablePrior):
 
     def scalars(self) -> dict[str, float]:
         phi = self.phi().detach()
-        return {"prior/phi_len": float(phi[0]), "prior/phi_loglen": float(phi[1])}
+        return {**super().scalars(), "prior/phi_len": float(phi[0]), "prior/phi_loglen": float(phi[1])}
