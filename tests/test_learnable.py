@@ -96,7 +96,8 @@ def test_tracking_keeps_j_out_of_the_prior_and_the_penalty_out_of_the_policy(nam
 @pytest.mark.parametrize("name", LEARNED)
 def test_joint_sends_j_into_the_prior_with_the_spec_sign(name):
     """dJ/dlog zeta_w = +a*sigma(-h) (docs/priors.md): a gradient step on phi lowers the prior's margin (prior/shift)."""
-    p, prior, owned, leaves = _probe_and_prior(name, "joint", anchor=0.0)
+    mid_gate = {"gate_init": 0.0} if name == "learned_mix" else {}    # lam = 1/2: at 0.998 a step moves it ~1e-6
+    p, prior, owned, leaves = _probe_and_prior(name, "joint", anchor=0.0, **mid_gate)
     v = view(p, prior.needs(), owned=owned)
     assert any(float(g.abs().max()) > 1e-6 for g in _grad(preference_loss(prior, v).loss, leaves))
     before = preference_loss(prior, v).metrics["prior/margin"]
@@ -218,7 +219,7 @@ def test_poe_attach_sizes_its_weights_by_the_model_and_its_state_round_trips():
     opt = prior_optimizer(OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True}), prior)
     assert {id(x) for g in opt.param_groups for x in g["params"]} == {id(prior.u), id(prior.phi_len)}
     state = prior.state_dict()
-    assert set(state) == {"phi_len", "u"}
+    assert set(state) == {"dual", "phi_len", "u"}                     # dual: anchor_mode=constraint's multiplier
     moved = {k: v + torch.rand_like(v) for k, v in state.items()}
     fresh = build_prior({"name": "learned_poe"})
     fresh.attach(policy, reference)
@@ -259,7 +260,7 @@ def test_adapter_state_holds_only_the_adapter_and_round_trips():
     prior = build_prior({"name": "learned_adapter"})
     prior.attach(policy, reference)
     state = prior.state_dict()
-    assert state and all("lora_" in k for k in state)                     # the base is the reference's: not saved
+    assert state and all("lora_" in k for k in state if k != "dual")      # the base is the reference's: not saved
     assert sum(v.numel() for v in state.values()) < sum(p.numel() for p in reference.parameters()) / 10
     assert all(a is b for a, b in zip(prior.adapter.get_base_model().model.embed_tokens.parameters(),
                                       reference.model.embed_tokens.parameters()))   # shared, not copied
@@ -479,3 +480,40 @@ def test_a_prior_driven_to_nan_names_prior_lr(tmp_path, capsys):
               "trainer.max_steps=4", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert "non-finite values at step" in err and "Lower optimizer.lr or prior.lr" in err, err
+
+
+def test_frozen_tilt_starts_and_stays_rdpo():
+    """update=frozen: the prior never steps and has no penalty; learned_tilt with init_len = 0.2 is R-DPO with
+    alpha = 0.2*beta from step 0 (verify's initialisation row)."""
+    prior = build_prior({"name": "learned_tilt", "update": "frozen", "init_len": 0.2})
+    assert prior.updates(1) == (True, False) and prior.scalars()["prior/phi_len"] == pytest.approx(0.2)
+    p = random_probe(0)
+    out = preference_loss(prior, view(p, prior.needs()))
+    assert float(out.penalty) == 0 and all(g is None for g in torch.autograd.grad(
+        out.total, prior.trainable(), allow_unused=True))
+    rows = checks.Rows()
+    checks.initialisation(rows, ["learned_tilt"], 0, 1e-10)
+    mine = [r for r in rows if "init_len=0.2" in r["option"]]
+    assert mine and all(r["passed"] and "== rdpo" in r["check"] for r in mine), mine
+
+
+def test_constraint_anchor_multiplier_ascends_on_the_excess_and_stays_non_negative():
+    """anchor_mode=constraint: penalty = lam * (A - eps); after a step lam <- max(0, lam + dual_lr * (A - eps))."""
+    prior = build_prior({"name": "learned_tilt", "anchor_mode": "constraint", "anchor_eps": 0.0, "dual_lr": 2.0})
+    move_off_init(prior)
+    p = random_probe(0)
+    v = view(p, prior.needs())
+    drift = float(((prior.log_zeta(v) - v.seq(v.ref_logps)) ** 2 / v.lengths).mean())      # A
+    assert drift > 0 and float(preference_loss(prior, v).penalty) == 0                     # lam starts at 0
+    prior.on_step(1, None)
+    assert float(prior.dual) == pytest.approx(2.0 * drift) and prior.scalars()["prior/dual"] == float(prior.dual)
+    assert float(preference_loss(prior, v).penalty) == pytest.approx(2.0 * drift * drift, rel=1e-5)
+    prior.anchor_eps = 100.0                                                               # satisfied: lam falls to 0
+    preference_loss(prior, v)
+    prior.on_step(2, None)
+    assert float(prior.dual) == 0.0
+    prior.eval()                                                                           # evaluation moves nothing
+    prior.anchor_eps = 0.0
+    preference_loss(prior, v)
+    prior.on_step(3, None)
+    assert float(prior.dual) == 0.0

@@ -29,7 +29,8 @@ class LearnedTilt(LearnablePrior):
     def __post_init__(self):
         super().__post_init__()
         start = math.atanh(self.init_len / self.bound_len) if abs(self.init_len) < self.bound_len else 0.0
-        self.raw = torch.nn.Parameter(torch.tensor([start, 0.0]))                # [2]: (raw_1, raw_2)
+        self.raw = torch.nn.Parameter(torch.tensor([start, 0.0], dtype=torch.float64))   # [2]: (raw_1, raw_2); float64:
+                                                                         # phi_1 = init_len to 1e-17, not 1e-8
 
     def validate(self) -> None:
         super().validate()
@@ -52,7 +53,7 @@ class LearnedTilt(LearnablePrior):
         return torch.stack([self.bound_len * torch.tanh(self.raw[0]), self.bound_loglen * torch.tanh(self.raw[1])])
 
     def log_zeta(self, v: PairView) -> Tensor:
-        phi, n = self.phi(), v.lengths                                           # [2], [2, B]
+        phi, n = self.phi().to(v.logps.dtype), v.lengths                        # [2], [2, B]
         return v.seq(v.require("ref_logps")) - phi[0] * n - phi[1] * n.log()
 
     def original_loss(self, v: PairView) -> Tensor:
