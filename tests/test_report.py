@@ -184,7 +184,8 @@ def paired_sweep(root: Path, diffs: list[float], base: str = "simpo", other: str
     """`other` - `base` true reward = diffs[seed]; KL and the held-out J(π, π_ref) too."""
     for seed, d in enumerate(diffs):
         fake_run(root / f"{base}{seed}", base, seed, reward=0.4 + 0.05 * seed, final={"eval/logratio/loss": 0.6})
-        fake_run(root / f"{other}{seed}", other, seed, reward=0.4 + 0.05 * seed + d, final={"eval/logratio/loss": 0.5})
+        fake_run(root / f"{other}{seed}", other, seed, reward=0.4 + 0.05 * seed + d,
+                 final={"eval/logratio/loss": 0.5, "prior/phi_len": 0.1 * seed})      # a learnable prior's scalar
     return root
 
 
@@ -205,6 +206,9 @@ def test_paired_differences_against_the_baseline_have_the_hand_computed_t_interv
     assert "n = 5 paired" not in err
     md = (d / "report" / "report.md").read_text()
     assert "## Paired comparison against `simpo`" in md and "t [+0.0037, +0.3963]" in md
+    assert "| dpo | 5/5 | 0.200±0.158 |" in md                        # the prior's own scalar at the end, per group
+    agg = pd.read_csv(d / "report" / "summary.csv").set_index("group")
+    assert math.isclose(agg.loc["dpo", "final/prior/phi_len/mean"], 0.2) and "prior/phi_len" not in out  # not printed
 
     d3 = paired_sweep(tmp_path / "s3", [0.1, 0.3, 0.2])
     main(["report", str(d3), "report.baseline=simpo"])

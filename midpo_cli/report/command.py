@@ -134,6 +134,12 @@ def write_markdown(out: Path, dirs: list[Path], df, agg, piv, figures: list[Path
         lines += ["`a (= b)`: every outcome of a equals b's to 9 decimals, so their points coincide in the figures "
                   "(a prior that reduces exactly to another with its default settings): " +
                   ", ".join(f"{a} = {b}" for a, b in same.items()) + ".", ""]
+    scalars = tables.prior_scalars(df)
+    if scalars:
+        own = tables.pivot(agg, {c: c.removeprefix("final/") for c in scalars})
+        own = own[own.drop(columns=["group", "seeds ok"]).ne("").any(axis=1)]
+        lines += ["## The learnable priors' own parameters at the end (mean±std over seeds)", "",
+                  tables.markdown(own), ""]
     lines += [READING.format(tasks=task_reading(df), ci=tables.ci_words(level)), *extra]
     for f in figures:
         lines += [f"![{f.stem}]({f.name})", "", FIGURES.get(f.name, ""), ""]

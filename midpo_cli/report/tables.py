@@ -414,16 +414,19 @@ def summary_columns(df: pd.DataFrame) -> dict[str, str]:
     """{column: label} of the aggregate's metrics: the declared task metrics of df's runs (each policy value,
     the headline's gain), then SUMMARY."""
     own = {c: label(m, what) for c, (m, what) in declared(df).items() if what != "reference"}
-    scalars = {c: c.removeprefix("final/") for c in df.columns     # a learnable prior's own scalars, e.g. prior/phi_len
-               if c.startswith("final/prior/") and c not in {f"final/{k}" for k in FINAL}}
-    return {**own, **{m: LABELS[m] for m in SUMMARY}, **scalars}
+    return {**own, **{m: LABELS[m] for m in SUMMARY}}
+
+
+def prior_scalars(df: pd.DataFrame) -> list[str]:
+    """The final values of the learnable priors' own scalars (e.g. final/prior/phi_len): summary.csv, not the pivot."""
+    return [c for c in df.columns if c.startswith("final/prior/") and c not in {f"final/{k}" for k in FINAL}]
 
 
 def aggregate(df: pd.DataFrame, metrics=None, level: float = 0.95) -> pd.DataFrame:
     """A row per group (prior + varied overrides): n, n_ok, and <metric>/mean, /std, /ci_lo, /ci_hi, /interval
-    of each of `metrics` (default: summary_columns); the interval at `level`, its kind (`interval`): t below
+    of each of `metrics` (default: summary_columns and prior_scalars); the interval at `level`, its kind (`interval`): t below
     BOOTSTRAP_FROM seeds, bootstrap from there on."""
-    metrics = list(summary_columns(df)) if metrics is None else metrics
+    metrics = [*summary_columns(df), *prior_scalars(df)] if metrics is None else metrics
     out = []
     for group, g in df.groupby("group", sort=False):
         ok = g[g["status"] == "ok"]
