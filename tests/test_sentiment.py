@@ -119,7 +119,7 @@ def test_task_selects_its_model_and_the_model_brings_its_lr():
     cfg = compose(["dataset=sentiment"])
     assert cfg.model.source == "smollm2" and cfg.optimizer.lr == cfg.model.lr < 1e-4
     assert compose(["dataset=sentiment", "model=tiny"]).model.source == "tiny"
-    assert compose([]).optimizer.lr == 1e-4                                   # the toy keeps its rate
+    assert compose([]).optimizer.lr == 5e-5                                   # the toy keeps its rate
     assert compose(["model=smollm2-135m", "optimizer=rmsprop"]).optimizer.lr == cfg.model.lr
     assert compose(["model=smollm2-135m", "optimizer.lr=3e-5"]).optimizer.lr == 3e-5
 

@@ -90,7 +90,7 @@ class SparsePO(Prior):
     l1_d: float = 0.0          # L1 coefficient on KL masks
     mask_dropout: float = 0.01         # masks=learned: dropout in the mask heads (sparse_config mask_dropout)
     mask_weight_decay: float = 0.01    # masks=learned: weight decay on w_l and c_l (sparse_config mask_weight_decay)
-    lr: float = 1e-4           # masks=learned: the heads' learning rate (conf/prior/sparsepo.yaml: the policy's)
+    lr: float = 5e-5           # masks=learned: the heads' learning rate (conf/prior/sparsepo.yaml: the policy's)
     max_grad_norm: float = 1.0         # masks=learned: clipping of the heads' gradient (0 = off)
 
     options = ({"masks": "given", "common": True, "l1_u": 0.001, "l1_d": 0.001},
