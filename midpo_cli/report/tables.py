@@ -434,6 +434,8 @@ def aggregate(df: pd.DataFrame, metrics=None, level: float = 0.95) -> pd.DataFra
         for m in metrics:
             x = pd.to_numeric(ok[m], errors="coerce").dropna().to_numpy() if m in ok else np.array([])
             lo, hi, kind = interval(x, level)
+            if m.endswith("_gain"):                                     # seeds where the policy beat the reference
+                row[f"{m}/above"] = int((x > 0).sum())
             row.update({f"{m}/mean": x.mean() if len(x) else math.nan,
                         f"{m}/std": x.std(ddof=1) if len(x) > 1 else math.nan, f"{m}/ci_lo": lo, f"{m}/ci_hi": hi,
                         f"{m}/interval": kind})
@@ -475,6 +477,8 @@ def pivot(agg: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
         if f"{m}/mean" in agg and m not in ("final/eval/loss", "wall_time_s"):
             std = agg[f"{m}/std"] if m not in COST else [math.nan] * len(agg)
             out[name] = [_pm(a, s) for a, s in zip(agg[f"{m}/mean"], std)]
+            if f"{m}/above" in agg:
+                out[f"{name}: seeds > 0"] = [f"{a}/{n}" for a, n in zip(agg[f"{m}/above"], agg.n_ok)]
     return out
 
 
