@@ -254,6 +254,13 @@ def test_reward_at_matched_kl_is_interpolated_on_each_seed_and_never_extrapolate
     assert fam.set_index("group").loc["simpo", "frontier"] == False and rows.empty   # noqa: E712
     _, _, _, notes = paired.matched_kl(df, paired.baseline_groups(df, "dpo"), 0.95, None)
     assert "spans several betas" in notes[0] and "report.match_kl" in notes[0]
+    for seed in (0, 1):                                    # a second frontier, 0.05 above dpo's at every KL
+        fake_run(d / f"tdpo-a{seed}", "tdpo", seed, 0.1, reward=0.55, kl=2.0)
+        fake_run(d / f"tdpo-b{seed}", "tdpo", seed, 1.0, reward=0.75, kl=4.0)
+    df = tables.collect([d])
+    _, _, rows, _ = paired.matched_kl(df, paired.baseline_groups(df, "dpo"), 0.95, 3.0)   # both read at KL 3
+    r = rows.set_index("group").loc["tdpo"]
+    assert r["n"] == 2 and math.isclose(r["mean_diff"], 0.05) and r["note"] == ""
 
     main(["report", str(d), "report.baseline=simpo"])
     out = capsys.readouterr().out

@@ -150,9 +150,13 @@ def matched_kl(df: pd.DataFrame, base: list[str] | None, level: float, match_kl:
     base_families = list(dict.fromkeys(family(b) for b in base or []))
 
     def base_group(f: str) -> str | None:
-        """The baseline group whose own KL is f's target: the one at f's other swept values, or the only one."""
+        """The baseline group whose own KL is f's target: the one at f's other swept values, or the only one; with
+        report.match_kl, any group of a baseline that is one frontier (its family is read at that KL)."""
         same = [b for b in base if split(b)[2] == split(f)[2]]
-        return same[0] if len(same) == 1 else base[0] if len(base) == 1 else None
+        one_family = lambda gs: len({family(b) for b in gs}) == 1
+        if same and (len(same) == 1 or match_kl is not None and one_family(same)):
+            return same[0]
+        return base[0] if len(base) == 1 or match_kl is not None and one_family(base) else None
 
     if match_kl is None and base is not None:
         values = [split(b)[2] for b in base]                # the baseline's groups per value of the other keys
