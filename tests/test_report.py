@@ -150,7 +150,7 @@ def test_a_sweeps_command_line_shows_what_ran(tmp_path):
 
 
 def fake_run(d: Path, prior: str, seed: int, beta: float | None = None, *, reward: float, kl: float = 1.0,
-             win: float = 0.5, final: dict | None = None, arm: str | None = None) -> Path:
+             win: float = 0.5, final: dict | None = None, arm: str | None = None, warnings: list | None = None) -> Path:
     """A finished run directory of the built-in task, as `midpo train` leaves it (results.json, metrics.jsonl)."""
     d.mkdir(parents=True)
     overrides = [f"+arm={arm}" if arm else f"prior={prior}", f"seed={seed}", *([f"prior.beta={beta}"] if beta else [])]
@@ -159,7 +159,7 @@ def fake_run(d: Path, prior: str, seed: int, beta: float | None = None, *, rewar
           "length/policy": 5.0, "length/reference": 5.0}
     (d / "results.json").write_text(json.dumps({
         "config": {"seed": seed, "prior": {"name": prior, "beta": beta}, "dataset": {"source": "builtin"}},
-        "eval": ev, "overrides": overrides}))
+        "eval": ev, "overrides": overrides, "warnings": warnings or []}))
     (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 0.6, **(final or {})}) + "\n")
     return d
 
@@ -185,7 +185,8 @@ def paired_sweep(root: Path, diffs: list[float], base: str = "simpo", other: str
     for seed, d in enumerate(diffs):
         fake_run(root / f"{base}{seed}", base, seed, reward=0.4 + 0.05 * seed, final={"eval/logratio/loss": 0.6})
         fake_run(root / f"{other}{seed}", other, seed, reward=0.4 + 0.05 * seed + d,
-                 final={"eval/logratio/loss": 0.5, "prior/phi_len": 0.1 * seed})      # a learnable prior's scalar
+                 final={"eval/logratio/loss": 0.5, "prior/phi_len": 0.1 * seed},      # a learnable prior's scalar
+                 warnings=[{"step": 3, "warning": "x: collapse signature at step 3"}] if seed < 2 else [])
     return root
 
 
@@ -206,11 +207,12 @@ def test_paired_differences_against_the_baseline_have_the_hand_computed_t_interv
     assert "n = 5 paired" not in err
     md = (d / "report" / "report.md").read_text()
     assert "## Paired comparison against `simpo`" in md and "t [+0.0037, +0.3963]" in md
-    assert "| dpo | 5/5 | 0.200±0.158 |" in md                        # the prior's own scalar at the end, per group
+    assert "| dpo | 5/5 | 2/5 | 0.200±0.158 |" in md                  # the prior's own scalar at the end, per group
     assert "true reward gain: seeds > 0" in md                          # how many seeds beat their reference (0.3)
     agg = pd.read_csv(d / "report" / "summary.csv").set_index("group")
     assert math.isclose(agg.loc["dpo", "final/prior/phi_len/mean"], 0.2) and "prior/phi_len" not in out  # not printed
-    assert agg.loc["dpo", "task/true_reward_gain/above"] == 5
+    assert agg.loc["dpo", "task/true_reward_gain/above"] == 5 and agg.loc["dpo", "collapsed"] == 2
+    assert "| group | seeds ok | collapse warned |" in md                 # 2 of 5 runs raised the collapse warning
 
     d3 = paired_sweep(tmp_path / "s3", [0.1, 0.3, 0.2])
     main(["report", str(d3), "report.baseline=simpo"])

@@ -41,6 +41,8 @@ from torch import Tensor
 
 from midpo_cli.priors.base import Arm, PairView, Prior
 
+COLLAPSE = "collapse signature"        # the words of `monitor`'s warning (midpo report counts the runs that raised it)
+
 
 @dataclasses.dataclass(eq=False, repr=False)
 class LearnablePrior(Prior):
@@ -179,7 +181,7 @@ class LearnablePrior(Prior):
                 or shift > -self.collapse_shift or policy >= self.collapse_ratio * -shift:
             return []
         self._collapse_warned = True
-        return [f"{self.name}: collapse signature at step {row.get('step')}: the prior's margin fell {-shift:.2f} nats "
+        return [f"{self.name}: {COLLAPSE} at step {row.get('step')}: the prior's margin fell {-shift:.2f} nats "
                 f"below the reference's (prior/shift) while the policy's own margin moved {policy:.2f} nats "
                 f"(logratio/margins): the prior is learning the anti-preference and lowers J without changing the "
                 f"policy (docs/learnable_priors.md). Raise prior.anchor (now {self.anchor}), lower prior.lr (now {self.lr}), or use "

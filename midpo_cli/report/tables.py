@@ -26,6 +26,7 @@ from rich.table import Table
 
 from midpo_cli.console import console, line as console_line
 from midpo_cli.engine.rundir import IGNORED
+from midpo_cli.priors.learnable import COLLAPSE
 from midpo_cli.report.objective import declared_metrics, task_columns, task_value
 from midpo_cli.tasks import TASKS, Metric, source_of
 
@@ -178,7 +179,8 @@ def read_run(run_dir: Path, root: Path, commit: str = "", status: str | None = N
     row.update({"tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
                 "train_wall_s": r.get("train_wall_s"), "wall_time_s": r.get("wall_time_s"),
                 "ref_cache_hit": (r.get("ref_cache") or {}).get("hit"), "git_commit": commit,
-                "warnings": len(r.get("warnings") or []) if results else None})
+                "warnings": len(r.get("warnings") or []) if results else None,
+                "collapsed": any(COLLAPSE in str(w) for w in r.get("warnings") or []) if results else None})
     return row
 
 
@@ -431,6 +433,8 @@ def aggregate(df: pd.DataFrame, metrics=None, level: float = 0.95) -> pd.DataFra
     for group, g in df.groupby("group", sort=False):
         ok = g[g["status"] == "ok"]
         row = {"group": group, "prior": g["prior"].iloc[0], "n": len(g), "n_ok": len(ok)}
+        if "collapsed" in ok and ok["collapsed"].fillna(False).astype(bool).any():
+            row["collapsed"] = int(ok["collapsed"].fillna(False).astype(bool).sum())   # runs with the collapse warning
         for m in metrics:
             x = pd.to_numeric(ok[m], errors="coerce").dropna().to_numpy() if m in ok else np.array([])
             lo, hi, kind = interval(x, level)
@@ -470,6 +474,8 @@ def pivot(agg: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
     """The report's pivot: a row per group, `mean±std` over seeds per outcome of `labels` (summary_columns),
     mean tokens/s."""
     out = pd.DataFrame({"group": display_names(agg), "seeds ok": [f"{a}/{b}" for a, b in zip(agg.n_ok, agg.n)]})
+    if "collapsed" in agg:
+        out["collapse warned"] = [f"{int(c) if c == c else 0}/{n}" for c, n in zip(agg["collapsed"], agg.n_ok)]
     objective = "final/train/loss/mean" in agg
     for m, name in labels.items():
         if m in OBJECTIVE and not objective:
