@@ -164,8 +164,8 @@ def matched_kl(df: pd.DataFrame, base: list[str] | None, level: float, match_kl:
             return (*empty, [f"matched KL: the baseline {', '.join(base_families)} spans several betas "
                              f"({', '.join(base)}), so it has no single KL per seed; give report.match_kl=<KL> to "
                              "read every frontier at that KL, or name one of its groups as report.baseline"])
-    if match_kl is None and (base is None or not any(s for f, s in spans.items() if f not in base_families)):
-        return (*empty, [])                                # nothing asked, or no group but the baseline has a frontier
+    if match_kl is None and base is None:
+        return (*empty, [])
 
     def frontier(f: str, seed) -> pd.DataFrame:
         return ok[(ok["family"] == f) & (ok["seed"] == seed)][["kl", "reward"]]
