@@ -28,7 +28,7 @@ def compose_train(overrides):
 
 def test_default_sparsepo_learns_its_masks_and_only_that_setting_learns():
     prior = build_prior(compose_train(["prior=sparsepo"]).prior)
-    assert prior.masks == "learned" and prior.learnable and prior.lr == pytest.approx(1e-4)   # the policy's lr
+    assert prior.masks == "learned" and prior.learnable and prior.lr == pytest.approx(5e-5)   # the policy's lr
     assert prior.initial_equivalent() == {"name": "tdpo", "variant": 1, "beta": 0.1}
     assert not build_prior({"name": "sparsepo", "masks": "activation"}).learnable
     assert not PRIORS["sparsepo"].learnable              # the class: not every setting learns (arms, learned_* names)

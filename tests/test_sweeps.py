@@ -169,7 +169,7 @@ def test_tune_searches_each_prior_around_its_own_default():
             cfgs[p] = compose("train", overrides=[f"prior={p}", "+experiment=tune"])
     assert search_space(cfgs["dpo"], set(), set(), 10, None)["space"] == ["prior.beta=tag(log, interval(0.01, 1))"]
     plan = search_space(cfgs["simpo"], set(), {"prior.gamma"}, 4, 10)
-    assert plan["space"] == ["prior.beta=tag(log, interval(0.5, 8))", "optimizer.lr=tag(log, interval(1e-05, 0.001))"]
+    assert plan["space"] == ["prior.beta=tag(log, interval(0.5, 8))", "optimizer.lr=tag(log, interval(5e-06, 0.0005))"]
     assert plan["keys"] == ["prior.beta", "optimizer.lr", "prior.gamma"] and plan["defaults"]["prior.beta"] == 2.0
     assert search_space(cfgs["dpo"], {"prior.beta"}, set(), 10, None)["space"] == []   # given: not searched
     with initialize_config_module(version_base="1.3", config_module="midpo_cli.conf"):
