@@ -150,11 +150,15 @@ class Prior(torch.nn.Module):
     typical_beta: ClassVar[tuple[float, float]] = (0.005, 1.0)   # beta outside this range earns a warning
     arms: ClassVar[dict[str, Arm]] = {}   # name suffix -> arm, for sweeps over arms (a fixed prior is also one arm:
                                           # itself with its defaults; a learnable prior is only the arms it declares)
+    policy_copy: ClassVar[str | None] = None   # a frozen copy of the policy the prior owns: its attribute and owned-model
+                                               # name (built by attach, moved by refresh_copy), e.g. TR-DPO's reference
     renamed: ClassVar[dict[str, dict[str, tuple[str, str]]]] = {}   # option -> {old value: (new value, why)}: a
                                           # renamed value is refused in one line naming the new one
 
     def __post_init__(self):
         torch.nn.Module.__init__(self)
+        if self.policy_copy:
+            setattr(self, self.policy_copy, None)            # a registered submodule once `attach` builds it
 
     @property
     def a(self) -> float:
@@ -230,12 +234,27 @@ class Prior(torch.nn.Module):
     max_grad_norm: ClassVar[float] = 0.0          # gradient clipping of the prior's parameters (0 = off)
 
     def attach(self, policy, reference) -> None:
-        """Build what the prior owns (adapters, snapshots) once the policy and the reference model exist."""
+        """Build what the prior owns (adapters, snapshots) once the policy and the reference model exist; by
+        default its `policy_copy`, a frozen copy of the policy."""
+        if self.policy_copy:
+            setattr(self, self.policy_copy, frozen_copy(policy))
 
     def owned_models(self) -> dict[str, torch.nn.Module]:
         """Models whose per-token log-probs of each batch the prior reads (PairView.owned(name)); the engine runs
-        those named in `needs().owned` (verify's probes stand in other logits for them, by the same names)."""
-        return {}
+        those named in `needs().owned` (verify's probes stand in other logits for them, by the same names). By
+        default its `policy_copy`, under that name."""
+        if not self.policy_copy:
+            return {}
+        model = getattr(self, self.policy_copy)
+        if model is None:
+            raise RuntimeError(f"{self.name}: attach(policy, reference) has not built its {self.policy_copy} yet")
+        return {self.policy_copy: model}
+
+    def refresh_copy(self, step: int, every: int, mixup: float, policy) -> None:
+        """After optimiser step `step`: every `every`-th, policy_copy <- mixup*policy + (1-mixup)*policy_copy."""
+        model = getattr(self, self.policy_copy)
+        if model is not None and step % every == 0:
+            mix_toward(model, policy, mixup, self.name)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

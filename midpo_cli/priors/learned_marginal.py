@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from midpo_cli.priors import Arm, Needs, PairView, Prior, Reduction, register_prior
-from midpo_cli.priors.base import frozen_copy, mix_toward
 
 SNAPSHOT = "snapshot"      # the prior's own model (Prior.owned_models): the lagged policy pi_snap
 
@@ -46,6 +45,7 @@ class LearnedMarginal(Prior):
     refresh_every: int = 20      # optimiser steps between refreshes of pi_snap from the policy
     mixup: float = 1.0           # snap <- mixup*policy + (1-mixup)*snap at each refresh (1 = hard copy)
 
+    policy_copy = SNAPSHOT
     learnable: ClassVar[bool] = True      # zeta moves with the policy (fitted label-free; no parameter J trains)
     options = ({}, {"ramp_steps": 0}, {"ramp_steps": 0, "weight": 0.5})   # w = 0, 1, 0.5 on verify's probes
     reductions = (Reduction({"weight": 0.0}, {"name": "dpo", "beta": 0.1}, note="(w = 0 throughout)"),)
@@ -56,7 +56,6 @@ class LearnedMarginal(Prior):
     def __post_init__(self):
         super().__post_init__()
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))   # the ramp's clock, checkpointed
-        self.snapshot = None                                       # a registered submodule once `attach` builds it
         self._gap = math.nan
 
     def validate(self) -> None:
@@ -89,14 +88,6 @@ class LearnedMarginal(Prior):
 
     def needs(self) -> Needs:
         return Needs(reference=True, cross_prompts=self.prompts, cross_model=SNAPSHOT)
-
-    def attach(self, policy, reference) -> None:
-        self.snapshot = frozen_copy(policy)
-
-    def owned_models(self) -> dict:
-        if self.snapshot is None:
-            raise RuntimeError("learned_marginal: attach(policy, reference) has not built the snapshot yet")
-        return {SNAPSHOT: self.snapshot}
 
     def initial_equivalent(self) -> dict:
         """DPO while the ramp starts at w = 0; with ramp_steps = 0 (w = weight at once) no registered prior."""
@@ -144,8 +135,7 @@ class LearnedMarginal(Prior):
     def on_step(self, step: int, policy) -> None:
         """After optimiser step `step` (1-based): the ramp's clock; every refresh_every-th, pi_snap moves to pi."""
         self.steps_done.fill_(step)
-        if self.snapshot is not None and step % self.refresh_every == 0:
-            mix_toward(self.snapshot, policy, self.mixup, "learned_marginal")
+        self.refresh_copy(step, self.refresh_every, self.mixup, policy)
 
     def scalars(self) -> dict[str, float]:
         """prior/weight: w now; prior/marginal_gap: mean log m(y) - log pi_ref(y|x) over the last batch (nats)."""

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from midpo_cli.priors import Needs, PairView, Reduction, register_prior
-from midpo_cli.priors.base import frozen_copy, mix_toward
 from midpo_cli.priors.learnable import LearnablePrior
 from midpo_cli.priors.sparsepo import zn_rescale
 
@@ -29,6 +28,7 @@ class LearnedMix(LearnablePrior):
     mixup: float = 0.6           # snapshot <- mixup*policy + (1-mixup)*snapshot (TRL ref_model_mixup_alpha: 0.6)
 
     options = ({"update": "joint"}, {"update": "tracking"}, {"update": "joint", "gate": "token"})
+    policy_copy = "snapshot"
     loss_knobs = ("anchor", "gate_init")
     reductions = (Reduction({"gate_init": 40.0}, {"name": "dpo", "beta": 0.1}, note="(lam = sigmoid(40) = 1)"),)
 
@@ -36,7 +36,6 @@ class LearnedMix(LearnablePrior):
         super().__post_init__()
         self.bias = torch.nn.Parameter(torch.tensor(float(self.gate_init)))     # b
         self.weight = torch.nn.Parameter(torch.zeros(()), requires_grad=self.gate == "token")   # w
-        self.snapshot = None
 
     def validate(self) -> None:
         super().validate()
@@ -45,14 +44,6 @@ class LearnedMix(LearnablePrior):
 
     def needs(self) -> Needs:
         return Needs(reference=True, ref_activations=self.gate == "token", owned=("snapshot",))
-
-    def attach(self, policy, reference) -> None:
-        self.snapshot = frozen_copy(policy)
-
-    def owned_models(self) -> dict:
-        if self.snapshot is None:
-            raise RuntimeError("learned_mix: attach(policy, reference) has not built the snapshot yet")
-        return {"snapshot": self.snapshot}
 
     def gate_logits(self, v: PairView) -> Tensor:
         """g: a scalar, or [2, B, T] per token, in the view's precision (1 - lam is small: no float32 rounding)."""
@@ -74,8 +65,7 @@ class LearnedMix(LearnablePrior):
     @torch.no_grad()
     def on_step(self, step: int, policy) -> None:
         super().on_step(step, policy)
-        if self.snapshot is not None and step % self.sync_every == 0:
-            mix_toward(self.snapshot, policy, self.mixup, "learned_mix")
+        self.refresh_copy(step, self.sync_every, self.mixup, policy)
 
     def scalars(self) -> dict[str, float]:
         out = {**super().scalars(), "prior/lambda": float(torch.sigmoid(self.bias.detach()))}

@@ -4,7 +4,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from midpo_cli.priors import Needs, PairView, Prior, Reduction, register_prior
-from midpo_cli.priors.base import frozen_copy, mix_toward
 
 MOVING = "moving_reference"     # the name of the prior's own model (Needs.owned, PairView.owned)
 
@@ -25,12 +24,9 @@ class TRDPO(Prior):
     sync_every: int = 20     # optimiser steps between updates of the reference (the paper's tau; TRL's default 512)
     mixup: float = 0.6       # weight of the policy in each update (the paper's alpha; TRL's default 0.6); 1 = copy
 
+    policy_copy = MOVING
     reductions = (Reduction({}, {"name": "dice", "snapshot": MOVING},
                             note="(the same frozen model: between updates, DPO against an earlier policy)"),)
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.moving_reference = None      # a registered submodule once `attach` builds it
 
     def validate(self) -> None:
         if self.sync_every < 1:
@@ -48,14 +44,6 @@ class TRDPO(Prior):
     def needs(self) -> Needs:
         return Needs(owned=(MOVING,))
 
-    def attach(self, policy, reference) -> None:
-        self.moving_reference = frozen_copy(policy)
-
-    def owned_models(self) -> dict:
-        if self.moving_reference is None:
-            raise RuntimeError("trdpo: attach(policy, reference) has not built the moving reference yet")
-        return {MOVING: self.moving_reference}
-
     def log_prior(self, v: PairView) -> Tensor:
         return v.seq(v.owned(MOVING))                                      # [2, B]
 
@@ -69,5 +57,4 @@ class TRDPO(Prior):
     def on_step(self, step: int, policy) -> None:
         """After optimiser step `step` (1-based): every sync_every-th, theta_ref <- mixup*theta + (1-mixup)*theta_ref
         (mix_toward); mixup = 1 leaves an exact copy of the policy's weights."""
-        if self.moving_reference is not None and step % self.sync_every == 0:
-            mix_toward(self.moving_reference, policy, self.mixup, "trdpo")
+        self.refresh_copy(step, self.sync_every, self.mixup, policy)
