@@ -102,6 +102,8 @@ class TrainerConfig:
     eval_train: bool = False              # at the end, also score every training pair (train/* metrics: the final J)
     save_model: bool = True               # save the final policy with save_pretrained
     ref_cache: bool = True                # precompute reference log-probs once, on disk, shared by runs
+    packing: bool = True                  # padding-free batches, each prompt computed once (engine/pack.py); false: padded
+    compile: bool = False                 # torch.compile each decoder block (docs/benchmarks.md: when it pays)
     trackers: list = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]
     objective: str = "eval/rewards/accuracies"  # the run's score for a sweeper (report/objective.py: keys, directions)
 
@@ -119,6 +121,7 @@ class AdamWConfig(OptimizerConfig):
     _target_: str = "torch.optim.AdamW"
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # Adam moment decay rates
     eps: float = 1e-8                     # numerical floor
+    fused: Optional[bool] = None          # one fused kernel per step; null = on where the device has it (CUDA)
 
 
 @dataclass

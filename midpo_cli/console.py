@@ -76,6 +76,8 @@ def final_table(results: dict) -> None:
         if isinstance(final.get(k), (int, float)):
             t.add_row(k, f"{final[k]:.4f}")
     t.add_row("tokens/s", f"{results.get('tokens_per_s', 0):,.0f}")
+    if results.get("batches"):
+        t.add_row("batches", batches_cell(results["batches"]))
     t.add_row("peak memory (MB)", f"{results.get('peak_memory_mb', 0):,.0f}")
     t.add_row("wall time (s)", f"{results.get('wall_time_s', 0):.1f}")
     console.print(t)
@@ -84,6 +86,19 @@ def final_table(results: dict) -> None:
         console.print(eval_table(results))
     if results.get("pipeline"):
         console.print(pipeline_table(results["pipeline"]))
+
+
+LAYOUTS = {"tree": "packed, prompt once (tree mask)", "flat": "packed (variable-length)", "off": "padded"}
+
+
+def batches_cell(b: dict) -> str:
+    """How the training batches ran (engine/pack.py), e.g. 'packed, prompt once (tree mask) via sdpa: 100% of
+    batches; padding avoided 41% of a padded batch's slots'."""
+    layout = LAYOUTS.get(b.get("packing"), str(b.get("packing")))
+    if b.get("packing") == "off":
+        return f"padded (trainer.packing=false) via {b.get('attention')}; padding {b.get('padding_share', 0):.0%} of slots"
+    return (f"{layout} via {b.get('attention')}: {b.get('packed_share', 0):.0%} of batches; padded batches would "
+            f"hold {b.get('padding_share', 0):.0%} padding")
 
 
 def pipeline_table(pipeline: dict) -> Table:

@@ -49,37 +49,49 @@ def preference_loss(prior, view, yardstick: Tensor | None = None) -> LossOutput:
     log_zeta = prior.log_prior(view)                                     # [2, B]
     losses = mi_dpo_loss(seq, log_zeta, prior.a)                         # [B]
     penalty = prior.penalty(view)
-    metrics = pair_metrics(seq, log_zeta, prior.a, losses)
-    metrics["penalty"] = float(penalty.detach())
+    stats = _pair_stats(seq, log_zeta, prior.a, losses)
+    stats["penalty"] = penalty.detach()
     ref = view.ref_logps if view.ref_logps is not None else yardstick
     if ref is not None:
-        metrics.update(logratio_metrics(seq, view.seq(ref), log_zeta))
+        stats.update(_logratio_stats(seq, view.seq(ref), log_zeta))
+    metrics = on_host(stats)                                             # one device-to-host transfer per batch
     metrics.update(prior.scalars())
     return LossOutput(losses.mean(), penalty, metrics)
 
 
-@torch.no_grad()
+def on_host(stats: dict[str, Tensor]) -> dict[str, float]:
+    """Scalar tensors -> floats, in one transfer (one host-device synchronisation instead of one per metric)."""
+    if not stats:
+        return {}
+    values = torch.stack([v.detach().double().reshape(()) for v in stats.values()]).tolist()
+    return dict(zip(stats, values))
+
+
 def pair_metrics(policy_logps: Tensor, log_prior: Tensor, a: float, losses: Tensor) -> dict[str, float]:
     """TRL-named metrics; `rewards/*` is the implied reward a*log(pi/zeta) of the prior actually trained;
     `prior/margin` = mean(log zeta_w - log zeta_l), the prior's own preference between the two responses."""
+    return on_host(_pair_stats(policy_logps, log_prior, a, losses))
+
+
+@torch.no_grad()
+def _pair_stats(policy_logps: Tensor, log_prior: Tensor, a: float, losses: Tensor) -> dict[str, Tensor]:
     rewards = a * (policy_logps - log_prior).float()                     # [2, B]
     zeta = log_prior.float()
     return {
-        "loss": losses.float().mean().item(),
-        "rewards/chosen": rewards[0].mean().item(),
-        "rewards/rejected": rewards[1].mean().item(),
-        "rewards/accuracies": (rewards[0] > rewards[1]).float().mean().item(),
-        "rewards/margins": (rewards[0] - rewards[1]).mean().item(),
-        "logps/chosen": policy_logps[0].float().mean().item(),
-        "logps/rejected": policy_logps[1].float().mean().item(),
-        "prior/margin": (zeta[0] - zeta[1]).mean().item(),
+        "loss": losses.float().mean(),
+        "rewards/chosen": rewards[0].mean(),
+        "rewards/rejected": rewards[1].mean(),
+        "rewards/accuracies": (rewards[0] > rewards[1]).float().mean(),
+        "rewards/margins": (rewards[0] - rewards[1]).mean(),
+        "logps/chosen": policy_logps[0].float().mean(),
+        "logps/rejected": policy_logps[1].float().mean(),
+        "prior/margin": (zeta[0] - zeta[1]).mean(),
     }
 
 
 COMMON_SCALE = 0.1   # a of logratio/loss: J(pi, pi_ref) at DPO's default beta, the same for every prior
 
 
-@torch.no_grad()
 def logratio_metrics(policy_logps: Tensor, ref_logps: Tensor, log_prior: Tensor) -> dict[str, float]:
     """Prior-independent yardsticks against the reference, sequence log-probs [2, B] each:
     logratio/margins = mean[(log pi - log pi_ref)_w - (log pi - log pi_ref)_l] (the policy's own margin);
@@ -87,9 +99,14 @@ def logratio_metrics(policy_logps: Tensor, ref_logps: Tensor, log_prior: Tensor)
     across priors whatever prior or scale each trained with (on held-out pairs: eval/logratio/loss);
     prior/shift = mean[(log zeta - log pi_ref)_w - (log zeta - log pi_ref)_l] (how far the prior's margin
     moved from the reference's; 0 for DPO, and for a learnable prior at initialisation)."""
+    return on_host(_logratio_stats(policy_logps, ref_logps, log_prior))
+
+
+@torch.no_grad()
+def _logratio_stats(policy_logps: Tensor, ref_logps: Tensor, log_prior: Tensor) -> dict[str, Tensor]:
     ratio = (policy_logps - ref_logps).float()                           # [2, B]
     shift = (log_prior - ref_logps).float()
-    return {"logratio/margins": (ratio[0] - ratio[1]).mean().item(),
-            "logratio/loss": mi_dpo_loss(ratio, torch.zeros_like(ratio), COMMON_SCALE).mean().item(),
-            "logratio/accuracies": (ratio[0] > ratio[1]).float().mean().item(),
-            "prior/shift": (shift[0] - shift[1]).mean().item()}
+    return {"logratio/margins": (ratio[0] - ratio[1]).mean(),
+            "logratio/loss": mi_dpo_loss(ratio, torch.zeros_like(ratio), COMMON_SCALE).mean(),
+            "logratio/accuracies": (ratio[0] > ratio[1]).float().mean(),
+            "prior/shift": (shift[0] - shift[1]).mean()}

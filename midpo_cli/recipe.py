@@ -39,8 +39,11 @@ from midpo_cli.engine.cross import Layout
 from midpo_cli.engine.draws import data_loader, endless, pairs_drawn
 from midpo_cli.engine.inputs import pairs_digest, run_inputs, weights_digest
 from midpo_cli.engine.lora import AdapterOff, add_lora, merged_for_saving
-from midpo_cli.engine.models import check_lengths, check_source, frozen, load_model, load_tokenizer
-from midpo_cli.engine.optim import finite_parameters, grad_norm, schedule
+from midpo_cli.engine.head import unwrap
+from midpo_cli.engine.models import (check_lengths, check_source, compile_blocks, frozen, load_model,
+                                     load_tokenizer)
+from midpo_cli.engine.pack import attention_of, pack_kind
+from midpo_cli.engine.optim import build, finite_parameters, grad_norm, schedule
 from midpo_cli.engine.rundir import check_derived, run_settings
 from midpo_cli.engine.stops import Signals
 from midpo_cli.engine.trainer import (NonFinite, append_row, diagnose, evaluate_pairs, metrics_upto, peak_memory_mb,
@@ -83,11 +86,11 @@ def check_config(cfg: DictConfig) -> None:
                              f"its own model: add model=hf to load {model[key]}")
 
 
-def prior_optimizer(optimizer_cfg, prior) -> torch.optim.Optimizer:
+def prior_optimizer(optimizer_cfg, prior, device="cpu") -> torch.optim.Optimizer:
     """The prior's own optimiser: the optimizer config with prior.lr, over the prior's parameter groups (a group's
     own weight_decay wins: decoupled with AdamW, an L2 term with SGD and RMSprop, as torch defines them)."""
     from hydra.utils import instantiate
-    return instantiate(optimizer_cfg, lr=prior.lr)(prior.param_groups())
+    return build(instantiate(optimizer_cfg, lr=prior.lr), prior.param_groups(), device)
 
 
 def scored_train_pairs(pairs: list, tc, seed: int, processes: int) -> tuple[list, str]:
@@ -191,6 +194,7 @@ class Recipe:
         self._pairs()
         self._reference_cache()
         self._attach_prior()
+        self._compile()
         self._optimisers()
         self._resume()
         return self
@@ -226,6 +230,7 @@ class Recipe:
         if self.stage.seed is not None:
             seed_everything(self.seed)                                     # the training's own from here (LoRA init)
         self.policy = (add_lora(policy, model.lora) if self.lora else policy).to(acc.device)
+        self.pack = pack_kind(self.policy) if self.tc.packing else None   # the layout batches carry (engine/pack.py)
         wants = needs.reference_model or needs.snapshot == "reference" or self.task.evaluates_reference \
             or self.prior.learnable                                        # a learnable prior builds on it in attach
         self.reference = None
@@ -277,7 +282,7 @@ class Recipe:
             self.ref_cache = refcache.attach(
                 [scored, self.eval_pairs], scorer, self.reference_digest, self.tokenizer, Path(self.cfg.cache_dir),
                 self.tc.precision, acc.device, self.tokenizer.pad_token_id,
-                self.pairs_digest if scored is self.train_pairs else None)   # the pairs are hashed once
+                self.pairs_digest if scored is self.train_pairs else None, self.pack)   # the pairs are hashed once
 
     def _attach_prior(self) -> None:
         """The prior's own models are built on the policy and reference; a cache replaces the reference copy."""
@@ -289,18 +294,26 @@ class Recipe:
             self.reference = None
             self.snapshot = None if needs.snapshot == "reference" else self.snapshot
 
+    def _compile(self) -> None:
+        """trainer.compile: each decoder block of the policy, the reference and the snapshot compiled (the first
+        steps pay for it; results.json's compile_blocks says how many)."""
+        self.compiled = compile_blocks(self.policy, self.reference, self.snapshot) if self.tc.compile else 0
+        if self.tc.compile and not self.compiled:
+            log.warning("trainer.compile=true: no list of decoder blocks found in the model; it runs uncompiled")
+
     def _optimisers(self) -> None:
         """The policy's optimiser and schedule, the prior's (when it has parameters), the loader: all prepared."""
         from hydra.utils import instantiate
 
         tc, acc = self.tc, self.acc
-        optimizer = instantiate(self.cfg.optimizer)([p for p in self.policy.parameters() if p.requires_grad])
+        optimizer = build(instantiate(self.cfg.optimizer), [p for p in self.policy.parameters() if p.requires_grad],
+                          acc.device)
         sched = schedule(optimizer, tc.lr_schedule, tc.warmup_steps, tc.max_steps)
         required = (refcache.COLUMN,) if tc.ref_cache else ()
-        loader = data_loader(self.train_pairs, tc.batch_size, self.seed, self.tokenizer.pad_token_id, required)
+        loader = data_loader(self.train_pairs, tc.batch_size, self.seed, self.tokenizer.pad_token_id, required, self.pack)
         self.prior_params, extra = self.prior.trainable(), []
         if self.prior_params:                                              # a learnable prior: its own optimiser
-            prior_opt = prior_optimizer(self.cfg.optimizer, self.prior)
+            prior_opt = prior_optimizer(self.cfg.optimizer, self.prior, acc.device)
             extra = [prior_opt, schedule(prior_opt, tc.lr_schedule, tc.warmup_steps, tc.max_steps)]
         self.policy, self.optimizer, self.sched, self.loader, *extra = acc.prepare(
             self.policy, optimizer, sched, loader, *extra)
@@ -324,6 +337,7 @@ class Recipe:
         self.batches = endless(acc, self.loader, self.start_step * tc.grad_accum)
         self.window, self.history, self.warnings = [], {}, []
         self.tokens, self.skipped = 0, 0
+        self.batches_seen = {"micro_batches": 0, "packed": 0, "token_slots": 0, "tokens": 0}   # engine/pack.py
         self.last_ckpt = str(self.resume_from) if self.resume_from else None
 
     # -- the loop ----------------------------------------------------------------------------------------------
@@ -379,6 +393,7 @@ class Recipe:
             with acc.accumulate(self.policy), acc.autocast():
                 loss, m, view = step_loss(batch, self.policy, self.prior, self.models, self.tc.kl_chunk)
                 acc.backward(loss)
+            self._count(batch, view)
             micro.append(m)
             views.append(view)
         if self.prior_params and acc.num_processes > 1:
@@ -386,6 +401,14 @@ class Recipe:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
         return micro, views
+
+    def _count(self, batch: dict, view) -> None:
+        """How the micro-batch ran: packed or padded, and the token slots a padded batch holds (padding included)."""
+        seen = self.batches_seen
+        seen["micro_batches"] += 1
+        seen["packed"] += int(view.packed)
+        seen["token_slots"] += batch["attention_mask"].numel()
+        seen["tokens"] += batch["tokens"]
 
     def _reduced(self, micro: list[dict], signalled: bool) -> dict:
         """The micro-batches' mean metrics (tokens summed), whether any loss was non-finite and whether a stop
@@ -513,7 +536,8 @@ class Recipe:
                    "final": self.history, "train_wall_s": train_wall,
                    "tokens_per_s": self.tokens / train_wall if train_wall else 0.0, "skipped_steps": self.skipped,
                    "warnings": self.warnings, "peak_memory_mb": peak_memory_mb(acc.device),
-                   "world_size": acc.num_processes}
+                   "world_size": acc.num_processes, "batches": self._batches(),
+                   "compiled_blocks": self.compiled}
         if acc.is_main_process:
             seed_everything(self.seed + 3)
             ev = self.task.evaluate(self.ctx, policy, self.reference)
@@ -535,6 +559,15 @@ class Recipe:
             files.write_json(self.run_dir / "results.json", results)
         acc.wait_for_everyone()
         return results
+
+    def _batches(self) -> dict:
+        """How this process's training batches ran (engine/pack.py): the layout and attention, the share of
+        micro-batches that ran packed, and the share of a padded batch's token slots that are padding."""
+        seen, base = self.batches_seen, unwrap(self.policy)
+        n = max(1, seen["micro_batches"])
+        return {"packing": self.pack or "off", "attention": attention_of(base), "packed_share": seen["packed"] / n,
+                "padding_share": 1 - seen["tokens"] / seen["token_slots"] if seen["token_slots"] else 0.0,
+                "micro_batches": seen["micro_batches"]}
 
     def _save_model(self, policy) -> None:
         """model/ (LoRA merged into the weights), appearing only when whole."""

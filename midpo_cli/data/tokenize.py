@@ -264,11 +264,13 @@ def _outcome(fn, *args) -> EncodedPair | _Texts | Exception:
         return e
 
 
-def collate(pairs: list[EncodedPair], pad_id: int) -> dict:
+def collate(pairs: list[EncodedPair], pad_id: int, pack: str | None = None) -> dict:
     """Stack a list of pairs into one concatenated batch: rows 0..B-1 chosen, B..2B-1 rejected.
 
     input_ids/attention_mask: [2B, L]; labels/mask: [2B, L-1] aligned with logits[:, :-1];
-    values: name -> [2B, L-1] per-token columns on the same positions.
+    values: name -> [2B, L-1] per-token columns on the same positions; tokens: the non-padding tokens. `pack` ('tree' or 'flat'): the batch
+    also carries its padding-free layout under "packed" (engine/pack.py), which the engine runs when the model
+    reproduces the padded forward with it.
     """
     seqs, starts = [], []
     for side in ("chosen", "rejected"):
@@ -291,4 +293,9 @@ def collate(pairs: list[EncodedPair], pad_id: int) -> dict:
             vals = pair.values[k][side]
             values[k][i, st - 1:st - 1 + len(vals)] = torch.tensor(vals)
     labels = input_ids[:, 1:].clone()
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "mask": mask, "values": values}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "mask": mask, "values": values,
+             "tokens": sum(len(s) for s in seqs)}                       # counted here: no device sync for it
+    if pack and pairs and all(p.prompt for p in pairs):
+        from midpo_cli.engine.pack import pack as packed
+        batch["packed"] = packed(pairs, pack, mask)
+    return batch

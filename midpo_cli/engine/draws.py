@@ -46,7 +46,7 @@ def pairs_drawn(n: int, seed: int, batch_size: int, grad_accum: int, processes: 
     return sorted(permutation(n, seed, 0)[:(rounds + 1) * processes * batch_size])
 
 
-def checked_collate(pairs: list, pad_id: int, required: tuple[str, ...] = ()) -> dict:
+def checked_collate(pairs: list, pad_id: int, required: tuple[str, ...] = (), pack: str | None = None) -> dict:
     """collate, after checking that every pair carries the per-token columns the run relies on (the cached
     reference log-probs): without them a batch would fall back to the live reference, or fail with a KeyError."""
     for name in required:
@@ -54,17 +54,18 @@ def checked_collate(pairs: list, pad_id: int, required: tuple[str, ...] = ()) ->
             raise ValueError(f"a pair drawn for training or evaluation has no '{name}' column (cached reference "
                              "log-probs): the reference pass did not score it. This is a bug in midpo, please report "
                              "it; trainer.ref_cache=false runs without the cache meanwhile")
-    return collate(pairs, pad_id)
+    return collate(pairs, pad_id, pack)
 
 
-def data_loader(pairs: list, batch_size: int, seed: int, pad_id: int, required: tuple[str, ...] = ()):
-    """Shuffled micro-batches of `batch_size` pairs (incomplete last batch dropped), collated on the fly; each
-    pair must carry the per-token columns `required`. The loader has a generator of its own: each new iterator (every
+def data_loader(pairs: list, batch_size: int, seed: int, pad_id: int, required: tuple[str, ...] = (),
+                pack: str | None = None):
+    """Shuffled micro-batches of `batch_size` pairs (incomplete last batch dropped), collated on the fly (with the
+    packed layout `pack`: engine/pack.py); each pair must carry the per-token columns `required`. The loader has a generator of its own: each new iterator (every
     epoch, and the first one after a resume) draws its base seed from it, never from the global torch RNG, so random
     draws during training (e.g. dropout in a prior) continue after a resume exactly as in the uninterrupted run."""
     return torch.utils.data.DataLoader(pairs, batch_size=batch_size, sampler=EpochShuffle(len(pairs), seed),
                                        drop_last=True, generator=torch.Generator().manual_seed(seed),
-                                       collate_fn=partial(checked_collate, pad_id=pad_id, required=required))
+                                       collate_fn=partial(checked_collate, pad_id=pad_id, required=required, pack=pack))
 
 
 def endless(acc, loader, position: int):

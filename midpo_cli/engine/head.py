@@ -165,36 +165,40 @@ def _decoder(base) -> nn.Module | None:
     return next((m for m in found if isinstance(m, nn.Module) and m is not base), None)
 
 
-def _full(model, batch: dict, hidden: bool):
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                output_hidden_states=hidden)
-    return out.logits[:, :-1], out                                                     # [N, S-1, V]
+INPUTS = ("input_ids", "attention_mask", "position_ids")     # what a forward takes from a batch (or packed layout)
 
 
-def logits_source(model, batch: dict, hidden: bool = False):
-    """(logits source aligned with labels: Head over [N, S-1, H] or logits [N, S-1, V], the model's output)."""
+def _full(model, inputs: dict, hidden: bool, shift: bool):
+    out = model(**inputs, use_cache=False, output_hidden_states=hidden)
+    return (out.logits[:, :-1] if shift else out.logits), out                         # [N, S-1 (or S), V]
+
+
+def logits_source(model, batch: dict, hidden: bool = False, shift: bool = True):
+    """(logits source: Head over [N, S, H] or logits [N, S, V], the model's output) from the batch's input_ids,
+    attention_mask (2-D, or a 4-D packed mask) and position_ids when given; `shift`: drop the last position
+    (aligned with the padded batch's labels)."""
+    inputs = {k: batch[k] for k in INPUTS if k in batch}
     base = unwrap(model)
     form, checked = _form(base)
     if form is None:
-        return _full(model, batch, hidden)
+        return _full(model, inputs, hidden, shift)
     head, decoder = base.get_output_embeddings(), _decoder(base)
     if decoder is None:
         _fall_back(base, "its decoder cannot be found (get_decoder())")
-        return _full(model, batch, hidden)
+        return _full(model, inputs, hidden, shift)
     seen: list[Tensor] = []
     hook = decoder.register_forward_hook(
         lambda module, args, output: seen.append(output if torch.is_tensor(output) else output[0]))
     try:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                    output_hidden_states=hidden, logits_to_keep=1)
+        out = model(**inputs, use_cache=False, output_hidden_states=hidden, logits_to_keep=1)
     finally:
         hook.remove()
     states = seen[0] if len(seen) == 1 else None                                      # [N, S, H]
-    if states is None or states.shape[:2] != batch["input_ids"].shape:
+    if states is None or states.shape[:2] != inputs["input_ids"].shape:
         _fall_back(base, "the decoder's output is not what the LM head reads (no single full-length capture)")
-        return _full(model, batch, hidden)
+        return _full(model, inputs, hidden, shift)
     if not checked:
         if not _matches(base, form, head, states, out.logits):
-            return _full(model, batch, hidden)
+            return _full(model, inputs, hidden, shift)
         _FORMS[base] = (form, True)
-    return Head(states[:, :-1], head.weight, head.bias, form), out
+    return Head(states[:, :-1] if shift else states, head.weight, head.bias, form), out

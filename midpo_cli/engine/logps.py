@@ -83,19 +83,56 @@ def _chunked(fn, chunk: int, args: list, rows: tuple[bool, ...], consts: tuple =
     return torch.cat(outs)
 
 
+class Selected(NamedTuple):
+    """A logits source at some positions of the [N, T] grid only (a packed forward's completion positions:
+    engine/pack.py): log-probs and KL are computed there and scattered back, zero elsewhere."""
+    source: Tensor | Head          # logits [M, 1, V] or a Head over [M, 1, H]
+    index: Tensor                  # [M] positions in the flattened [N, T] grid, ascending
+    shape: tuple[int, int]         # (N, T)
+
+
+def select(x: Tensor | Head | Selected, index: Tensor, shape: tuple[int, int]) -> Selected:
+    """Any source as a Selected one at `index` (a padded source [N, T, ...] is indexed; a Selected one is kept)."""
+    if isinstance(x, Selected):
+        return x
+    h = _head(x)
+    picked = h.states.reshape(-1, *h.states.shape[2:])[index][:, None]
+    return Selected(picked if isinstance(x, Tensor) else h._replace(states=picked), index, shape)
+
+
+def _scatter(values: Tensor, s: Selected) -> Tensor:
+    """[M, 1] values at s.index -> [N, T], zero elsewhere."""
+    out = values.new_zeros(s.shape[0] * s.shape[1])
+    return out.index_copy(0, s.index, values[:, 0]).view(s.shape)
+
+
+def _positions(chunk: int, s: Selected) -> int:
+    """A chunk of `chunk` [N, T] rows as Selected positions (0: automatic)."""
+    return chunk * s.shape[1] if chunk > 0 else 0
+
+
 def _head(x) -> Head:
     return x if isinstance(x, Head) else Head(x, None)
 
 
-def token_logps(logits: Tensor | Head, labels: Tensor, chunk: int = 0) -> Tensor:
-    """log p(labels_t | s_t): logits [N, T, V] (or a Head) aligned to labels [N, T] -> [N, T] fp32."""
+def token_logps(logits: Tensor | Head | Selected, labels: Tensor, chunk: int = 0) -> Tensor:
+    """log p(labels_t | s_t): logits [N, T, V] (or a Head, or a Selected source) aligned to labels [N, T] ->
+    [N, T] fp32."""
+    if isinstance(logits, Selected):
+        picked = labels.reshape(-1)[logits.index][:, None]
+        return _scatter(token_logps(logits.source, picked, _positions(chunk, logits)), logits)
     h = _head(logits)
     return _chunked(_gathered, chunk, [h.states, h.weight, h.bias, labels.clamp(min=0)], (True, False, False, True),
                     (h.form,))
 
 
-def token_kl(p_logits: Tensor | Head, q_logits: Tensor | Head, chunk: int = 0) -> Tensor:
-    """KL_t(p || q) [N, T] fp32; gradient flows into whichever side carries it."""
+def token_kl(p_logits: Tensor | Head | Selected, q_logits: Tensor | Head | Selected, chunk: int = 0) -> Tensor:
+    """KL_t(p || q) [N, T] fp32; gradient flows into whichever side carries it. When either side is Selected,
+    both are taken at its positions."""
+    s = next((x for x in (p_logits, q_logits) if isinstance(x, Selected)), None)
+    if s is not None:
+        p, q = (select(x, s.index, s.shape).source for x in (p_logits, q_logits))
+        return _scatter(token_kl(p, q, _positions(chunk, s)), s)
     p, q = _head(p_logits), _head(q_logits)
     return _chunked(_kl, chunk, [p.states, p.weight, p.bias, q.states, q.weight, q.bias],
                     (True, False, False, True, False, False), (p.form, q.form))

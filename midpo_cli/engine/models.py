@@ -216,6 +216,25 @@ def check_lengths(dataset_cfg, model) -> None:
                          "(model=tiny: raise model.max_position_embeddings)")
 
 
+def compile_blocks(*models) -> int:
+    """torch.compile each decoder block of the models (dynamic shapes: packed rows change length with every batch),
+    once per distinct module; the LM head and the log-prob path stay eager (the engine hooks the decoder's output).
+    Returns how many blocks were compiled (0: no block list found, nothing compiled)."""
+    from torch import nn
+
+    from midpo_cli.engine.head import _decoder, unwrap
+    done, count = set(), 0
+    for model in models:
+        decoder = _decoder(unwrap(model)) if model is not None else None
+        blocks = next((m for m in decoder.children() if isinstance(m, nn.ModuleList)), None) if decoder else None
+        for block in blocks or ():
+            if id(block) not in done:
+                done.add(id(block))
+                block.compile(dynamic=True)
+                count += 1
+    return count
+
+
 def frozen(model):
     model.eval()
     model.requires_grad_(False)

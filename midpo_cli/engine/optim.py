@@ -6,6 +6,14 @@ import torch
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}   # ours -> transformers'
 
 
+def build(make, params, device):
+    """The optimiser `make` (a partial from the optimizer config) over `params`; an unset `fused` becomes the fused
+    kernel where the device has one (CUDA), torch's default elsewhere."""
+    if getattr(make, "keywords", {}).get("fused", False) is None:
+        make.keywords["fused"] = torch.device(device).type == "cuda" or None
+    return make(params)
+
+
 def schedule(optimizer, name: str, warmup_steps: int, total_steps: int):
     """The learning-rate schedule (transformers.get_scheduler): linear warm-up, then constant/linear/cosine."""
     from transformers import get_scheduler

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 
 from midpo_cli.engine.cache import build_lock, publish
 from midpo_cli.data.tokenize import collate
@@ -39,16 +40,17 @@ def key_of(weights: str, tokenizer, pairs: list, precision: str, device, digest:
 
 
 @torch.no_grad()
-def compute(reference, pairs: list, pad_id: int, device, batch_size: int = 16, chunk: int = 0) -> list:
+def compute(reference, pairs: list, pad_id: int, device, batch_size: int = 16, chunk: int = 0,
+            pack: str | None = None) -> list:
     """[(chosen per-token logps, rejected per-token logps)] for each pair, in eval mode (the untrained policy
-    itself scores when a prior keeps no reference: no dropout, and its mode is restored)."""
+    itself scores when a prior keeps no reference: no dropout, and its mode is restored); `pack`: batches packed
+    as in training (engine/pack.py)."""
     out, was_training = [], reference.training
     reference.eval()
     try:
         for i in range(0, len(pairs), batch_size):
             group = pairs[i:i + batch_size]
-            b = collate(group, pad_id)
-            b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
+            b = send_to_device(collate(group, pad_id, pack), device)
             src, _ = model_logits(reference, b)
             lp = token_logps(src, b["labels"], chunk).float().cpu()        # [2n, T]
             n = len(group)
@@ -101,7 +103,7 @@ def load_values(path: Path, n_pairs: int) -> list:
 
 
 def attach(pair_sets: list[list], reference, weights: str, tokenizer, cache_root: Path, precision: str, device,
-           pad_id: int, digest: str | None = None) -> dict:
+           pad_id: int, digest: str | None = None, pack: str | None = None) -> dict:
     """Put cached (or freshly computed) reference log-probs on every pair as the per-token column
     `ref_logps`; `weights`: the digest of the reference weights (LoRA adapters excluded); `digest`: the
     pairs_digest of the pairs, when the caller has it. Returns {"hit", "key",
@@ -122,7 +124,7 @@ def attach(pair_sets: list[list], reference, weights: str, tokenizer, cache_root
                 hit = False
         if values is None:
             log.info("reference log-probs: computing for %d pairs (cached at %s)", len(flat), path)
-            values = compute(reference, flat, pad_id, device)
+            values = compute(reference, flat, pad_id, device, pack=pack)
             with publish(path) as tmp:
                 save_values(values, tmp)
     for p, v in zip(flat, values):

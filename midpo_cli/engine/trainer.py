@@ -17,6 +17,7 @@ from midpo_cli.engine.draws import checked_collate
 from midpo_cli.engine.files import clean, write_text, writing
 from midpo_cli.engine.forward import pair_view
 from midpo_cli.engine.logps import to_pairs
+from midpo_cli.engine.pack import pack_kind
 from midpo_cli.loss import preference_loss
 
 log = logging.getLogger("midpo")
@@ -36,7 +37,7 @@ def step_loss(batch, policy, prior, models, chunk):
     view = pair_view(batch, policy, prior, chunk=chunk, **models)
     cached = batch["values"].get("ref_logps")                              # prior-independent yardstick
     out = preference_loss(prior, view, None if cached is None else to_pairs(cached * batch["mask"]))
-    out.metrics["tokens"] = int(batch["attention_mask"].sum())
+    out.metrics["tokens"] = batch["tokens"] if "tokens" in batch else int(batch["attention_mask"].sum())
     return out.total, out.metrics, view
 
 
@@ -68,13 +69,14 @@ def evaluate_pairs(acc, policy, prior, models, eval_pairs, tc, pad_id, prefix: s
     """Preference metrics of a set of pairs (held-out ones, or the training pairs with prefix "train/"): each
     process scores its share of the pairs; sums are reduced."""
     mine = eval_pairs[acc.process_index::acc.num_processes]
+    pack = pack_kind(policy) if tc.packing else None
     was, prior_was = policy.training, prior.training
     policy.eval()
     prior.eval()                                                           # e.g. no dropout in SparsePO's mask heads
     sums, keys = {}, None
     for i in range(0, len(mine), tc.eval_batch_size):
         chunk = mine[i:i + tc.eval_batch_size]
-        batch = send_to_device(checked_collate(chunk, pad_id, _required(tc)), acc.device)
+        batch = send_to_device(checked_collate(chunk, pad_id, _required(tc), pack), acc.device)
         with acc.autocast():
             _, m, _ = step_loss(batch, policy, prior, models, tc.kl_chunk)
         for k, v in m.items():

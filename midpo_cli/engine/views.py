@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from midpo_cli.engine.logps import Head, to_pairs, token_kl, token_logps
+from midpo_cli.engine.logps import Head, Selected, to_pairs, token_kl, token_logps
 from midpo_cli.priors import Needs, PairView
 
-Source = Tensor | Head            # logits [N, T, V] aligned with labels, or final hidden states + LM head
+Source = Tensor | Head | Selected  # logits [N, T, V] aligned with labels, final hidden states + LM head, or a packed
+                                   # forward's completion positions (engine/pack.py)
 
 
 def build_view(needs: Needs, labels: Tensor, mask: Tensor, policy: Source, *, reference: Source | None = None,
@@ -68,6 +69,8 @@ def build_view(needs: Needs, labels: Tensor, mask: Tensor, policy: Source, *, re
 
 def vocabulary(source: Source) -> int:
     """V of a logits source: the logits' last dimension, or the LM head's rows."""
+    if isinstance(source, Selected):
+        source = source.source
     if isinstance(source, Head):
         return int(source.weight.shape[0] if source.weight is not None else source.states.shape[-1])
     return int(source.shape[-1])

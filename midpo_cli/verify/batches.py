@@ -178,6 +178,28 @@ def tiny_engine_setup(seed: int) -> tuple:
     return policy, frozen(copy.deepcopy(policy)), batch
 
 
+def tiny_engine_batch(seed: int, pack: str | None, columns: tuple[str, ...] = ()) -> tuple:
+    """(policy, reference, batch) as tiny_engine_setup, the policy moved off the reference, and the batch collated
+    by the engine's own collate (padded, or with the packed layout `pack`: engine/pack.py); `columns`: per-token
+    data columns the pairs carry (seeded values in [0.5, 1.5])."""
+    from midpo_cli.data.tokenize import EncodedPair, collate
+    from midpo_cli.engine.models import byte_tokenizer
+
+    policy, reference, _ = tiny_engine_setup(seed)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for w in policy.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    tok = byte_tokenizer()
+    enc = lambda text: tok(text, add_special_tokens=False).input_ids
+    pairs = [EncodedPair(enc(p), enc(c) + [tok.eos_token_id], enc(r) + [tok.eos_token_id]) for p, c, r in PAIRS]
+    values = torch.Generator().manual_seed(seed)
+    draw = lambda n: (0.5 + torch.rand(n, generator=values, dtype=F64)).tolist()
+    for p in pairs:
+        p.values = {name: (draw(len(p.chosen)), draw(len(p.rejected))) for name in columns}
+    return policy, reference, collate(pairs, tok.pad_token_id, pack)
+
+
 def smollm2_probe(seed: int) -> Probe:
     """SmolLM2-135M-Instruct, loaded as `train model=smollm2-135m` loads it, in float64, on two real pairs;
     gradient w.r.t. its last block and final norm (cheap). Reference / snapshot: the same forward at

@@ -6,6 +6,8 @@ Checks, for every prior in the registry (or cfg.priors) and every entry of its `
                 w.r.t. the prior's own parameters where it names them: SparsePO's learned-mask heads)
   initialisation  a prior with parameters or models of its own starts as it declares (initial_equivalent: DPO,
                 or TDPO1 for SparsePO's learned masks; engine's pair_view, tiny model)
+  packing       a packed batch (engine/pack.py: no padding, the prompt computed once) gives the padded batch's loss
+                and gradients (engine's pair_view, tiny model)
   invariants    stop-gradients that must matter, x-only invariance, reductions, prior-gradient sign
   knobs         every knob() changes the loss or its gradient (no silently ignored option)
   TRL           DPO, dpo_norm (sigmoid_norm), lddpo (ld_alpha) and trdpo (ref_model = its moving reference) vs
@@ -206,6 +208,47 @@ def initialisation(rows: Rows, names, seed: int, atol: float) -> None:
                    "tiny model, engine's pair_view", gap, atol)
 
 
+# Llama's RMSNorm runs in float32 even in a float64 model: where a packed batch computes a prompt once for both
+# completions, their gradients meet in float32 (the padded batch sums them in float64), ~1e-7 relative.
+PACKED_RTOL = 1e-6
+
+
+def packing(rows: Rows, names, seed: int) -> None:
+    """Every prior, each setting, through the engine's pair_view on the tiny model: a packed batch (tree layout, the
+    prompt computed once; flat layout) gives the loss and the gradient w.r.t. the policy and the prior's own
+    parameters of the padded batch (relative to the largest gradient; engine/pack.py)."""
+    from midpo_cli.engine.forward import pair_view
+    from midpo_cli.verify.batches import tiny_engine_batch
+
+    def run(name, opt, kind):
+        prior = checked_prior({"name": name, **opt})
+        policy, reference, batch = tiny_engine_batch(seed, kind, prior.needs().token_columns)
+        prior.attach(policy, reference)
+        prior.to(torch.float64)
+        torch.manual_seed(seed + 2)
+        with torch.no_grad():                                              # a learnable prior off its start
+            for w in prior.trainable():
+                w.add_(0.1 * torch.randn_like(w))
+        view = pair_view(batch, policy, prior, reference=reference, snapshot=reference)
+        if kind and not view.packed:
+            raise AssertionError(f"the {kind} batch ran padded")
+        total = preference_loss(prior, view).total
+        return total, _grads(total, [*policy.parameters(), *prior.trainable()])
+
+    for name, opt, _ in settings(names):
+        def gap(name=name, opt=opt):
+            value, grads = run(name, opt, None)
+            scale = max(1.0, max(float(g.abs().max()) for g in grads))
+            worst = 0.0
+            for kind in ("tree", "flat"):
+                v, gs = run(name, opt, kind)
+                worst = max(worst, abs(float((v - value).detach())), *(float((a - b).abs().max()) / scale
+                                                            for a, b in zip(gs, grads)))
+            return worst
+        rows.check(name, option_text(opt), "packed batch (tree, flat) == padded (value, grad w.r.t. the policy and "
+                   "the prior, relative): tiny model, engine's pair_view", gap, PACKED_RTOL)
+
+
 # ----- (iv) knobs, (v) TRL -------------------------------------------------------------------------
 
 def knobs(rows: Rows, p: Probe, names) -> None:
@@ -288,6 +331,7 @@ def collect(cfg: DictConfig) -> Rows:
         from midpo_cli.verify.batches import tiny_probe
         equivalence(rows, tiny_probe(cfg.seed), names, atol)
         initialisation(rows, names, cfg.seed, atol)
+        packing(rows, names, cfg.seed)
     else:
         rows.skip("*", "", "tiny model forward", "real_model=false")
     smol = "SmolLM2-135M forward"
