@@ -23,7 +23,8 @@ def test_verify_passes_and_writes_results(tmp_path, capsys):
                                "lddpo", "trdpo"}
     assert {"variant=1", "variant=2"} <= set(rows[rows.prior == "tdpo"].option)
     assert res["summary"]["failed"] == 0 and res["summary"]["checks"] == len(rows) == len(res["rows"])
-    assert res["summary"]["max_equality_error"] <= 1e-10
+    assert res["summary"]["max_equality_error"] <= 1e-10 and res["summary"]["max_packed_error"] <= 1e-6
+    assert rows[rows.check.str.startswith("packed batch")].prior.nunique() == len(PRIORS)
     assert not (rows.passed == False).any()                                         # noqa: E712 (NaN = skipped)
     checks = set(rows.check)
     for needle in ("tiny model forward", "no stop-gradient on D_w: gradient differs", "zeta detached: gradient differs",
