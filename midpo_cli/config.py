@@ -102,7 +102,7 @@ class TrainerConfig:
     eval_train: bool = False              # at the end, also score every training pair (train/* metrics: the final J)
     save_model: bool = True               # save the final policy with save_pretrained
     ref_cache: bool = True                # precompute reference log-probs once, on disk, shared by runs
-    packing: bool = True                  # padding-free batches, each prompt computed once (engine/pack.py); false: padded
+    packing: bool = True                  # padding-free batches, each prompt once (engine/pack.py); false: padded
     compile: bool = False                 # torch.compile each decoder block (docs/benchmarks.md: when it pays)
     trackers: list = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]
     objective: str = "eval/rewards/accuracies"  # the run's score for a sweeper (report/objective.py: keys, directions)

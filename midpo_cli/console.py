@@ -96,7 +96,8 @@ def batches_cell(b: dict) -> str:
     batches; padding avoided 41% of a padded batch's slots'."""
     layout = LAYOUTS.get(b.get("packing"), str(b.get("packing")))
     if b.get("packing") == "off":
-        return f"padded (trainer.packing=false) via {b.get('attention')}; padding {b.get('padding_share', 0):.0%} of slots"
+        return (f"padded (trainer.packing=false) via {b.get('attention')}; padding "
+                f"{b.get('padding_share', 0):.0%} of slots")
     return (f"{layout} via {b.get('attention')}: {b.get('packed_share', 0):.0%} of batches; padded batches would "
             f"hold {b.get('padding_share', 0):.0%} padding")
 

@@ -310,7 +310,8 @@ class Recipe:
                           acc.device)
         sched = schedule(optimizer, tc.lr_schedule, tc.warmup_steps, tc.max_steps)
         required = (refcache.COLUMN,) if tc.ref_cache else ()
-        loader = data_loader(self.train_pairs, tc.batch_size, self.seed, self.tokenizer.pad_token_id, required, self.pack)
+        loader = data_loader(self.train_pairs, tc.batch_size, self.seed, self.tokenizer.pad_token_id, required,
+                             self.pack)
         self.prior_params, extra = self.prior.trainable(), []
         if self.prior_params:                                              # a learnable prior: its own optimiser
             prior_opt = prior_optimizer(self.cfg.optimizer, self.prior, acc.device)

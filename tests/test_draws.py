@@ -25,7 +25,8 @@ def drawn_by_the_loader(n, seed, batch_size, grad_accum, processes, max_steps, m
 
     pairs = [EncodedPair([i], [1], [2]) for i in range(n)]                 # the prompt token names the pair
     seen = set()
-    monkeypatch.setattr(draws, "collate", lambda ps, pad_id, pack=None: seen.update(p.prompt[0] for p in ps) or collate(ps, 0))
+    monkeypatch.setattr(draws, "collate",
+                        lambda ps, pad_id, pack=None: seen.update(p.prompt[0] for p in ps) or collate(ps, 0))
     try:
         for rank in range(processes):
             loader = prepare_data_loader(data_loader(pairs, batch_size, seed, pad_id=0), num_processes=processes,

@@ -268,9 +268,9 @@ def collate(pairs: list[EncodedPair], pad_id: int, pack: str | None = None) -> d
     """Stack a list of pairs into one concatenated batch: rows 0..B-1 chosen, B..2B-1 rejected.
 
     input_ids/attention_mask: [2B, L]; labels/mask: [2B, L-1] aligned with logits[:, :-1];
-    values: name -> [2B, L-1] per-token columns on the same positions; tokens: the non-padding tokens. `pack` ('tree' or 'flat'): the batch
-    also carries its padding-free layout under "packed" (engine/pack.py), which the engine runs when the model
-    reproduces the padded forward with it.
+    values: name -> [2B, L-1] per-token columns on the same positions; tokens: the non-padding tokens. `pack`
+    ('tree' or 'flat'): the batch also carries its padding-free layout under "packed" (engine/pack.py), which the
+    engine runs when the model reproduces the padded forward with it.
     """
     seqs, starts = [], []
     for side in ("chosen", "rejected"):

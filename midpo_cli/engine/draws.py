@@ -60,9 +60,10 @@ def checked_collate(pairs: list, pad_id: int, required: tuple[str, ...] = (), pa
 def data_loader(pairs: list, batch_size: int, seed: int, pad_id: int, required: tuple[str, ...] = (),
                 pack: str | None = None):
     """Shuffled micro-batches of `batch_size` pairs (incomplete last batch dropped), collated on the fly (with the
-    packed layout `pack`: engine/pack.py); each pair must carry the per-token columns `required`. The loader has a generator of its own: each new iterator (every
-    epoch, and the first one after a resume) draws its base seed from it, never from the global torch RNG, so random
-    draws during training (e.g. dropout in a prior) continue after a resume exactly as in the uninterrupted run."""
+    packed layout `pack`: engine/pack.py); each pair must carry the per-token columns `required`. The loader has a
+    generator of its own: each new iterator (every epoch, and the first one after a resume) draws its base seed from
+    it, never from the global torch RNG, so random draws during training (e.g. dropout in a prior) continue after a
+    resume exactly as in the uninterrupted run."""
     return torch.utils.data.DataLoader(pairs, batch_size=batch_size, sampler=EpochShuffle(len(pairs), seed),
                                        drop_last=True, generator=torch.Generator().manual_seed(seed),
                                        collate_fn=partial(checked_collate, pad_id=pad_id, required=required, pack=pack))

@@ -6,7 +6,7 @@ import torch
 from midpo_cli.engine.cross import Layout, other_prompt_logps
 from midpo_cli.engine import pack
 from midpo_cli.engine.head import logits_source, unwrap
-from midpo_cli.engine.logps import Head, Selected, token_logps
+from midpo_cli.engine.logps import Selected, token_logps
 from midpo_cli.engine.views import build_view, layer_means, layer_states, live_reference
 from midpo_cli.priors import PairView
 
@@ -21,10 +21,7 @@ def model_logits(model, batch, hidden: bool = False):
     if packed is None or not _packs(model, batch, packed):
         return logits_source(model, batch, hidden)
     source, out = logits_source(model, packed_inputs(model, packed), hidden, shift=False)
-    shape = tuple(batch["labels"].shape)
-    if isinstance(source, Head):
-        return pack.selected(source.states, packed, shape, source), out
-    return pack.selected(source, packed, shape), out
+    return pack.selected(source, packed, tuple(batch["labels"].shape)), out
 
 
 def packed_inputs(model, packed: dict) -> dict:
@@ -58,17 +55,14 @@ def _reproduces(model, batch: dict, packed: dict) -> tuple[bool, str]:
     try:
         padded = token_logps(logits_source(model, batch)[0], batch["labels"])
         source, _ = logits_source(model, packed_inputs(model, packed), shift=False)
-        shape = tuple(batch["labels"].shape)
-        states = source.states if isinstance(source, Head) else source
-        mine = token_logps(pack.selected(states, packed, shape, source if isinstance(source, Head) else None),
-                           batch["labels"])
+        mine = token_logps(pack.selected(source, packed, tuple(batch["labels"].shape)), batch["labels"])
     except (TypeError, ValueError, RuntimeError, IndexError) as e:
         return False, f"its forward fails on them: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     finally:
         model.train(was)
     mask = batch["mask"] > 0
     err = (padded - mine).abs()[mask].max().item() if mask.any() else 0.0
-    tol = pack.tolerance(padded.dtype if mine.dtype == torch.float64 else next(unwrap(model).parameters()).dtype)
+    tol = pack.tolerance(next(unwrap(model).parameters()).dtype)
     if not err <= tol:
         return False, f"max log-prob difference {err:.3g} > {tol:.3g}"
     return True, ""

@@ -91,12 +91,13 @@ class Selected(NamedTuple):
     shape: tuple[int, int]         # (N, T)
 
 
-def select(x: Tensor | Head | Selected, index: Tensor, shape: tuple[int, int]) -> Selected:
-    """Any source as a Selected one at `index` (a padded source [N, T, ...] is indexed; a Selected one is kept)."""
+def select(x: Tensor | Head | Selected, index: Tensor, shape: tuple[int, int], at: Tensor | None = None) -> Selected:
+    """Any source as a Selected one at grid positions `index`, read from its flattened rows `at` (default: `index`,
+    a padded source [N, T, ...]; a packed forward's rows differ: engine/pack.py). A Selected source is kept."""
     if isinstance(x, Selected):
         return x
     h = _head(x)
-    picked = h.states.reshape(-1, *h.states.shape[2:])[index][:, None]
+    picked = h.states.reshape(-1, *h.states.shape[2:])[index if at is None else at][:, None]
     return Selected(picked if isinstance(x, Tensor) else h._replace(states=picked), index, shape)
 
 

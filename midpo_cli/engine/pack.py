@@ -29,7 +29,7 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import Tensor
 
-from midpo_cli.engine.logps import Head, Selected
+from midpo_cli.engine.logps import Head, Selected, select
 
 log = logging.getLogger("midpo")
 
@@ -42,7 +42,7 @@ def pack_kind(model) -> str | None:
     tree masks), 'tree' otherwise; None for a model already found not to reproduce the padded forward."""
     from midpo_cli.engine.head import unwrap
     base = unwrap(model)
-    if _CHECKED.get(base) is False:
+    if verdict(base) is False:
         return None
     return "flat" if "flash" in str(attention_of(base)) else "tree"
 
@@ -86,7 +86,7 @@ def pack(pairs: list, kind: str, mask: Tensor) -> dict:
     branch = torch.zeros(len(rows), longest, dtype=torch.uint8)
     state, token, label = [], [], []
     n_seg = 0
-    for r, (used, members) in enumerate(rows):
+    for r, (_, members) in enumerate(rows):
         at = 0
         for length, toks, positions, branches, seqs in members:
             ids[r, at:at + length] = torch.tensor(toks)
@@ -138,12 +138,10 @@ def sliding_window(base) -> int | None:
     return window
 
 
-def selected(states: Tensor, packed: dict, shape: tuple[int, int], head: Head | None = None) -> Selected:
-    """The packed forward's states [R, L, ...] at the positions predicting completion tokens, as a Selected source
-    over the padded [N, T] grid (`head`: the LM head to form logits from them; None: `states` are logits)."""
-    picked = states.reshape(-1, *states.shape[2:])[packed["state_index"]][:, None]          # [M, 1, ...]
-    source = picked if head is None else head._replace(states=picked)
-    return Selected(source, packed["label_index"], shape)
+def selected(source: Tensor | Head, packed: dict, shape: tuple[int, int]) -> Selected:
+    """A packed forward's logits source [R, L, ...] (logits, or a Head over its states) at the positions predicting
+    completion tokens, as a Selected source over the padded [N, T] grid."""
+    return select(source, packed["label_index"], shape, at=packed["state_index"])
 
 
 def scatter_positions(x: Tensor, packed: dict, shape: tuple[int, int]) -> Tensor:

@@ -37,7 +37,7 @@ def step_loss(batch, policy, prior, models, chunk):
     view = pair_view(batch, policy, prior, chunk=chunk, **models)
     cached = batch["values"].get("ref_logps")                              # prior-independent yardstick
     out = preference_loss(prior, view, None if cached is None else to_pairs(cached * batch["mask"]))
-    out.metrics["tokens"] = batch["tokens"] if "tokens" in batch else int(batch["attention_mask"].sum())
+    out.metrics["tokens"] = batch["tokens"]                               # counted by collate: no device sync
     return out.total, out.metrics, view
 
 

@@ -53,7 +53,7 @@ class PairView:
     owned_logps: dict[str, Tensor] = dataclasses.field(default_factory=dict)   # prior's own model name -> [2, B, T]
     cross_logps: Tensor | None = None      # [2, B, K] sequence log p(y | x'_k), x'_k the k-th other prompt, no grad
     cross_mask: Tensor | None = None       # [2, B, K] 1 where x'_k is usable for y (differs from y's prompt, y whole)
-    packed: bool = False                   # the policy's forward ran padding-free (engine/pack.py); same values either way
+    packed: bool = False                   # the policy's forward ran padding-free (engine/pack.py); same values
     memo: dict = dataclasses.field(default_factory=dict, repr=False)  # a prior's values derived once per batch
 
     def seq(self, x: Tensor) -> Tensor:
