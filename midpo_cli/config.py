@@ -103,6 +103,7 @@ class TrainerConfig:
     save_model: bool = True               # save the final policy with save_pretrained
     ref_cache: bool = True                # precompute reference log-probs once, on disk, shared by runs
     packing: bool = True                  # padding-free batches, each prompt once (engine/pack.py); false: padded
+    displacement_nats: float = 1.0        # warn once when chosen and rejected log-probs both fall this far (0 = off)
     compile: bool = False                 # torch.compile each decoder block (docs/benchmarks.md: when it pays)
     trackers: list = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]
     objective: str = "eval/rewards/accuracies"  # the run's score for a sweeper (report/objective.py: keys, directions)

@@ -94,6 +94,8 @@ COMMON_SCALE = 0.1   # a of logratio/loss: J(pi, pi_ref) at DPO's default beta, 
 
 def logratio_metrics(policy_logps: Tensor, ref_logps: Tensor, log_prior: Tensor) -> dict[str, float]:
     """Prior-independent yardsticks against the reference, sequence log-probs [2, B] each:
+    logratio/chosen, logratio/rejected = mean(log pi - log pi_ref) of each side (both falling while the margin
+    grows is likelihood displacement, engine/monitor.py);
     logratio/margins = mean[(log pi - log pi_ref)_w - (log pi - log pi_ref)_l] (the policy's own margin);
     logratio/loss = J(pi, pi_ref) at a = COMMON_SCALE: the policy's J under one fixed prior (DPO's), comparable
     across priors whatever prior or scale each trained with (on held-out pairs: eval/logratio/loss);
@@ -106,7 +108,9 @@ def logratio_metrics(policy_logps: Tensor, ref_logps: Tensor, log_prior: Tensor)
 def _logratio_stats(policy_logps: Tensor, ref_logps: Tensor, log_prior: Tensor) -> dict[str, Tensor]:
     ratio = (policy_logps - ref_logps).float()                           # [2, B]
     shift = (log_prior - ref_logps).float()
-    return {"logratio/margins": (ratio[0] - ratio[1]).mean(),
+    return {"logratio/chosen": ratio[0].mean(),
+            "logratio/rejected": ratio[1].mean(),
+            "logratio/margins": (ratio[0] - ratio[1]).mean(),
             "logratio/loss": mi_dpo_loss(ratio, torch.zeros_like(ratio), COMMON_SCALE).mean(),
             "logratio/accuracies": (ratio[0] > ratio[1]).float().mean(),
             "prior/shift": (shift[0] - shift[1]).mean()}

@@ -40,14 +40,15 @@ from midpo_cli.engine.draws import data_loader, endless, pairs_drawn
 from midpo_cli.engine.inputs import pairs_digest, run_inputs, weights_digest
 from midpo_cli.engine.lora import AdapterOff, add_lora, merged_for_saving
 from midpo_cli.engine.head import unwrap
+from midpo_cli.engine.monitor import Displacement
 from midpo_cli.engine.models import (check_lengths, check_source, compile_blocks, frozen, load_model,
                                      load_tokenizer)
 from midpo_cli.engine.pack import attention_of, pack_kind
 from midpo_cli.engine.optim import build, finite_parameters, grad_norm, schedule
 from midpo_cli.engine.rundir import check_derived, run_settings
 from midpo_cli.engine.stops import Signals
-from midpo_cli.engine.trainer import (NonFinite, append_row, diagnose, evaluate_pairs, metrics_upto, peak_memory_mb,
-                                      reduce_metrics, seed_everything, step_loss, window_row)
+from midpo_cli.engine.trainer import (NonFinite, append_row, diagnose, evaluate_pairs, metrics_rows, metrics_upto,
+                                      peak_memory_mb, reduce_metrics, seed_everything, step_loss, window_row)
 from midpo_cli.engine.views import live_reference
 from midpo_cli.priors import build_prior
 from midpo_cli.tasks import Context, build_task
@@ -337,6 +338,10 @@ class Recipe:
             files.write_text(self.run_dir / "metrics.jsonl", "")            # a restart without checkpoint
         self.batches = endless(acc, self.loader, self.start_step * tc.grad_accum)
         self.window, self.history, self.warnings = [], {}, []
+        self.displacement = Displacement(tc.displacement_nats)
+        if self.resume_from is not None and acc.is_main_process:             # the monitors see the run from its start
+            for row in metrics_rows(self.run_dir / "metrics.jsonl"):
+                self.warnings += [{"step": row.get("step"), "warning": w} for w in self.monitors(row)]
         self.tokens, self.skipped = 0, 0
         self.batches_seen = {"micro_batches": 0, "packed": 0, "token_slots": 0, "tokens": 0}   # engine/pack.py
         self.last_ckpt = str(self.resume_from) if self.resume_from else None
@@ -484,11 +489,12 @@ class Recipe:
         return row
 
     def write(self, step: int, row: dict | None) -> None:
-        """A row: the prior's monitor warnings, metrics.jsonl, the trackers (main process)."""
+        """A row: the prior's and the run's monitor warnings (engine/monitor.py), metrics.jsonl, the trackers (main
+        process)."""
         if not row:
             return
         main = self.acc.is_main_process
-        for w in self.prior.monitor(row):
+        for w in self.monitors(row):
             if main:
                 log.warning("step %d: %s", step, w)
             self.warnings.append({"step": step, "warning": w})
@@ -497,6 +503,10 @@ class Recipe:
             if self.acc.trackers:
                 self.acc.log({k: v for k, v in files.clean(row).items() if k != "step" and v is not None}, step=step)
             self.history.update(row)
+
+    def monitors(self, row: dict) -> list[str]:
+        """Warnings of a metrics row: the prior's own (e.g. a learnable prior's collapse) and the run's."""
+        return [*self.prior.monitor(row), *self.displacement(row)]
 
     def checkpoint(self, step: int, stopping: bool) -> None:
         """Every trainer.save_every steps, and when a stop signal arrived (not at the last step: the run ends)."""

@@ -38,7 +38,8 @@ LOCK, RUN, REPLACED = ".midpo.lock", "run.json", "replaced"
 OWN = {LOCK, "job.json", REPLACED, ".hydra"}    # what a directory may hold before its run.json and still be new
 MODES = ("explicit", "default", "sweep")        # hydra.run.dir given | Hydra's time-stamped name | a sweep job
 # Trainer settings that change where or how often a run logs, evaluates or saves, not what it computes.
-IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers", "eval_train")
+IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers", "eval_train",
+           "displacement_nats")
 log = logging.getLogger("midpo")
 
 

@@ -120,16 +120,21 @@ def peak_memory_mb(device) -> float:
 
 def metrics_upto(run_dir: Path, source: Path, step: int) -> None:
     """Start this run's metrics.jsonl with `source`'s lines up to `step` (none past it)."""
-    src = source / "metrics.jsonl"
-    lines = src.read_text().splitlines() if src.exists() else []
-    kept = []
-    for x in lines:
-        try:
-            if x.strip() and json.loads(x)["step"] <= step:
-                kept.append(x)
-        except (ValueError, KeyError):                                     # a torn last line from a kill
-            continue
+    kept = [json.dumps(row, allow_nan=False) for row in metrics_rows(source / "metrics.jsonl") if row["step"] <= step]
     write_text(run_dir / "metrics.jsonl", "".join(x + "\n" for x in kept))
+
+
+def metrics_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl, in order; a torn last line (from a kill) is left out."""
+    rows = []
+    for x in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(x) if x.strip() else None
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def append_row(metrics_file, row: dict) -> None:
