@@ -58,10 +58,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("trl", "trl_precompute", "midpo_dpo", "midpo_dpo_padded", "midpo_dpo_cached", "midpo_tdpo")
-LIVE_REFERENCE = {"trl", "midpo_dpo", "midpo_dpo_padded", "midpo_tdpo"}           # 8N FLOPs/token, else 6N
-AGREE = {"midpo_dpo": "trl", "midpo_dpo_padded": "trl", "midpo_dpo_cached": "trl_precompute"}   # the same loss
+OPTIONAL = ("midpo_dpo_compiled",)     # trainer.compile=true: asked for by --modes, not in the default run
+LIVE_REFERENCE = {"trl", "midpo_dpo", "midpo_dpo_padded", "midpo_tdpo", "midpo_dpo_compiled"}           # 8N FLOPs/token, else 6N
+AGREE = {"midpo_dpo": "trl", "midpo_dpo_padded": "trl", "midpo_dpo_cached": "trl_precompute",
+         "midpo_dpo_compiled": "trl"}   # the same loss
 RATIOS = [("midpo_dpo", "trl"), ("midpo_dpo_cached", "trl_precompute"), ("midpo_tdpo", "trl"),
-          ("midpo_dpo", "midpo_dpo_padded")]                                  # (mode, baseline)
+          ("midpo_dpo", "midpo_dpo_padded"), ("midpo_dpo_compiled", "midpo_dpo")]                                  # (mode, baseline)
 DATASETS = {"builtin": ((16, 64), (16, 128), "uniform"), "wide": ((8, 256), (4, 512), "log-uniform")}
 MODELS = {       # LlamaConfig on CPU (and --smoke), Qwen2Config at Qwen2.5-0.5B's sizes on CUDA
     "cpu": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -243,6 +245,9 @@ def run_midpo(args, work: Path, name: str, mode: str) -> dict:
             p.values[refcache.COLUMN] = v
     ref = None if mode == "midpo_dpo_cached" else frozen(new_model(args, weights))
     kind, note = (None, "padded") if mode == "midpo_dpo_padded" else packing(policy, pairs, pad)
+    if mode == "midpo_dpo_compiled":                                     # as trainer.compile=true does
+        from midpo_cli.engine.models import compile_blocks
+        compile_blocks(policy, ref)
     batcher = partial(collate, pack=kind) if kind else collate
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=BETAS, eps=EPS, weight_decay=0.0, fused=cuda)
@@ -310,7 +315,7 @@ def figures(r: dict, mode: str, pairs: list, args, peak_flops: float) -> dict:
     tps = sum(tokens[w:]) / sum(r["times"][w:])
     flops = (8 if mode in LIVE_REFERENCE else 6) * r["n_params"]
     return {"step_s": statistics.median(r["times"][w:]), "tokens_per_s": tps, "mfu": tps * flops / peak_flops,
-            "flops_per_token": flops}
+            "flops_per_token": flops, "first_s": r["times"][0]}       # the first step: a compiled mode compiles
 
 
 def padding_share(pairs: list, b: int) -> float:
@@ -325,12 +330,13 @@ def padding_share(pairs: list, b: int) -> float:
 
 def table(out: dict, args) -> str:
     mem = "peak MB" if args.device == "cuda" else "peak RSS MB"
-    lines = [f"| dataset | mode | batches | median step s | tokens/s | {mem} | RSS after imports MB | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| dataset | mode | batches | median step s | first step s | tokens/s | {mem} | RSS after imports MB "
+             "| MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for name, d in out["datasets"].items():
         for mode, r in d["modes"].items():
             shape = "TRL padded" if mode.startswith("trl") else r["pack"] or "padded"
-            lines.append(f"| {name} | {mode} | {shape} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+            lines.append(f"| {name} | {mode} | {shape} | {r['step_s']:.3f} | {r['first_s']:.2f} | "
+                         f"{r['tokens_per_s']:,.0f} | "
                          f"{r['peak_mb']:,.0f} | {r['import_mb']:,.0f} | {r['mfu']:.1%} |")
     lines += ["", "| dataset | padding share | comparison | speed (baseline step / step) | memory (peak / baseline) |",
               "|---|---|---|---|---|"]
@@ -349,7 +355,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available (not with --smoke)")
     ap.add_argument("--datasets", help=f"comma-separated, of {', '.join(DATASETS)} (default: all; --smoke: builtin)")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES + OPTIONAL)}")
     ap.add_argument("--batch", type=int, help="pairs per step (default: 4 on CPU, 8 on CUDA, 2 with --smoke)")
     ap.add_argument("--warmup", type=int, help="untimed steps first (default: 1, 3 on CUDA)")
     ap.add_argument("--steps", type=int, help="timed steps per mode (default: 5, 12 on CUDA, 2 with --smoke)")
@@ -368,7 +374,7 @@ def parse_args() -> argparse.Namespace:
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     args.datasets = (args.datasets or ("builtin" if args.smoke else ",".join(DATASETS))).split(",")
     args.modes = args.modes.split(",")
-    for given, known, what in ((args.datasets, DATASETS, "dataset"), (args.modes, MODES, "mode")):
+    for given, known, what in ((args.datasets, DATASETS, "dataset"), (args.modes, MODES + OPTIONAL, "mode")):
         if set(given) - set(known):
             ap.error(f"unknown {what} {sorted(set(given) - set(known))}; choose from {', '.join(known)}")
     if min(args.batch, args.steps) < 1 or args.warmup < 0:

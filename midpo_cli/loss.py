@@ -31,7 +31,7 @@ def mi_dpo_loss(policy_logps: Tensor, log_prior: Tensor, a: float) -> Tensor:
 class LossOutput:
     loss: Tensor        # mean J over the batch (scalar)
     penalty: Tensor     # the prior's own regularisers, outside the sigmoid (scalar; 0 for most priors)
-    metrics: dict       # TRL-named floats, see pair_metrics
+    metrics: dict       # TRL-named floats (0-d tensors with host=False), see pair_metrics
 
     @property
     def total(self) -> Tensor:
@@ -39,11 +39,13 @@ class LossOutput:
         return self.loss + self.penalty
 
 
-def preference_loss(prior, view, yardstick: Tensor | None = None) -> LossOutput:
+def preference_loss(prior, view, yardstick: Tensor | None = None, host: bool = True) -> LossOutput:
     """J (batch mean), the prior's penalty and metrics for a PairView.
 
     yardstick: per-token reference log-probs [2, B, T] (e.g. from the reference cache) for the prior-independent
     `logratio/*` metrics; they never enter the loss, so a prior that does not declare the reference cannot read it.
+    host: the metrics as floats (one device-to-host transfer); False leaves them 0-d tensors on the device, for a
+    training step that reads all of its metrics in one transfer at its end.
     """
     seq = view.seq(view.logps)                                           # [2, B]
     log_zeta = prior.log_prior(view)                                     # [2, B]
@@ -54,17 +56,17 @@ def preference_loss(prior, view, yardstick: Tensor | None = None) -> LossOutput:
     ref = view.ref_logps if view.ref_logps is not None else yardstick
     if ref is not None:
         stats.update(_logratio_stats(seq, view.seq(ref), log_zeta))
-    metrics = on_host(stats)                                             # one device-to-host transfer per batch
-    metrics.update(prior.scalars())
-    return LossOutput(losses.mean(), penalty, metrics)
+    stats.update(prior.scalars())
+    return LossOutput(losses.mean(), penalty, on_host(stats) if host else stats)
 
 
-def on_host(stats: dict[str, Tensor]) -> dict[str, float]:
-    """Scalar tensors -> floats, in one transfer (one host-device synchronisation instead of one per metric)."""
-    if not stats:
-        return {}
-    values = torch.stack([v.detach().double().reshape(()) for v in stats.values()]).tolist()
-    return dict(zip(stats, values))
+def on_host(stats: dict[str, Tensor | float]) -> dict[str, float]:
+    """Scalar tensors -> floats, in one transfer (one host-device synchronisation instead of one per metric);
+    values already on the host pass through."""
+    held = {k: v for k, v in stats.items() if isinstance(v, Tensor)}
+    values = torch.stack([v.detach().double().reshape(()) for v in held.values()]).tolist() if held else []
+    read = dict(zip(held, values))
+    return {k: read[k] if k in read else float(v) for k, v in stats.items()}
 
 
 def pair_metrics(policy_logps: Tensor, log_prior: Tensor, a: float, losses: Tensor) -> dict[str, float]:

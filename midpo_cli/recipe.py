@@ -44,11 +44,11 @@ from midpo_cli.engine.monitor import Displacement
 from midpo_cli.engine.models import (check_lengths, check_source, compile_blocks, frozen, load_model,
                                      load_tokenizer)
 from midpo_cli.engine.pack import attention_of, pack_kind
-from midpo_cli.engine.optim import build, finite_parameters, grad_norm, schedule
+from midpo_cli.engine.optim import build, finite_parameters, schedule, total_norm
 from midpo_cli.engine.rundir import check_derived, run_settings
 from midpo_cli.engine.stops import Signals
 from midpo_cli.engine.trainer import (NonFinite, append_row, diagnose, evaluate_pairs, metrics_rows, metrics_upto,
-                                      peak_memory_mb, reduce_metrics, seed_everything, step_loss, window_row)
+                                      peak_memory_mb, seed_everything, step_loss, window_row)
 from midpo_cli.engine.views import live_reference
 from midpo_cli.priors import build_prior
 from midpo_cli.tasks import Context, build_task
@@ -283,7 +283,8 @@ class Recipe:
             self.ref_cache = refcache.attach(
                 [scored, self.eval_pairs], scorer, self.reference_digest, self.tokenizer, Path(self.cfg.cache_dir),
                 self.tc.precision, acc.device, self.tokenizer.pad_token_id,
-                self.pairs_digest if scored is self.train_pairs else None, self.pack)   # the pairs are hashed once
+                self.pairs_digest if scored is self.train_pairs else None, self.pack,   # the pairs are hashed once
+                self.tc.eval_batch_size)
 
     def _attach_prior(self) -> None:
         """The prior's own models are built on the policy and reference; a cache replaces the reference copy."""
@@ -374,10 +375,9 @@ class Recipe:
         whether any process got a stop signal (by the end of its backward passes)."""
         policy_on, prior_on = self.prior.updates(step)
         micro, views = self._backward()
-        m = self._reduced(micro, signals.got > 0)
-        bad, stopping = m.pop("_bad") > 0, m.pop("_signal") > 0
-        m.update(self._clip())
-        finite = not bad and math.isfinite(m["grad_norm"]) and math.isfinite(m.get("prior/grad_norm", 0))
+        m = self._reduced(micro, self._clip(), signals.got > 0)
+        stopping = m.pop("_signal") > 0
+        finite = all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "prior/grad_norm") if k in m)
         if finite:
             self._apply(policy_on, prior_on)
         else:
@@ -397,7 +397,7 @@ class Recipe:
         for _ in range(self.tc.grad_accum):
             batch = next(self.batches)
             with acc.accumulate(self.policy), acc.autocast():
-                loss, m, view = step_loss(batch, self.policy, self.prior, self.models, self.tc.kl_chunk)
+                loss, m, view = step_loss(batch, self.policy, self.prior, self.models, self.tc.kl_chunk, host=False)
                 acc.backward(loss)
             self._count(batch, view)
             micro.append(m)
@@ -416,25 +416,38 @@ class Recipe:
         seen["token_slots"] += batch["attention_mask"].numel()
         seen["tokens"] += batch["tokens"]
 
-    def _reduced(self, micro: list[dict], signalled: bool) -> dict:
-        """The micro-batches' mean metrics (tokens summed), whether any loss was non-finite and whether a stop
-        signal arrived, averaged over processes in one collective."""
-        m = {k: sum(x[k] for x in micro) / len(micro) for k in micro[0] if k != "tokens"}
-        m["tokens"] = float(sum(x["tokens"] for x in micro))
-        m["_bad"] = float(not all(math.isfinite(x["loss"]) for x in micro))
-        m["_signal"] = float(signalled)
-        m = reduce_metrics(self.acc, m, sorted(m))
-        m["tokens"] *= self.acc.num_processes
-        return m
+    def _reduced(self, micro: list[dict], norms: dict, signalled: bool) -> dict:
+        """The step's metrics as floats: the micro-batches' means (tokens summed), the gradient norms and whether a
+        stop signal arrived, averaged over processes. The values still on the device leave it in one transfer (one
+        collective with several processes): the step's only host-device synchronisation, which the non-finite
+        guard needs anyway. A non-finite micro-batch loss makes the mean loss non-finite."""
+        keys = [k for k in micro[0] if k != "tokens"]
+        held = [k for k in keys if isinstance(micro[0][k], torch.Tensor)]
+        host = {k: sum(float(x[k]) for x in micro) / len(micro) for k in keys if k not in held}
+        host["tokens"] = float(sum(x["tokens"] for x in micro))
+        host["_signal"] = float(signalled)
+        device = [torch.stack([x[k].detach().float().reshape(()) for x in micro]).mean() for k in held]
+        device += [v.detach().float().reshape(()).to(self.acc.device) for v in norms.values()]
+        names = [*held, *norms]
+        if self.acc.num_processes > 1:                                    # one collective for everything
+            names += list(host)
+            device += [torch.tensor(list(host.values()), device=self.acc.device)]
+            values = self.acc.reduce(torch.cat([d.reshape(-1) for d in device]), reduction="mean").tolist()
+            m = dict(zip(names, values))
+            m["tokens"] *= self.acc.num_processes
+        else:
+            m = dict(zip(names, torch.stack(device).tolist())) | host
+        return {k: m[k] for k in [*keys, "tokens", *norms, "_signal"]}
 
     def _clip(self) -> dict:
-        """Gradient norms of the policy and the prior, clipped where trainer.max_grad_norm / prior.max_grad_norm say."""
+        """Gradient norms of the policy and the prior (0-d tensors), clipped where trainer.max_grad_norm /
+        prior.max_grad_norm say."""
         tc, params = self.tc, self.prior_params
-        out = {"grad_norm": grad_norm(self.policy.parameters()) if tc.max_grad_norm <= 0 else
-               float(self.acc.clip_grad_norm_(self.policy.parameters(), tc.max_grad_norm))}
+        out = {"grad_norm": total_norm(self.policy.parameters()) if tc.max_grad_norm <= 0 else
+               self.acc.clip_grad_norm_(self.policy.parameters(), tc.max_grad_norm)}
         if params:
-            out["prior/grad_norm"] = grad_norm(params) if self.prior.max_grad_norm <= 0 else \
-                float(torch.nn.utils.clip_grad_norm_(params, self.prior.max_grad_norm))
+            out["prior/grad_norm"] = total_norm(params) if self.prior.max_grad_norm <= 0 else \
+                torch.nn.utils.clip_grad_norm_(params, self.prior.max_grad_norm)
         return out
 
     def _apply(self, policy_on: bool, prior_on: bool) -> None:

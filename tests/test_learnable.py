@@ -486,7 +486,7 @@ def test_frozen_tilt_starts_and_stays_rdpo():
     """update=frozen: the prior never steps and has no penalty; learned_tilt with init_len = 0.2 is R-DPO with
     alpha = 0.2*beta from step 0 (verify's initialisation row)."""
     prior = build_prior({"name": "learned_tilt", "update": "frozen", "init_len": 0.2})
-    assert prior.updates(1) == (True, False) and prior.scalars()["prior/phi_len"] == pytest.approx(0.2)
+    assert prior.updates(1) == (True, False) and float(prior.scalars()["prior/phi_len"]) == pytest.approx(0.2)
     p = random_probe(0)
     out = preference_loss(prior, view(p, prior.needs()))
     assert float(out.penalty) == 0 and all(g is None for g in torch.autograd.grad(

@@ -88,8 +88,8 @@ def test_run_driven_to_nan_stops_and_writes_nothing_non_finite(tmp_path, fast, c
     import midpo_cli.engine.trainer as trainer
     real, calls = trainer.preference_loss, {"n": 0}
 
-    def diverges(prior, view, yardstick=None):
-        out = real(prior, view, yardstick)
+    def diverges(prior, view, yardstick=None, host=True):
+        out = real(prior, view, yardstick, host)
         calls["n"] += 1
         if calls["n"] >= 4:                                                # the 4th training micro-batch on
             out.loss = out.loss * float("inf")
@@ -140,8 +140,8 @@ def test_skip_counts_non_finite_steps(tmp_path, fast, monkeypatch):
     import midpo_cli.engine.trainer as trainer
     real, calls = trainer.preference_loss, {"n": 0}
 
-    def sometimes_nan(prior, view, yardstick=None):
-        out = real(prior, view, yardstick)
+    def sometimes_nan(prior, view, yardstick=None, host=True):
+        out = real(prior, view, yardstick, host)
         calls["n"] += 1
         if calls["n"] == 2:                                                # the second training micro-batch
             out.loss = out.loss * float("nan")

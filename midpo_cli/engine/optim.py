@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}   # ours -> transformers'
 
@@ -22,10 +23,15 @@ def schedule(optimizer, name: str, warmup_steps: int, total_steps: int):
 
 def grad_norm(params) -> float:
     """Total L2 norm of the gradients (inf/nan if any gradient is not finite)."""
+    return float(total_norm(params))
+
+
+def total_norm(params) -> Tensor:
+    """grad_norm as a 0-d tensor on the gradients' device (no host synchronisation)."""
     grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def clip_and_step(params, optimizer, scheduler, max_grad_norm: float) -> float:

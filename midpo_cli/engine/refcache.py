@@ -40,23 +40,29 @@ def key_of(weights: str, tokenizer, pairs: list, precision: str, device, digest:
 
 
 @torch.no_grad()
-def compute(reference, pairs: list, pad_id: int, device, batch_size: int = 16, chunk: int = 0,
+def compute(reference, pairs: list, pad_id: int, device, batch_size: int = 32, chunk: int = 0,
             pack: str | None = None) -> list:
     """[(chosen per-token logps, rejected per-token logps)] for each pair, in eval mode (the untrained policy
     itself scores when a prior keeps no reference: no dropout, and its mode is restored); `pack`: batches packed
-    as in training (engine/pack.py)."""
-    out, was_training = [], reference.training
+    as in training (engine/pack.py). Batches of the pass's own size (trainer.eval_batch_size in a run), the pairs
+    taken longest first so that a batch holds pairs of like lengths (less padding, tighter packed rows); the values
+    come back in the pairs' order. No gradient, but not inference mode: a model that caches a tensor (a rotary
+    table, say) during this pass would hand training an inference tensor it cannot save for backward, and on this
+    machine inference mode was no faster (docs/benchmarks.md)."""
+    out, was_training = [None] * len(pairs), reference.training
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt) + max(len(pairs[i].chosen),
+                                                                                 len(pairs[i].rejected))))
     reference.eval()
     try:
-        for i in range(0, len(pairs), batch_size):
-            group = pairs[i:i + batch_size]
+        for i in range(0, len(order), batch_size):
+            group = [pairs[k] for k in order[i:i + batch_size]]
             b = send_to_device(collate(group, pad_id, pack), device)
             src, _ = model_logits(reference, b)
             lp = token_logps(src, b["labels"], chunk).float().cpu()        # [2n, T]
             n = len(group)
-            for j, p in enumerate(group):
+            for j, (k, p) in enumerate(zip(order[i:i + batch_size], group)):
                 st = len(p.prompt) - 1
-                out.append((lp[j, st:st + len(p.chosen)].tolist(), lp[n + j, st:st + len(p.rejected)].tolist()))
+                out[k] = (lp[j, st:st + len(p.chosen)].tolist(), lp[n + j, st:st + len(p.rejected)].tolist())
     finally:
         reference.train(was_training)
     return out
@@ -103,10 +109,10 @@ def load_values(path: Path, n_pairs: int) -> list:
 
 
 def attach(pair_sets: list[list], reference, weights: str, tokenizer, cache_root: Path, precision: str, device,
-           pad_id: int, digest: str | None = None, pack: str | None = None) -> dict:
+           pad_id: int, digest: str | None = None, pack: str | None = None, batch_size: int = 32) -> dict:
     """Put cached (or freshly computed) reference log-probs on every pair as the per-token column
     `ref_logps`; `weights`: the digest of the reference weights (LoRA adapters excluded); `digest`: the
-    pairs_digest of the pairs, when the caller has it. Returns {"hit", "key",
+    pairs_digest of the pairs, when the caller has it; `batch_size`: pairs per forward of the pass. Returns {"hit", "key",
     "path"} for the run's results. A damaged entry (truncated, changed, unreadable) is recomputed with a warning
     and replaced."""
     flat = [p for s in pair_sets for p in s]
@@ -124,7 +130,7 @@ def attach(pair_sets: list[list], reference, weights: str, tokenizer, cache_root
                 hit = False
         if values is None:
             log.info("reference log-probs: computing for %d pairs (cached at %s)", len(flat), path)
-            values = compute(reference, flat, pad_id, device, pack=pack)
+            values = compute(reference, flat, pad_id, device, batch_size, pack=pack)
             with publish(path) as tmp:
                 save_values(values, tmp)
     for p, v in zip(flat, values):

@@ -32,11 +32,12 @@ def _required(tc) -> tuple[str, ...]:
     return (refcache.COLUMN,) if tc.ref_cache else ()
 
 
-def step_loss(batch, policy, prior, models, chunk):
-    """The loss to differentiate (J + the prior's penalty), the step's metrics, and the view (for diagnosis)."""
+def step_loss(batch, policy, prior, models, chunk, host: bool = True):
+    """The loss to differentiate (J + the prior's penalty), the batch's metrics (floats; with host=False 0-d
+    tensors still on the device, and the prior's host values as they are) and the view (for diagnosis)."""
     view = pair_view(batch, policy, prior, chunk=chunk, **models)
     cached = batch["values"].get("ref_logps")                              # prior-independent yardstick
-    out = preference_loss(prior, view, None if cached is None else to_pairs(cached * batch["mask"]))
+    out = preference_loss(prior, view, None if cached is None else to_pairs(cached * batch["mask"]), host)
     out.metrics["tokens"] = batch["tokens"]                               # counted by collate: no device sync
     return out.total, out.metrics, view
 

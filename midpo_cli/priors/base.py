@@ -282,8 +282,9 @@ class Prior(torch.nn.Module):
     def on_step(self, step: int, policy) -> None:
         """After each optimiser step (e.g. refresh a lagged snapshot of the policy)."""
 
-    def scalars(self) -> dict[str, float]:
-        """The prior's scalar parameters for the metrics, named `prior/<name>`."""
+    def scalars(self) -> dict:
+        """The prior's scalar parameters for the metrics, named `prior/<name>`: floats, or 0-d tensors left on the
+        device (a training step reads them with its other metrics, in one transfer)."""
         return {}
 
     def monitor(self, row: dict) -> list[str]:

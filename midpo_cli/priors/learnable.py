@@ -168,9 +168,9 @@ class LearnablePrior(Prior):
         self.dual.copy_((self.dual + self.dual_lr * excess).clamp(min=0))
         self._excess = None
 
-    def scalars(self) -> dict[str, float]:
+    def scalars(self) -> dict:
         """prior/dual (lam) under anchor_mode=constraint; subclasses add their parameters to these."""
-        return {"prior/dual": float(self.dual)} if self.anchor_mode == "constraint" else {}
+        return {"prior/dual": self.dual.detach()} if self.anchor_mode == "constraint" else {}
 
     def monitor(self, row: dict) -> list[str]:
         """The collapse signature (docs/learnable_priors.md), once per run: the prior's margin fell collapse_shift nats below the

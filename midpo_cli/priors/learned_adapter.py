@@ -92,8 +92,8 @@ class LearnedAdapter(LearnablePrior):
         if self.adapter is not None:
             self.adapter.save_pretrained(str(Path(directory) / "adapter"))
 
-    def scalars(self) -> dict[str, float]:
+    def scalars(self) -> dict:
         if self.adapter is None:
             return super().scalars()
         b = [p.detach().float().pow(2).sum() for n, p in self.adapter.named_parameters() if "lora_B" in n]
-        return {**super().scalars(), **({"prior/adapter_norm": float(torch.stack(b).sum().sqrt())} if b else {})}
+        return {**super().scalars(), **({"prior/adapter_norm": torch.stack(b).sum().sqrt()} if b else {})}

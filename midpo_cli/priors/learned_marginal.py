@@ -100,6 +100,12 @@ class LearnedMarginal(Prior):
             return float(self.weight)
         return float(self.weight) * min(1.0, int(self.steps_done) / self.ramp_steps)
 
+    def share(self) -> Tensor | float:
+        """w, computed where the ramp's clock lives (a training step reads it without waiting on the device)."""
+        if self.ramp_steps == 0:
+            return float(self.weight)
+        return self.weight * (self.steps_done.float() / self.ramp_steps).clamp(max=1.0)
+
     def log_marginal(self, v: PairView) -> Tensor:
         """log m(y) [2, B]: log-mean-exp of log pi_snap(y | x'_k) over the usable k; log pi_ref(y|x) where none is."""
         ref = v.seq(v.require("ref_logps"))
@@ -112,8 +118,8 @@ class LearnedMarginal(Prior):
         ref = v.seq(v.require("ref_logps"))                                # [2, B]
         m = self.log_marginal(v)
         with torch.no_grad():
-            self._gap = float((m - ref).mean())
-        w = self.w
+            self._gap = (m - ref).mean()
+        w = self.share()
         return ((1 - w) * ref + w * m).detach()
 
     def original_loss(self, v: PairView) -> Tensor:
@@ -127,7 +133,7 @@ class LearnedMarginal(Prior):
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))          # no usable prompt: unused
         mean = (torch.exp(cross - top) * usable).sum(-1) / count.clamp(min=1)
         log_mbar = torch.where(count > 0, top.squeeze(-1) + torch.log(mean.clamp(min=1e-300)), ref)
-        w = self.w
+        w = self.share()
         h = (policy[0] - policy[1]) - (1 - w) * (ref[0] - ref[1]) - w * (log_mbar[0] - log_mbar[1])
         return -F.logsigmoid(self.beta * h)
 
@@ -137,6 +143,6 @@ class LearnedMarginal(Prior):
         self.steps_done.fill_(step)
         self.refresh_copy(step, self.refresh_every, self.mixup, policy)
 
-    def scalars(self) -> dict[str, float]:
+    def scalars(self) -> dict:
         """prior/weight: w now; prior/marginal_gap: mean log m(y) - log pi_ref(y|x) over the last batch (nats)."""
-        return {"prior/weight": self.w, "prior/marginal_gap": self._gap}
+        return {"prior/weight": self.share(), "prior/marginal_gap": self._gap}

@@ -67,8 +67,8 @@ class LearnedMix(LearnablePrior):
         super().on_step(step, policy)
         self.refresh_copy(step, self.sync_every, self.mixup, policy)
 
-    def scalars(self) -> dict[str, float]:
-        out = {**super().scalars(), "prior/lambda": float(torch.sigmoid(self.bias.detach()))}
+    def scalars(self) -> dict:
+        out = {**super().scalars(), "prior/lambda": torch.sigmoid(self.bias.detach())}
         if self.gate == "token":
-            out["prior/gate_weight"] = float(self.weight.detach())
+            out["prior/gate_weight"] = self.weight.detach()
         return out

@@ -102,8 +102,8 @@ class LearnedPoE(LearnablePrior):
         """joint: verify checks J's gradient into (phi_len, u) from both forms; tracking cuts it by design."""
         return "prior (phi_len, u)" if self.update == "joint" else ""
 
-    def scalars(self) -> dict[str, float]:
-        out = {**super().scalars(), "prior/phi_len": float(self.phi_len.detach())}
+    def scalars(self) -> dict:
+        out = {**super().scalars(), "prior/phi_len": self.phi_len.detach()}
         if self.u is not None:
-            out["prior/token_weight_norm"] = float(torch.linalg.vector_norm(self.u.detach().float()))
+            out["prior/token_weight_norm"] = torch.linalg.vector_norm(self.u.detach().float())
         return out

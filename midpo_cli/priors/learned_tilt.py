@@ -64,6 +64,6 @@ class LearnedTilt(LearnablePrior):
         length_term = phi_1 * (n[0] - n[1]) + phi_2 * (torch.log(n[0]) - torch.log(n[1]))
         return -torch.nn.functional.logsigmoid(self.beta * ((d[0] - d[1]) + length_term))
 
-    def scalars(self) -> dict[str, float]:
+    def scalars(self) -> dict:
         phi = self.phi().detach()
-        return {**super().scalars(), "prior/phi_len": float(phi[0]), "prior/phi_loglen": float(phi[1])}
+        return {**super().scalars(), "prior/phi_len": phi[0], "prior/phi_loglen": phi[1]}

@@ -172,7 +172,7 @@ class SparsePO(Prior):
         with torch.no_grad():
             n = v.mask.sum().clamp(min=1)
             named = {"mask": pair[0]} if self.common else {"mask_u": pair[0], "mask_d": pair[1]}
-            self._stats = {f"prior/{k}_{what}": float(x) for k, m in named.items() for what, x in
+            self._stats = {f"prior/{k}_{what}": x for k, m in named.items() for what, x in
                            (("mean", (m * v.mask).sum() / n), ("zero", ((m == 0) * v.mask).sum() / n))}
         return pair
 
@@ -212,7 +212,7 @@ class SparsePO(Prior):
     def gradient_check(self) -> str:
         return "learned-mask" if self.masks == "learned" else ""
 
-    def scalars(self) -> dict[str, float]:
+    def scalars(self) -> dict:
         """Learned masks on the last batch: prior/mask_mean and prior/mask_zero (the fraction of completion tokens
         at 0), or the same for mask_u and mask_d."""
         return dict(self._stats)
