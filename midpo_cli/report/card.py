@@ -116,10 +116,11 @@ def start_words(results: dict, reference: str | None, start: str | None, stage: 
     text = f"Base model: {base_words(cfg['model'], results['seed'])}."
     if reference:
         text += (f" The task `{cfg['dataset']['source']}` made the reference policy from it (e.g. by supervised "
-                 f"fine-tuning), kept in midpo's cache as `{Path(reference).name}`; training started from that.")
+                 f"fine-tuning), kept in midpo's cache as `{Path(reference).name}`.")
+    text += (f" Training started from the model saved at `{start}` (an earlier training of its run)." if start else
+             f" Training started from the reference policy{'' if reference else ' (the base model itself)'}.")
     if stage:
-        text += f" This model is the training `{stage}` of a run of several trainings"
-        text += f", started from `{Path(start).parent.name}/{Path(start).name}`." if start else "."
+        text += f" This model is the training `{stage}` of a run of several trainings."
     return text
 
 
@@ -150,8 +151,9 @@ def model_card(results: dict, prior: dict, reference: str | None = None, start: 
                adapter: str | None = None) -> str:
     """README.md of a saved model. `results`: the run's (final metrics, config, overrides); `prior`: the prior's name
     and settings as trained; `reference`: the directory the task made its reference in (None: the model config's
-    own weights); `start`, `stage`: a pipeline stage's start directory and name. `adapter`: for a LoRA adapter's
-    folder, the base its adapter_config.json names ("" when there is none), else None."""
+    own weights); `start`: the model directory a pipeline's training started from (None: the reference); `stage`: its
+    name ("": the run itself). `adapter`: for a LoRA adapter's folder, the base its adapter_config.json names (""
+    when there is none), else None."""
     from huggingface_hub import ModelCardData
 
     cfg = results["config"]
