@@ -69,6 +69,13 @@ def stopped(message: str) -> None:
 
 
 def final_table(results: dict) -> None:
+    for table in final_tables(results):
+        console.print(table)
+
+
+def final_tables(results: dict) -> list[Table]:
+    """The run's final tables: its metrics, the task's evaluation (if any), a pipeline's trainings (if any). The
+    console prints them; a saved model's card holds them as markdown (report/card.py)."""
     final = results.get("final", {})
     t = Table(title=f"midpo train: prior={results.get('prior')} seed={results.get('seed')}")
     t.add_column("metric"); t.add_column("value", justify="right")
@@ -80,12 +87,12 @@ def final_table(results: dict) -> None:
         t.add_row("batches", batches_cell(results["batches"]))
     t.add_row("peak memory (MB)", f"{results.get('peak_memory_mb', 0):,.0f}")
     t.add_row("wall time (s)", f"{results.get('wall_time_s', 0):.1f}")
-    console.print(t)
-    ev = results.get("eval")
-    if ev:
-        console.print(eval_table(results))
+    tables = [t]
+    if results.get("eval"):
+        tables.append(eval_table(results))
     if results.get("pipeline"):
-        console.print(pipeline_table(results["pipeline"]))
+        tables.append(pipeline_table(results["pipeline"]))
+    return tables
 
 
 LAYOUTS = {"tree": "packed, prompt once (tree mask)", "flat": "packed (variable-length)", "off": "padded"}

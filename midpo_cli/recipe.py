@@ -38,11 +38,11 @@ from midpo_cli.engine.cache import config_hash
 from midpo_cli.engine.cross import Layout
 from midpo_cli.engine.draws import data_loader, endless, pairs_drawn
 from midpo_cli.engine.inputs import pairs_digest, run_inputs, weights_digest
-from midpo_cli.engine.lora import AdapterOff, add_lora, merged_for_saving
+from midpo_cli.engine.lora import AdapterOff, add_lora, merged_for_saving, save_adapter
 from midpo_cli.engine.head import unwrap
 from midpo_cli.engine.monitor import Displacement
 from midpo_cli.engine.models import (check_lengths, check_source, compile_blocks, frozen, load_model,
-                                     load_tokenizer)
+                                     load_tokenizer, local_path)
 from midpo_cli.engine.pack import attention_of, pack_kind
 from midpo_cli.engine.optim import build, finite_parameters, schedule, total_norm
 from midpo_cli.engine.rundir import check_derived, run_settings
@@ -51,6 +51,7 @@ from midpo_cli.engine.trainer import (NonFinite, append_row, diagnose, evaluate_
                                       peak_memory_mb, seed_everything, step_loss, window_row)
 from midpo_cli.engine.views import live_reference
 from midpo_cli.priors import build_prior
+from midpo_cli.report.card import base_model, model_card
 from midpo_cli.tasks import Context, build_task
 
 log = logging.getLogger("midpo")
@@ -163,7 +164,8 @@ class Recipe:
         self.task = build_task(cfg.dataset)                                # the task's own settings, checked
         check_source(cfg.model)                                            # a broken model directory, by its headers
         own = OmegaConf.to_container(cfg.prior, resolve=True, enum_to_str=True)
-        self.prior = build_prior(stage.prior if "name" in stage.prior else {**own, **stage.prior})
+        self.prior_settings = stage.prior if "name" in stage.prior else {**own, **stage.prior}   # the model card's
+        self.prior = build_prior(self.prior_settings)
         self.needs = self.prior.needs()                                    # what the engine computes for it
         if self.needs.cross_prompts and self.tc.batch_size < 2:
             raise ValueError(f"trainer.batch_size={self.tc.batch_size}: prior '{self.prior.name}' scores each response "
@@ -223,6 +225,7 @@ class Recipe:
         seed_everything(self.cfg.seed)                                     # the task's reference (a seeded init too)
         with acc.main_process_first():                                     # e.g. SFT, cached for the others
             path = self.task.reference_weights(self.ctx)
+        self.reference_path = path                                         # None: the model config's own weights
         reference = load_model(model, self.tokenizer, path=path)
         self.reference_digest = weights_digest(reference)                 # the reference cache's key, for resume
         policy = reference if start is None else load_model(model, self.tokenizer, path=start)
@@ -569,16 +572,16 @@ class Recipe:
                 results["eval"], results["eval_title"] = ev, self.task.title
         if not finite_parameters(policy, self.prior):
             raise NonFinite("the trained weights are not finite; nothing was saved. Lower optimizer.lr")
-        if self.tc.save_model:
-            self._save_model(policy)
         if acc.is_main_process and self.prior.state_dict():
             with files.published_dir(self.run_dir / "prior", "the prior's state") as tmp:
                 self.prior.save(tmp)
         if self.tc.trackers:
             acc.end_training()
-        results["wall_time_s"] = time.perf_counter() - self.t_start
         for add in self.on_results:
             add(results)
+        if self.tc.save_model:                                             # its card holds the results so far
+            self._save_model(policy, {**results, "wall_time_s": time.perf_counter() - self.t_start})
+        results["wall_time_s"] = time.perf_counter() - self.t_start
         if acc.is_main_process:
             files.write_json(self.run_dir / "results.json", results)
         acc.wait_for_everyone()
@@ -593,13 +596,36 @@ class Recipe:
                 "padding_share": 1 - seen["tokens"] / seen["token_slots"] if seen["token_slots"] else 0.0,
                 "micro_batches": seen["micro_batches"]}
 
-    def _save_model(self, policy) -> None:
-        """model/ (LoRA merged into the weights), appearing only when whole."""
-        acc = self.acc
+    def _save_model(self, policy, results: dict) -> None:
+        """model/ (LoRA merged into the weights) with its model card (README.md: report/card.py), appearing only
+        when whole; a LoRA run also saves adapter/ (peft's adapter files, the tokenizer and a card), before the merge.
+        Only the main process writes the cards."""
+        acc, main = self.acc, self.acc.is_main_process
+        multi = acc.num_processes > 1
+        about = {"results": results, "prior": self.prior_settings, "reference": self.reference_path,
+                 "start": self.stage.start, "stage": self.stage.name}
+        if self.lora:
+            base = self._adapter_base()
+            with files.published_dir(self.run_dir / "adapter", "the LoRA adapter", main) as tmp:
+                save_adapter(policy, tmp, base, main, acc.get_state_dict(policy) if multi else None)
+                if main:
+                    self.tokenizer.save_pretrained(tmp)
+                    files.write_text(tmp / "README.md", model_card(**about, adapter=base or ""))
+                acc.wait_for_everyone()
         saved = merged_for_saving(policy) if self.lora else policy
-        with files.published_dir(self.run_dir / "model", "the final model", acc.is_main_process) as tmp:
-            saved.save_pretrained(tmp, safe_serialization=True, is_main_process=acc.is_main_process,
-                                  state_dict=None if acc.num_processes == 1 else acc.get_state_dict(saved))
-            if acc.is_main_process:
+        with files.published_dir(self.run_dir / "model", "the final model", main) as tmp:
+            saved.save_pretrained(tmp, safe_serialization=True, is_main_process=main,
+                                  state_dict=acc.get_state_dict(saved) if multi else None)
+            if main:
                 self.tokenizer.save_pretrained(tmp)
+                files.write_text(tmp / "README.md", model_card(**about))
             acc.wait_for_everyone()
+
+    def _adapter_base(self) -> str | None:
+        """The model a LoRA adapter goes on: the directory the policy was loaded from (the stage's start, the task's
+        reference, a local model.name_or_path), else the Hub id it came from; None for a model built in code."""
+        model = self.cfg.model
+        path = self.stage.start or self.reference_path
+        if path is None and model.source == "hf":
+            path = local_path(str(model.name_or_path))
+        return str(Path(path).resolve()) if path is not None else base_model(model)

@@ -47,3 +47,14 @@ class AdapterOff:
 def merged_for_saving(policy):
     """A plain transformers model with the adapters merged in (reloadable without peft)."""
     return _peft(policy).merge_and_unload()
+
+
+def save_adapter(policy, directory, base: str | None, main: bool = True, state_dict=None) -> None:
+    """The trained adapters alone, in peft's format (adapter_config.json naming `base` as the model they go on,
+    adapter_model.safetensors): `PeftModel.from_pretrained(base_model, directory)` loads them. Every process of a
+    multi-process save calls it (with the gathered `state_dict`); only the `main` one writes. Before any merge."""
+    model = _peft(policy)
+    if base is not None:
+        for conf in model.peft_config.values():
+            conf.base_model_name_or_path = base
+    model.save_pretrained(directory, safe_serialization=True, is_main_process=main, state_dict=state_dict)

