@@ -118,8 +118,10 @@ def test_a_sweep_counts_the_jobs_returned_in_its_process(screen):
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import open_dict, read_write
 
+    from midpo_cli.config import register_schemas
     from midpo_cli.report import sweep_callback
 
+    register_schemas()
     with initialize_config_module(version_base="1.3", config_module="midpo_cli.conf"):
         cfg = compose("train", return_hydra_config=True)
     with read_write(cfg.hydra), open_dict(cfg.hydra):

@@ -157,7 +157,9 @@ def _new_record(folder: Path, stem: str) -> Path:
 
 
 def release_sweep_dir() -> None:
+    """The sweep directory's lock, and the sweep's bar (however the sweep ended: the terminal's cursor comes back)."""
     global _lock_fd
+    end_jobs_bar()
     if _lock_fd is not None:
         os.close(_lock_fd)
         _lock_fd = None
