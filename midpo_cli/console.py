@@ -17,7 +17,7 @@ from rich.table import Table
 
 console = Console(stderr=False)
 log = logging.getLogger("midpo")
-_main_process = os.environ.get("RANK", "0") == "0"   # (torchrun's rank; setup_logging sets it) draws progress
+_main_process = os.environ.get("RANK", "0") == "0"   # only it draws progress; setup_logging says which it is
 
 
 def setup_logging(file: Path | None = None, main_process: bool = True) -> None:
