@@ -1,22 +1,30 @@
-"""Console output: rich logging, error lines, and the final results table."""
+"""Console output: rich logging, error lines, progress bars, and the final results table."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 console = Console(stderr=False)
 log = logging.getLogger("midpo")
+_main_process = os.environ.get("RANK", "0") == "0"   # only it draws progress; setup_logging says which it is
 
 
 def setup_logging(file: Path | None = None, main_process: bool = True) -> None:
     """Rich console logging (and `file`); the other processes of a multi-process run log errors only, so each
-    message appears once."""
+    message appears once (and only the main process draws progress bars)."""
+    global _main_process
+    _main_process = main_process
     log.setLevel(logging.INFO if main_process else logging.ERROR)
     log.propagate = False
     for h in list(log.handlers):
@@ -66,6 +74,74 @@ def stopped(message: str) -> None:
     for h in log.handlers:
         if isinstance(h, logging.FileHandler):
             h.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, f"stopped: {message}", None, None))
+
+
+REDRAW_S = 0.1            # advance() redraws at most this often: cheap enough to call once per row
+SUMMARY_S = 2.0           # off a terminal, a phase that took at least this long leaves one log line
+_bars: Progress | None = None                    # the bars on screen; a phase inside another adds its bar below
+
+
+class Bar:
+    """One phase's progress: `advance(n)` as work is done, `info` a short text shown after the count (e.g. the
+    training loss). Both redraw at most every REDRAW_S. Off a terminal, or on another process, it only counts."""
+
+    def __init__(self, label: str, total: int | None, unit: str, done: int, bars: Progress | None):
+        self.label, self.total, self.unit, self.done, self._info = label, total, unit, done, ""
+        self.bars, self.started, self.drawn = bars, time.perf_counter(), 0.0
+        self.task = None if bars is None else bars.add_task(escape(label), total=total, completed=done,
+                                                            unit=unit, info="")
+
+    @property
+    def info(self) -> str:
+        return self._info
+
+    @info.setter
+    def info(self, text: str) -> None:
+        self._info = text
+        self.advance(0)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.bars is not None and time.perf_counter() - self.drawn >= REDRAW_S:
+            self.draw()
+
+    def draw(self) -> None:
+        self.bars.update(self.task, completed=self.done, info=escape(self._info))
+        self.bars.refresh()
+        self.drawn = time.perf_counter()
+
+    def summary(self) -> str:
+        total = "" if self.total is None else f"/{self.total:,}"
+        return f"{self.label}: {self.done:,}{total} {self.unit} in {time.perf_counter() - self.started:.1f} s"
+
+
+@contextmanager
+def progress(label: str, total: int | None, unit: str = "", done: int = 0) -> Iterator[Bar]:
+    """A rich bar for one phase of `total` units (None: not known; `done`: already done, e.g. a resumed run),
+    drawn only when stdout is a terminal and only by the main process. Off a terminal nothing is drawn per step
+    and a phase of at least SUMMARY_S seconds leaves one log line (its count and time), so CI logs stay readable.
+    A phase inside another (a sweep's job, an evaluation during training) shows its bar below the outer one
+    while it runs."""
+    global _bars
+    outer = _bars
+    if _main_process and console.is_terminal and not console.is_dumb_terminal and outer is None:
+        _bars = Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                         console=console)
+        _bars.start()
+    bar = Bar(label, total, unit, done, _bars)
+    try:
+        yield bar
+    finally:
+        if bar.bars is not None:
+            bar.draw()
+            if outer is None:
+                _bars.stop()                                               # the finished bar stays on screen
+                _bars = None
+            else:
+                outer.remove_task(bar.task)
+    if bar.bars is None and _main_process and time.perf_counter() - bar.started >= SUMMARY_S:
+        log.info("%s", bar.summary())
 
 
 def final_table(results: dict) -> None:

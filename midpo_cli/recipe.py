@@ -354,19 +354,17 @@ class Recipe:
 
     def train(self) -> dict:
         """Steps start_step+1 .. trainer.max_steps, then the results (results.json on the main process)."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from midpo_cli.console import progress
 
         metrics = self.run_dir / "metrics.jsonl"
         self.metrics_file = metrics.open("a") if self.acc.is_main_process else None
-        progress = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("{task.fields[info]}"), disable=not self.acc.is_main_process)
         self.policy.train()
         t0 = time.perf_counter()
-        with progress, Signals() as signals:
-            bar = progress.add_task("train", total=self.tc.max_steps, completed=self.start_step, info="")
+        with progress("train", self.tc.max_steps, "steps", self.start_step) as bar, Signals() as signals:
             for step in range(self.start_step + 1, self.tc.max_steps + 1):
                 m, stopping = self.step(step, signals)
-                progress.update(bar, advance=1, info=f"loss {m['loss']:.4f}  acc {m['rewards/accuracies']:.2f}")
+                bar.info = f"loss {m['loss']:.4f}  acc {m['rewards/accuracies']:.2f}"
+                bar.advance()
                 self.write(step, self.evaluate(step, self.log(step, m)))
                 self.checkpoint(step, stopping)
                 self.stop(step, stopping, signals)

@@ -17,6 +17,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from midpo_cli.console import progress
 from midpo_cli.data.rows import BadRow, BadRowError, check_row, split_implicit, where_of  # noqa: F401
 from midpo_cli.data.settings import DataSettings
 from midpo_cli.data.tokenize import CHUNK, BatchIds, Dropped, Rules, char_limit, encode_pairs
@@ -80,36 +81,38 @@ def pairs_of_rows(rows: list[dict], tokenizer, dataset, columns=(), split: str =
     batch_ids = BatchIds(tokenizer)
     pairs, positions, formats, bad, policy, truncated, hints, first_bad = [], [], Tally(), Tally(), Tally(), Tally(), \
         {}, None
-    for start in range(0, len(rows), chunk):
-        checked = [_checked(raw, dataset, columns) for raw in rows[start:start + chunk]]
-        ok = [c[1] for c in checked if not isinstance(c, Exception)]
-        encoded = iter(encode_pairs(tokenizer, ok, rules, chunk, batch_ids))
-        for i, (raw, c) in enumerate(zip(rows[start:start + chunk], checked), start):
-            where, order = where_of(raw, split, i), getattr(raw, "index", i)
-            try:
-                if isinstance(c, Exception):                               # what check_row raised for this row
-                    raise c
-                formats.add(c[0], where, order)
-                p = next(encoded)
-                if isinstance(p, Exception):                               # what encode_pair raised for this row
-                    raise p
-                if p.chosen == p.rejected:
-                    raise _identical(p, dataset)
-            except BadRow as e:
-                if strict and (first_bad is None or order < first_bad[0]):
-                    first_bad = (order, where, e)                          # refused below: the first in file order
-                bad.add(e.reason, f"{where} ({e.detail})" if e.detail else where, order)
-                hints.setdefault(e.reason, e.hint)
-                continue
-            except Dropped as e:
-                policy.add(str(e), where, order)
-                continue
-            except ValueError as e:                                        # a run-level problem met on this row
-                raise ValueError(f"{where}: {e}") from None
-            if p.truncated:
-                truncated.add(f"{p.truncated} truncated to fit", where, order)
-            pairs.append(p)
-            positions.append(i)
+    with progress(f"{split} pairs", len(rows), "rows") as bar:
+        for start in range(0, len(rows), chunk):
+            checked = [_checked(raw, dataset, columns) for raw in rows[start:start + chunk]]
+            ok = [c[1] for c in checked if not isinstance(c, Exception)]
+            encoded = iter(encode_pairs(tokenizer, ok, rules, chunk, batch_ids))
+            for i, (raw, c) in enumerate(zip(rows[start:start + chunk], checked), start):
+                where, order = where_of(raw, split, i), getattr(raw, "index", i)
+                try:
+                    if isinstance(c, Exception):                               # what check_row raised for this row
+                        raise c
+                    formats.add(c[0], where, order)
+                    p = next(encoded)
+                    if isinstance(p, Exception):                               # what encode_pair raised for this row
+                        raise p
+                    if p.chosen == p.rejected:
+                        raise _identical(p, dataset)
+                except BadRow as e:
+                    if strict and (first_bad is None or order < first_bad[0]):
+                        first_bad = (order, where, e)                          # refused below: the first in file order
+                    bad.add(e.reason, f"{where} ({e.detail})" if e.detail else where, order)
+                    hints.setdefault(e.reason, e.hint)
+                    continue
+                except Dropped as e:
+                    policy.add(str(e), where, order)
+                    continue
+                except ValueError as e:                                        # a run-level problem met on this row
+                    raise ValueError(f"{where}: {e}") from None
+                if p.truncated:
+                    truncated.add(f"{p.truncated} truncated to fit", where, order)
+                pairs.append(p)
+                positions.append(i)
+            bar.advance(len(checked))
     if first_bad is not None:
         raise BadRowError(first_bad[1], first_bad[2])
     kinds = dict(formats.counts)

@@ -20,6 +20,7 @@ import stat
 import sys
 from pathlib import Path
 
+from midpo_cli.console import progress
 from midpo_cli.data.rows import BadRow, BadRowError, Row, check_row, describe, is_messages
 from midpo_cli.data.settings import DataSettings
 
@@ -177,8 +178,9 @@ def read_jsonl(path: Path, shown: str, text_columns: set) -> list[Row]:
     """One object per line, parsed line by line: a bad line is a bad row; blank lines are skipped."""
     _open(path, shown, "JSON Lines")
     rows, parser = [], _Strict()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, progress(f"reading {path.name}", _lines(f), "lines") as bar:
         for n, raw in enumerate(f, 1):
+            bar.advance()
             if n == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")                     # a UTF-8 byte-order mark
             if not raw.strip():
@@ -189,6 +191,16 @@ def read_jsonl(path: Path, shown: str, text_columns: set) -> list[Row]:
                                     "(or write one object per line)")
             rows.append(row)
     return rows
+
+
+def _lines(f) -> int:
+    """The lines of an open binary file (the last one may lack its newline), counted in 1 MB blocks; the file is
+    left at its start."""
+    n, last = 0, b"\n"
+    for block in iter(lambda: f.read(1 << 20), b""):
+        n, last = n + block.count(b"\n"), block[-1:]
+    f.seek(0)
+    return n + (last != b"\n")
 
 
 def read_json(path: Path, shown: str, text_columns: set) -> list[Row]:

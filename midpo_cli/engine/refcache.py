@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import send_to_device
 
+from midpo_cli.console import progress
 from midpo_cli.engine.cache import build_lock, publish
 from midpo_cli.data.tokenize import collate
 from midpo_cli.engine.forward import model_logits
@@ -54,15 +55,17 @@ def compute(reference, pairs: list, pad_id: int, device, batch_size: int = 32, c
                                                                                  len(pairs[i].rejected))))
     reference.eval()
     try:
-        for i in range(0, len(order), batch_size):
-            group = [pairs[k] for k in order[i:i + batch_size]]
-            b = send_to_device(collate(group, pad_id, pack), device)
-            src, _ = model_logits(reference, b)
-            lp = token_logps(src, b["labels"], chunk).float().cpu()        # [2n, T]
-            n = len(group)
-            for j, (k, p) in enumerate(zip(order[i:i + batch_size], group)):
-                st = len(p.prompt) - 1
-                out[k] = (lp[j, st:st + len(p.chosen)].tolist(), lp[n + j, st:st + len(p.rejected)].tolist())
+        with progress("reference log-probs", -(-len(pairs) // batch_size), "batches") as bar:
+            for i in range(0, len(order), batch_size):
+                group = [pairs[k] for k in order[i:i + batch_size]]
+                b = send_to_device(collate(group, pad_id, pack), device)
+                src, _ = model_logits(reference, b)
+                lp = token_logps(src, b["labels"], chunk).float().cpu()    # [2n, T]
+                n = len(group)
+                for j, (k, p) in enumerate(zip(order[i:i + batch_size], group)):
+                    st = len(p.prompt) - 1
+                    out[k] = (lp[j, st:st + len(p.chosen)].tolist(), lp[n + j, st:st + len(p.rejected)].tolist())
+                bar.advance()
     finally:
         reference.train(was_training)
     return out

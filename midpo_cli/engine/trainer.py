@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from accelerate.utils import send_to_device
 
+from midpo_cli.console import progress
 from midpo_cli.engine import refcache
 from midpo_cli.engine.draws import checked_collate
 from midpo_cli.engine.files import clean, write_text, writing
@@ -75,14 +76,16 @@ def evaluate_pairs(acc, policy, prior, models, eval_pairs, tc, pad_id, prefix: s
     policy.eval()
     prior.eval()                                                           # e.g. no dropout in SparsePO's mask heads
     sums, keys = {}, None
-    for i in range(0, len(mine), tc.eval_batch_size):
-        chunk = mine[i:i + tc.eval_batch_size]
-        batch = send_to_device(checked_collate(chunk, pad_id, _required(tc), pack), acc.device)
-        with acc.autocast():
-            _, m, _ = step_loss(batch, policy, prior, models, tc.kl_chunk)
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v * len(chunk)
-        keys = sorted(m)
+    with progress(f"{prefix}* metrics", len(mine), "pairs") as bar:         # the main process's share
+        for i in range(0, len(mine), tc.eval_batch_size):
+            chunk = mine[i:i + tc.eval_batch_size]
+            batch = send_to_device(checked_collate(chunk, pad_id, _required(tc), pack), acc.device)
+            with acc.autocast():
+                _, m, _ = step_loss(batch, policy, prior, models, tc.kl_chunk)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v * len(chunk)
+            keys = sorted(m)
+            bar.advance(len(chunk))
     policy.train(was)
     prior.train(prior_was)
     if keys is None and acc.num_processes == 1:

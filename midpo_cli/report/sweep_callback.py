@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ def unsearched(sweep_dir: Path) -> list[str]:
 
 _unfinished: DictConfig | None = None                           # the sweep running in this process, until its end
 _lock_fd: int | None = None                                     # its hold on the sweep directory
+_jobs_bar: tuple[ExitStack, Any] | None = None                  # its progress bar (jobs done), open until its end
+_failed_jobs = 0                                                # of its jobs returned in this process
 LOCK = ".midpo-sweep.lock"
 
 
@@ -154,16 +157,39 @@ def _new_record(folder: Path, stem: str) -> Path:
 
 
 def release_sweep_dir() -> None:
+    """The sweep directory's lock, and the sweep's bar (however the sweep ended: the terminal's cursor comes back)."""
     global _lock_fd
+    end_jobs_bar()
     if _lock_fd is not None:
         os.close(_lock_fd)
         _lock_fd = None
+
+
+def start_jobs_bar(config: DictConfig) -> None:
+    """The sweep's bar: jobs done of the jobs a basic sweep runs (jobs_of; a search's number is not known ahead).
+    Jobs that the launcher runs in other processes (joblib, submitit) call on_job_end there, where no bar is
+    open: only jobs run in this process (the basic launcher) advance it, and the others show in the sweep table."""
+    global _jobs_bar, _failed_jobs
+    from midpo_cli.console import progress
+    from midpo_cli.report.tables import jobs_of
+
+    jobs, _failed_jobs = jobs_of(config.hydra), 0
+    stack = ExitStack()
+    _jobs_bar = stack, stack.enter_context(progress("sweep", None if jobs is None else len(jobs), "jobs"))
+
+
+def end_jobs_bar() -> None:
+    global _jobs_bar
+    if _jobs_bar is not None:
+        stack, _jobs_bar = _jobs_bar[0], None
+        stack.close()
 
 
 def after_launcher_failure() -> None:
     """The sweep stopped before on_multirun_end (the launcher raised: its error is printed above): write the
     table of what the sweep directory holds, as on_multirun_end would. Nothing when no sweep had started jobs."""
     global _unfinished
+    end_jobs_bar()
     config, _unfinished = _unfinished, None
     sweep_dir = None if config is None else Path(config.hydra.sweep.dir)
     if sweep_dir is None or not sweep_dir.is_dir() or \
@@ -185,9 +211,19 @@ class SweepTable(Callback):
         global _unfinished
         claim_sweep_dir(config)
         _unfinished = config
+        start_jobs_bar(config)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        global _failed_jobs
+        from hydra.core.utils import JobStatus
+        if _jobs_bar is not None:                                     # None in a launcher's worker process
+            _failed_jobs += job_return.status == JobStatus.FAILED
+            _jobs_bar[1].info = f"{_failed_jobs} failed" if _failed_jobs else ""
+            _jobs_bar[1].advance()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global _unfinished
+        end_jobs_bar()
         _unfinished = None
         try:
             self._end(config)

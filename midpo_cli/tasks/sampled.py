@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from midpo_cli.console import progress
 from midpo_cli.engine.cache import build_lock, config_hash, publish, read_json_entry
 from midpo_cli.engine.sampling import sample, sequence_logps
 from midpo_cli.tasks.base import Context, Metric, Task
@@ -102,8 +103,9 @@ class SampledTask(Task):
             k = self.task.samples_per_prompt
             log.info("preference pairs: sampling %d prompts x %d reference completions", len(items), k)
             torch.manual_seed(ctx.seed + 2)
-            outs = sample(reference, ctx.tokenizer, [self.prompt(x) for x in items for _ in range(k)],
-                          self.task.temperature, self.max_new_tokens, ctx.device)
+            with progress("preference pairs", len(items) * k, "samples") as bar:
+                outs = sample(reference, ctx.tokenizer, [self.prompt(x) for x in items for _ in range(k)],
+                              self.task.temperature, self.max_new_tokens, ctx.device, bar=bar)
             rows = [self.rank(x, outs[i * k:(i + 1) * k]) for i, x in enumerate(items)]
             data = {"pairs": [r for r in rows if r is not None], "ties_dropped": rows.count(None),
                     "reference_mean_reward": sum(self.reward(x, y) for x, y in zip(
@@ -137,13 +139,18 @@ class SampledTask(Task):
         items = [x for x in held for _ in range(self.eval_samples)]
         prompts = [self.prompt(x) for x in items]
         cuda = [ctx.device] if torch.device(ctx.device).type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):                      # restored after: the reference starts there too
-            pol = sample(policy, ctx.tokenizer, prompts, self.task.temperature, self.max_new_tokens, ctx.device)
-        ref = sample(reference, ctx.tokenizer, prompts, self.task.temperature, self.max_new_tokens, ctx.device)
+        sampler = (self.task.temperature, self.max_new_tokens, ctx.device)
+        with progress("evaluation", 4 * len(prompts), "prompts") as bar:   # sampled twice, scored twice
+            bar.info = "sampling the policy"
+            with torch.random.fork_rng(devices=cuda):                  # restored after: the reference starts there too
+                pol = sample(policy, ctx.tokenizer, prompts, *sampler, bar=bar)
+            bar.info = "sampling the reference"
+            ref = sample(reference, ctx.tokenizer, prompts, *sampler, bar=bar)
+            bar.info = "scoring the policy's samples (KL)"
+            kl = sequence_logps(policy, ctx.tokenizer, prompts, pol, ctx.device, bar=bar) \
+                - sequence_logps(reference, ctx.tokenizer, prompts, pol, ctx.device, bar=bar)
         r_pol = torch.tensor([self.reward(x, y) for x, y in zip(items, pol)])
         r_ref = torch.tensor([self.reward(x, y) for x, y in zip(items, ref)])
-        kl = sequence_logps(policy, ctx.tokenizer, prompts, pol, ctx.device) \
-            - sequence_logps(reference, ctx.tokenizer, prompts, pol, ctx.device)
         shown = [x if isinstance(x, str) else x[-1]["content"] for x in items]
         return {
             "true_reward/policy": r_pol.mean().item(),

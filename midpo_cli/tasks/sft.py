@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from midpo_cli.console import progress
 from midpo_cli.data.tokenize import collate, encode_pair
 from midpo_cli.engine.optim import clip_and_step
 
@@ -28,14 +29,17 @@ def supervised_finetune(model, tokenizer, demos: list[tuple], steps: int, lr: fl
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * max(floor, 1 - i / steps))
     gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
-        b = collate([examples[i] for i in idx], tokenizer.pad_token_id)
-        half = {k: b[k][:len(idx)].to(device) for k in ("input_ids", "attention_mask", "labels", "mask")}  # chosen rows
-        logits = model(input_ids=half["input_ids"], attention_mask=half["attention_mask"]).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), half["labels"], reduction="none")
-        loss = (nll * half["mask"]).sum() / half["mask"].sum()                # [2B, T] -> mean over completion tokens
-        loss.backward()
-        clip_and_step(model.parameters(), opt, sched, max_grad_norm)
-        if step % 100 == 0 or step == steps - 1:
-            log.info("  sft step %d/%d  nll %.3f", step + 1, steps, loss.item())
+    with progress("SFT", steps, "steps") as bar:
+        for step in range(steps):
+            idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
+            b = collate([examples[i] for i in idx], tokenizer.pad_token_id)
+            half = {k: b[k][:len(idx)].to(device) for k in ("input_ids", "attention_mask", "labels", "mask")}  # chosen
+            logits = model(input_ids=half["input_ids"], attention_mask=half["attention_mask"]).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), half["labels"], reduction="none")
+            loss = (nll * half["mask"]).sum() / half["mask"].sum()            # [2B, T] -> mean over completion tokens
+            loss.backward()
+            clip_and_step(model.parameters(), opt, sched, max_grad_norm)      # (it reads the norm: .item() is free)
+            bar.info = f"nll {loss.item():.3f}"
+            bar.advance()
+            if step % 100 == 0 or step == steps - 1:
+                log.info("  sft step %d/%d  nll %.3f", step + 1, steps, loss.item())

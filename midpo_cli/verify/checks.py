@@ -70,7 +70,15 @@ def settings(names) -> list[tuple[str, dict, Prior]]:
 
 
 class Rows(list):
-    """Result rows; `check` runs one measurement and records it (an exception is a failed row)."""
+    """Result rows; `check` runs one measurement and records it (an exception is a failed row). `bar`: the
+    progress bar whose text counts the rows, in the group of checks running (`group`)."""
+    bar: console.Bar | None = None
+    group = ""
+
+    def record(self, row: dict) -> None:
+        self.append(row)
+        if self.bar is not None:
+            self.bar.info = f"{self.group}: {len(self)} checks"
 
     def check(self, prior, option, name, fn, bound=None, differs=False):
         bound = DIFFERS if differs else bound
@@ -82,10 +90,10 @@ class Rows(list):
             row.update(max_abs_error=err, passed=(err > bound) if differs else (err <= bound))
         except Exception as e:   # a missing need, a shape bug... is a failed check, not a crash
             row["note"] = f"{type(e).__name__}: {e}"
-        self.append(row)
+        self.record(row)
 
     def skip(self, prior, option, name, reason):
-        self.append({"prior": prior, "option": option, "check": name, "max_abs_error": math.nan,
+        self.record({"prior": prior, "option": option, "check": name, "max_abs_error": math.nan,
                      "tolerance": "", "passed": None, "note": f"skipped ({reason})"})
 
 
@@ -322,46 +330,65 @@ def trl_checks(rows: Rows, p: Probe, names, atol: float, seed: int = 0) -> None:
 # ----- the command ---------------------------------------------------------------------------------
 
 def collect(cfg: DictConfig) -> Rows:
-    """All checks, as rows. The prior list defaults to the whole registry."""
+    """All checks, as rows, one group after another (a bar counts the groups, and the checks in its text). The
+    prior list defaults to the whole registry."""
     names = list(cfg.priors) or sorted(PRIORS)
     torch.manual_seed(cfg.seed)
     rows, atol = Rows(), float(cfg.atol)
     probe = random_probe(cfg.seed)
-    equivalence(rows, probe, names, atol)
-    if cfg.real_model:
-        from midpo_cli.verify.batches import tiny_probe
-        equivalence(rows, tiny_probe(cfg.seed), names, atol)
-        initialisation(rows, names, cfg.seed, atol)
-        packing(rows, names, cfg.seed)
-    else:
+    groups = [("equivalence", lambda: equivalence(rows, probe, names, atol)),
+              ("tiny model", lambda: tiny_model_checks(rows, cfg, names, atol)),
+              ("SmolLM2", lambda: smollm2_checks(rows, cfg, names, atol)),
+              ("stop-gradients", lambda: stop_gradients(rows, probe, names, atol)),
+              ("reductions", lambda: reductions(rows, probe, names, atol)),
+              ("invariants", lambda: generic(rows, probe, names, atol)),
+              ("knobs", lambda: knobs(rows, probe, names)),
+              ("TRL", lambda: trl_cross_checks(rows, cfg, probe, names, atol))]
+    with console.progress("verify", len(groups), "check groups") as bar:
+        rows.bar = bar
+        for what, run_group in groups:
+            rows.group = what
+            run_group()
+            bar.advance()
+    return rows
+
+
+def tiny_model_checks(rows: Rows, cfg: DictConfig, names, atol: float) -> None:
+    if not cfg.real_model:
         rows.skip("*", "", "tiny model forward", "real_model=false")
+        return
+    from midpo_cli.verify.batches import tiny_probe
+    equivalence(rows, tiny_probe(cfg.seed), names, atol)
+    initialisation(rows, names, cfg.seed, atol)
+    packing(rows, names, cfg.seed)
+
+
+def smollm2_checks(rows: Rows, cfg: DictConfig, names, atol: float) -> None:
     smol = "SmolLM2-135M forward"
     if not (cfg.real_model and cfg.smollm2):
         rows.skip("*", "", smol, "smollm2=false: set smollm2=true to add it (~40 s)" if cfg.real_model
                   else "real_model=false")
+        return
+    from midpo_cli.engine.models import NotInstalled, smollm2_gguf
+    from midpo_cli.verify.batches import smollm2_probe
+    try:
+        smollm2_gguf()
+    except NotInstalled as e:
+        rows.skip("*", "", smol, f"not installed: {e}")
     else:
-        from midpo_cli.engine.models import NotInstalled, smollm2_gguf
-        from midpo_cli.verify.batches import smollm2_probe
-        try:
-            smollm2_gguf()
-        except NotInstalled as e:
-            rows.skip("*", "", smol, f"not installed: {e}")
-        else:
-            equivalence(rows, smollm2_probe(cfg.seed), names, atol)
-    stop_gradients(rows, probe, names, atol)
-    reductions(rows, probe, names, atol)
-    generic(rows, probe, names, atol)
-    knobs(rows, probe, names)
+        equivalence(rows, smollm2_probe(cfg.seed), names, atol)
+
+
+def trl_cross_checks(rows: Rows, cfg: DictConfig, probe: Probe, names, atol: float) -> None:
     if not cfg.trl:
         rows.skip("*", "", "TRL cross-checks", "trl=false")
+        return
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        rows.skip("*", "", "TRL cross-checks", "trl not installed: pip install 'midpo[trl]'")
     else:
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            rows.skip("*", "", "TRL cross-checks", "trl not installed: pip install 'midpo[trl]'")
-        else:
-            trl_checks(rows, probe, names, atol, cfg.seed)
-    return rows
+        trl_checks(rows, probe, names, atol, cfg.seed)
 
 
 def summary(rows: Rows, seconds: float) -> dict:
