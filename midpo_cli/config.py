@@ -105,7 +105,9 @@ class TrainerConfig:
     packing: bool = True                  # padding-free batches, each prompt once (engine/pack.py); false: padded
     displacement_nats: float = 1.0        # warn once when chosen and rejected log-probs both fall this far (0 = off)
     compile: bool = False                 # torch.compile each decoder block (docs/benchmarks.md: when it pays)
-    trackers: list = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard] or [wandb]
+    trackers: list = field(default_factory=list)  # any of tensorboard, mlflow, wandb, trackio (engine/trackers.py)
+    tracking_uri: Optional[str] = None    # MLflow: http://host:port or file:/folder; None = MLFLOW_TRACKING_URI
+    sample_table: int = 4                 # held-out prompts sampled per evaluation for the trackers (0 = off)
     objective: str = "eval/rewards/accuracies"  # the run's score for a sweeper (report/objective.py: keys, directions)
 
 
@@ -164,7 +166,7 @@ class VerifyRoot:
 AT_LEAST_ONE = ("trainer.max_steps", "trainer.batch_size", "trainer.grad_accum", "trainer.eval_batch_size",
                 "trainer.log_every", "dataset.max_length", "dataset.max_prompt_length")
 NON_NEGATIVE = ("trainer.eval_every", "trainer.save_every", "trainer.warmup_steps", "trainer.kl_chunk",
-                "trainer.max_grad_norm", "optimizer.weight_decay")
+                "trainer.max_grad_norm", "optimizer.weight_decay", "trainer.sample_table")
 POSITIVE = ("optimizer.lr",)              # lr=0 would train a no-op without a word
 BELOW_ONE = ("dataset.eval_fraction",)    # a fraction in [0, 1)
 

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from midpo_cli.config import AT_LEAST_ONE, BELOW_ONE, NON_NEGATIVE, POSITIVE
 from midpo_cli.data.prepare import build_pairs, check_bad_fraction, save_report
 from midpo_cli.data.tokenize import Rules
-from midpo_cli.engine import checkpoint, files, refcache
+from midpo_cli.engine import checkpoint, files, refcache, trackers
 from midpo_cli.engine.cache import config_hash
 from midpo_cli.engine.cross import Layout
 from midpo_cli.engine.draws import data_loader, endless, pairs_drawn
@@ -162,6 +162,7 @@ class Recipe:
         self.cfg, self.tc, self.stage = cfg, cfg.trainer, stage
         self.seed = cfg.seed if stage.seed is None else stage.seed        # the training's; the task's is cfg.seed
         self.task = build_task(cfg.dataset)                                # the task's own settings, checked
+        trackers.check(list(self.tc.trackers), self.tc.tracking_uri)       # installed, their server answering
         check_source(cfg.model)                                            # a broken model directory, by its headers
         own = OmegaConf.to_container(cfg.prior, resolve=True, enum_to_str=True)
         self.prior_settings = stage.prior if "name" in stage.prior else {**own, **stage.prior}   # the model card's
@@ -200,6 +201,7 @@ class Recipe:
         self._compile()
         self._optimisers()
         self._resume()
+        self._trackers()
         return self
 
     def _accelerator(self):
@@ -207,14 +209,20 @@ class Recipe:
         from accelerate.utils import GradientAccumulationPlugin
 
         tc = self.tc
-        acc = Accelerator(mixed_precision=PRECISION[tc.precision], cpu=not torch.cuda.is_available(),
-                          log_with=list(tc.trackers) or None, project_dir=str(self.run_dir),
-                          step_scheduler_with_optimizer=False, gradient_accumulation_plugin=GradientAccumulationPlugin(
-                              num_steps=tc.grad_accum, sync_with_dataloader=False))
-        if tc.trackers and acc.is_main_process:
-            acc.init_trackers("tracking", config=flatten(OmegaConf.to_container(self.cfg, resolve=True,
-                                                                                enum_to_str=True)))
-        return acc
+        return Accelerator(mixed_precision=PRECISION[tc.precision], cpu=not torch.cuda.is_available(),
+                           step_scheduler_with_optimizer=False, gradient_accumulation_plugin=GradientAccumulationPlugin(
+                               num_steps=tc.grad_accum, sync_with_dataloader=False))
+
+    def _trackers(self) -> None:
+        """The trackers (main process), started before the first step: the same tracker runs as before when the
+        run directory kept their ids (a resumed or requeued run); a sweep job's grouped under its sweep."""
+        names = list(self.tc.trackers) if self.acc.is_main_process else []
+        sweep = trackers.sweep_of(self.run_dir)
+        name = f"{self.run_dir.parent.name}/{self.run_dir.name}"
+        if sweep is not None:                                              # priors x seeds: "<sweep>/<job>: dpo seed=0"
+            name += f": {self.prior.name} seed={self.seed}"
+        self.trackers = trackers.Trackers(names, trackers.Where(self.run_dir, name[:250], sweep, self.tc.tracking_uri))
+        self.trackers.start(flatten(OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)))
 
     def _models(self) -> None:
         """The tokenizer, the policy (from the task's reference weights, e.g. after its SFT, or from the stage's
@@ -360,16 +368,20 @@ class Recipe:
         self.metrics_file = metrics.open("a") if self.acc.is_main_process else None
         self.policy.train()
         t0 = time.perf_counter()
-        with progress("train", self.tc.max_steps, "steps", self.start_step) as bar, Signals() as signals:
-            for step in range(self.start_step + 1, self.tc.max_steps + 1):
-                m, stopping = self.step(step, signals)
-                bar.info = f"loss {m['loss']:.4f}  acc {m['rewards/accuracies']:.2f}"
-                bar.advance()
-                self.write(step, self.evaluate(step, self.log(step, m)))
-                self.checkpoint(step, stopping)
-                self.stop(step, stopping, signals)
-        self._close()
-        return self.finish(time.perf_counter() - t0)
+        try:
+            with progress("train", self.tc.max_steps, "steps", self.start_step) as bar, Signals() as signals:
+                for step in range(self.start_step + 1, self.tc.max_steps + 1):
+                    m, stopping = self.step(step, signals)
+                    bar.info = f"loss {m['loss']:.4f}  acc {m['rewards/accuracies']:.2f}"
+                    bar.advance()
+                    self.write(step, self.evaluate(step, self.log(step, m)))
+                    self.checkpoint(step, stopping)
+                    self.stop(step, stopping, signals)
+            self._close()
+            return self.finish(time.perf_counter() - t0)
+        except BaseException:                                              # a stop signal, a failure: the tracker
+            self.trackers.finish(ok=False)                                 # runs end as killed (resumable)
+            raise
 
     def step(self, step: int, signals: Signals) -> tuple[dict, bool]:
         """One optimiser step over trainer.grad_accum micro-batches: its metrics (averaged over processes) and
@@ -497,10 +509,22 @@ class Recipe:
                 raise self._nonfinite(f"non-finite held-out metrics at step {step} ({', '.join(bad)})",
                                       " or check the eval data")
             row = (row or {"step": step}) | ev
+            self._sample_table(step)
         if tc.eval_train and last:
             row = (row or {"step": step}) | evaluate_pairs(self.acc, self.policy, self.prior, self.models,
                                                            self.train_pairs, tc, pad, prefix="train/")
         return row
+
+    def _sample_table(self, step: int) -> None:
+        """The trackers' table of trainer.sample_table held-out prompts, sampled from policy and reference by the
+        task (main process); the training's random state is left as it was."""
+        if not self.trackers.live or not self.tc.sample_table:
+            return
+        with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
+            torch.manual_seed(self.seed + step)
+            rows = self.task.sample_rows(self.ctx, self.acc.unwrap_model(self.policy), self.reference,
+                                         self.tc.sample_table)
+        self.trackers.table("samples", rows, step)
 
     def write(self, step: int, row: dict | None) -> None:
         """A row: the prior's and the run's monitor warnings (engine/monitor.py), metrics.jsonl, the trackers (main
@@ -514,8 +538,7 @@ class Recipe:
             self.warnings.append({"step": step, "warning": w})
         if main:
             append_row(self.metrics_file, row)
-            if self.acc.trackers:
-                self.acc.log({k: v for k, v in files.clean(row).items() if k != "step" and v is not None}, step=step)
+            self.trackers.scalars({k: v for k, v in row.items() if k != "step"}, step)
             self.history.update(row)
 
     def monitors(self, row: dict) -> list[str]:
@@ -573,8 +596,6 @@ class Recipe:
         if acc.is_main_process and self.prior.state_dict():
             with files.published_dir(self.run_dir / "prior", "the prior's state") as tmp:
                 self.prior.save(tmp)
-        if self.tc.trackers:
-            acc.end_training()
         for add in self.on_results:
             add(results)
         if self.tc.save_model:                                             # its card holds the results so far
@@ -582,8 +603,17 @@ class Recipe:
         results["wall_time_s"] = time.perf_counter() - self.t_start
         if acc.is_main_process:
             files.write_json(self.run_dir / "results.json", results)
+            self._end_trackers(results)
         acc.wait_for_everyone()
         return results
+
+    def _end_trackers(self, results: dict) -> None:
+        """The final table, results.json and the prior's saved state (a learned prior's parameters) to the
+        trackers; their runs finish."""
+        self.trackers.table("final", trackers.final_rows(results), self.tc.max_steps)
+        for path in (self.run_dir / "results.json", *sorted((self.run_dir / "prior").glob("*"))):
+            self.trackers.artifact(path)
+        self.trackers.finish(ok=True)
 
     def _batches(self) -> dict:
         """How this process's training batches ran (engine/pack.py): the layout and attention, the share of

@@ -39,7 +39,7 @@ OWN = {LOCK, "job.json", REPLACED, ".hydra"}    # what a directory may hold befo
 MODES = ("explicit", "default", "sweep")        # hydra.run.dir given | Hydra's time-stamped name | a sweep job
 # Trainer settings that change where or how often a run logs, evaluates or saves, not what it computes.
 IGNORED = ("resume", "save_every", "eval_every", "log_every", "save_model", "objective", "trackers", "eval_train",
-           "displacement_nats")
+           "displacement_nats", "tracking_uri", "sample_table")
 log = logging.getLogger("midpo")
 
 

@@ -228,6 +228,8 @@ class SweepTable(Callback):
         try:
             self._end(config)
         finally:
+            from midpo_cli.engine.trackers import end_sweep
+            end_sweep(Path(config.hydra.sweep.dir))                  # its tracker parent run (if any) finished
             release_sweep_dir()
 
     def _end(self, config: DictConfig) -> None:

@@ -9,6 +9,8 @@ The train command asks the task for exactly three things and never looks at whic
     pairs(ctx, reference)           -> (train rows, eval rows) in TRL's prompt/chosen/rejected format
     evaluate(ctx, policy, reference)-> true-reward evaluation of sampled answers on held-out prompts,
                                        or {} when the task has no reward (a user's data file)
+    sample_rows(ctx, policy, reference, n) -> n held-out prompts with both models' completions and rewards, for
+                                       the trackers at each evaluation ([] by default)
 
 What evaluate() returns is declared in `metrics` (Metric: key, label, unit, range, direction, headline):
 the console's final table, `midpo report`'s tables and figures and `trainer.objective=task/<name>` read
@@ -96,6 +98,12 @@ class Task:
 
     def evaluate(self, ctx: Context, policy, reference) -> dict:
         return {}
+
+    def sample_rows(self, ctx: Context, policy, reference, n: int) -> list[dict]:
+        """A few held-out prompts with the policy's and the reference's completions and their rewards, for the
+        trackers' sample table at each evaluation: [{prompt, policy, reward_policy, reference, reward_reference}];
+        [] when the task samples nothing (a user's data file)."""
+        return []
 
     def judge(self, ctx: Context):
         """The task's true reward of a completion to one of its training prompts, as `f(prompt, completion) -> float

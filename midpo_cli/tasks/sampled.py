@@ -127,6 +127,23 @@ class SampledTask(Task):
                 "reward_chosen": self.reward(item, best), "reward_rejected": self.reward(item, worst)}
 
     @torch.no_grad()
+    def sample_rows(self, ctx: Context, policy, reference, n: int) -> list[dict]:
+        """One completion of each model for the first n held-out items, with its reward (the reference's columns
+        are None without a reference model)."""
+        items = self.split(ctx)[1][:n]
+        prompts = [self.prompt(x) for x in items]
+        done = {who: sample(model, ctx.tokenizer, prompts, self.task.temperature, self.max_new_tokens, ctx.device)
+                for who, model in (("policy", policy), ("reference", reference)) if model is not None}
+        rows = []
+        for i, x in enumerate(items):
+            row = {"prompt": x if isinstance(x, str) else x[-1]["content"]}
+            for who in ("policy", "reference"):
+                y = done[who][i] if who in done else None
+                row[who], row[f"reward_{who}"] = y, None if y is None else round(self.reward(x, y), 4)
+            rows.append(row)
+        return rows
+
+    @torch.no_grad()
     def evaluate(self, ctx: Context, policy, reference) -> dict:
         """Mean reward of policy and reference samples, win-rate of the policy's i-th sample over the
         reference's (ties 1/2), KL(pi || pi_ref) estimated as E_{y~pi}[log pi(y|x) - log pi_ref(y|x)] (y + EOS,
