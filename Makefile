@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,trl,lora,tensorboard,sweep,sentiment]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,trl,lora,tensorboard,sweep,sentiment,mlflow-server,wandb,trackio]'
 	touch $(STAMP)
 
 train: $(STAMP)          ## midpo train on the built-in default (extra overrides: make train ARGS="prior=simpo")
