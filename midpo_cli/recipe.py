@@ -5,7 +5,8 @@
     results = recipe.train()                  # the steps, then the task's evaluation and the saved model
 
 `train()` is a loop over named methods: `step` (forward, backward, the optimiser steps), `log` (a metrics.jsonl
-row every trainer.log_every steps), `evaluate` (held-out pairs), `checkpoint` and `stop` (a stop signal).
+row every trainer.log_every steps, also sent to the trackers: engine/trackers.py), `evaluate` (held-out pairs, and
+the trackers' sample table), `checkpoint` and `stop` (a stop signal).
 Everything below the recipe receives the sub-config or the values it uses. A pipeline of several trainings
 builds one recipe per training.
 
