@@ -197,13 +197,23 @@ def test_a_tracker_failing_mid_run_warns_once_and_training_goes_on(tracked):
 
 
 @pytest.mark.slow
-def test_sweep_jobs_are_children_of_one_mlflow_parent(tmp_path, fast, server):
+def test_sweep_jobs_are_grouped(tmp_path, fast, server, monkeypatch):
+    """One MLflow parent with a child per job, one W&B group named after the sweep, a TensorBoard folder per job."""
+    import wandb
     from mlflow.tracking import MlflowClient
     sweep = tmp_path / "sweep-a"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_EXPERIMENT_NAME", "sweeps")
-        main(["train", "--multirun", *fast, *SMALL, "trainer.max_steps=2", "prior=dpo,simpo",
-              "trainer.trackers=[mlflow]", f"trainer.tracking_uri={server}", f"hydra.sweep.dir={sweep}"])
+    for key, value in {"MLFLOW_EXPERIMENT_NAME": "sweeps", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+                       "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(key, value)
+    wandb.teardown()                                                       # W&B reads WANDB_DIR once per process
+    main(["train", "--multirun", *fast, *SMALL, "trainer.max_steps=2", "prior=dpo,simpo",
+          "trainer.trackers=[mlflow,wandb,tensorboard]", f"trainer.tracking_uri={server}", f"hydra.sweep.dir={sweep}"])
+    for job in (0, 1):
+        assert list((sweep / str(job) / "tensorboard").glob("events.out.tfevents.*"))
+        run_id = json.loads((sweep / str(job) / "trackers.json").read_text())["wandb"]["id"]
+        (folder,) = wandb_runs(tmp_path, run_id)
+        (meta,) = [r.run for r in wandb_records(folder / f"run-{run_id}.wandb") if r.WhichOneof("record_type") == "run"]
+        assert meta.run_group == "sweep-a"
     client = MlflowClient(tracking_uri=server)
     runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -221,12 +231,12 @@ def test_sweep_jobs_are_children_of_one_mlflow_parent(tmp_path, fast, server):
 @pytest.mark.slow
 def test_a_stopped_and_resumed_run_is_one_tracker_run(tmp_path, fast, server, monkeypatch):
     """SIGTERM's stop after step 2's checkpoint, then the same command: one MLflow run, one W&B run id."""
+    import wandb
     from mlflow.tracking import MlflowClient
     for key, value in {"MLFLOW_EXPERIMENT_NAME": "resume", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
                        "WANDB_SILENT": "true"}.items():
         monkeypatch.setenv(key, value)
-    import wandb
-    wandb.teardown()                                                       # W&B reads WANDB_DIR once per process
+    wandb.teardown()
     real = Recipe.step
 
     def stopped_at_2(self, step, signals):
