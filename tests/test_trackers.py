@@ -262,8 +262,8 @@ def test_a_stopped_and_resumed_run_is_one_tracker_run(tmp_path, fast, server, mo
     (one,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert one.info.run_id == kept["mlflow"]["run_id"] and one.info.status == "FINISHED"
     assert sorted({m.step for m in client.get_metric_history(one.info.run_id, "loss")}) == [1, 2, 3]
-    assert len(wandb_runs(tmp_path, kept["wandb"]["id"])) == 2                    # two sessions of one W&B run
-    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 2
+    ids = {p.name.rsplit("-", 1)[1] for p in tmp_path.glob("wandb/offline-run-*")}   # a folder per session
+    assert ids == {kept["wandb"]["id"]}                                             # (one, within a second)
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_before_anything_loads(capsys, fast, monkeypatch, tmp_path):
