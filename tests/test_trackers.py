@@ -106,7 +106,7 @@ def test_tensorboard_events(tracked):
     text = {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(tag)]
             for tag in events.Tags()["tensors"]}
     assert "| prior.name | learned_tilt |" in text["config/text_summary"][0][1]
-    assert text["run_dir/text_summary"][0][1] == str(run)
+    assert text["run_dir/text_summary"][0][1] == str(run.resolve())
     assert [s for s, _ in text["samples/text_summary"]] == [2, 3]
     assert "| " + " | ".join(COLUMNS) + " |" in text["samples/text_summary"][0][1]
     assert "| eval/rewards/accuracies |" in text["final/text_summary"][0][1]

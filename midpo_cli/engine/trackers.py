@@ -44,6 +44,7 @@ PROJECT = "midpo"                       # experiment / project name unless the l
 
 
 def register(name: str):
+    """Class decorator: the backend `trainer.trackers` names `name`."""
     def wrap(cls):
         cls.name = name
         BACKENDS[name] = cls
@@ -80,8 +81,11 @@ def table_text(rows: list[dict]) -> str:
     """Rows as a Markdown table (TensorBoard's text plugin renders it)."""
     if not rows:
         return ""
+
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
     cols = list(rows[0])
-    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")          # noqa: E731
     return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                      + ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows])
 
@@ -125,7 +129,7 @@ class TensorBoard(Backend):
         self.writer = SummaryWriter(log_dir=str(self.where.run_dir / "tensorboard"))   # appends when resumed
         if not self.kept:
             self.writer.add_text("config", table_text([{"key": k, "value": v} for k, v in config.items()]))
-            self.writer.add_text("run_dir", str(self.where.run_dir))
+            self.writer.add_text("run_dir", str(self.where.run_dir.resolve()))
         return {"log_dir": str(self.where.run_dir / "tensorboard")}
 
     def scalars(self, values, step):
