@@ -155,7 +155,8 @@ def wandb_records(path: Path) -> list:
 
 
 def wandb_runs(root: Path, run_id: str) -> list[Path]:
-    return sorted(root.glob(f"wandb/offline-run-*-{run_id}"))
+    """The offline session folders of W&B run `run_id`: offline-run-<time>-<id>, with -<n> when the name was taken."""
+    return sorted(p for p in root.glob("wandb/offline-run-*") if p.name.split("-")[3] == run_id)
 
 
 def test_wandb_offline_run_files(tracked):
@@ -262,8 +263,8 @@ def test_a_stopped_and_resumed_run_is_one_tracker_run(tmp_path, fast, server, mo
     (one,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert one.info.run_id == kept["mlflow"]["run_id"] and one.info.status == "FINISHED"
     assert sorted({m.step for m in client.get_metric_history(one.info.run_id, "loss")}) == [1, 2, 3]
-    ids = {p.name.rsplit("-", 1)[1] for p in tmp_path.glob("wandb/offline-run-*")}   # a folder per session
-    assert ids == {kept["wandb"]["id"]}                                             # (one, within a second)
+    folders = list(tmp_path.glob("wandb/offline-run-*"))          # offline-run-<time>-<id>[-n]: one per session
+    assert folders and {p.name.split("-")[3] for p in folders} == {kept["wandb"]["id"]}
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_before_anything_loads(capsys, fast, monkeypatch, tmp_path):
