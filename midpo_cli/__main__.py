@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 COMMANDS = {
@@ -79,6 +81,7 @@ def _app(command: str):
 
 
 def main(argv: list[str] | None = None) -> None:
+    process = argv is None                                                # the program itself, not a caller's call
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     old, sys.argv = sys.argv, [f"midpo {argv[0]}", *argv[1:]]
+    interrupt = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     _register()
     _check(argv[0], argv[1:])
     try:
@@ -107,9 +111,13 @@ def main(argv: list[str] | None = None) -> None:
             after_launcher_failure()
         if code == 130:          # CPython remembers a Ctrl-C that passed through exec'd source (dataclasses, sympy)
             exec("pass")         # and, under `python -m`, dies by SIGINT at exit instead; a new exec forgets it
+            if process:          # the run has stopped and said so: a Ctrl-C repeated while the interpreter shuts
+                signal.signal(signal.SIGINT, signal.SIG_IGN)   # down would print a traceback from its exit hooks
         raise SystemExit(code) from None
     finally:
         sys.argv = old
+        if not process and interrupt is not None:                        # a caller's process keeps its Ctrl-C
+            signal.signal(signal.SIGINT, interrupt)
         if argv[0] == "train":
             from midpo_cli.report.sweep_callback import release_sweep_dir
             release_sweep_dir()

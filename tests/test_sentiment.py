@@ -31,7 +31,7 @@ def task_of(**kw) -> SentimentTask:
 
 def stub_sample(texts=TEXTS):
     """A stand-in for engine.sampling.sample: cycles through fixed texts; counts its calls."""
-    def fake(model, tokenizer, prompts, temperature, max_new_tokens, device, batch_size=256):
+    def fake(model, tokenizer, prompts, temperature, max_new_tokens, device, batch_size=256, bar=None):
         fake.calls += 1
         return [t for t, _ in zip(itertools.cycle(texts), prompts)]
     fake.calls = 0

@@ -209,3 +209,18 @@ def test_a_metrics_row_that_cannot_be_written_is_one_error():
     metrics = open("/dev/full", "a")                                       # every write: No space left on device
     with pytest.raises(files.WriteFailed, match=r"could not write /dev/full: No space left on device \(ENOSPC\)"):
         append_row(metrics, {"step": 1, "loss": 0.5})
+
+
+def test_a_ctrl_c_held_down_still_ends_in_one_line(tmp_path, warm):
+    """Ctrl-C repeated every few milliseconds until the process ends: the first stops the run, the second stops it
+    at once, the rest land while it unwinds and shuts down; none may print a traceback from an exit hook."""
+    run = tmp_path / "held"
+    proc = start([*warm, "trainer.max_steps=150", "trainer.save_model=false", "trainer.save_every=1"], run)
+    wait_for(proc, run / "metrics.jsonl")
+    while proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.003)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    one_line(err, "stopped")
+    only_complete_checkpoints(run)

@@ -45,8 +45,9 @@ class Signals:
         self.got = signum
 
     def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
+        for sig, handler in self.previous.items():                        # once: `stop` may have been first
             signal.signal(sig, handler)
+        self.previous = {}
 
     def stop(self, step: int, ckpt: str | None, rerun: str) -> None:
         """Say where the run stopped and how to continue it, then exit. Ctrl-C exits 130 (its previous handler
@@ -55,8 +56,10 @@ class Signals:
         name = "Ctrl-C" if self.got == signal.SIGINT else signal.Signals(self.got).name
         console.stopped(f"{name} at step {step}: checkpoint {ckpt} written; the command that continues the run: "
                         f"{rerun or 'the same command with hydra.run.dir set to this run directory'}")
-        handler = self.previous.get(self.got)
+        handler, caught_int = self.previous.get(self.got), signal.SIGINT in self.previous
         self.__exit__()
+        if self.got == signal.SIGINT and caught_int:       # stopped and said so: a Ctrl-C repeated on the way out
+            signal.signal(signal.SIGINT, signal.SIG_IGN)   # changes nothing (the caller, e.g. `main`, restores it)
         if self.got != signal.SIGINT and callable(handler):
             handler(self.got, None)
         raise SystemExit(128 + self.got)
