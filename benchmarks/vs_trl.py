@@ -59,11 +59,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("trl", "trl_precompute", "midpo_dpo", "midpo_dpo_padded", "midpo_dpo_cached", "midpo_tdpo")
 OPTIONAL = ("midpo_dpo_compiled",)     # trainer.compile=true: asked for by --modes, not in the default run
-LIVE_REFERENCE = {"trl", "midpo_dpo", "midpo_dpo_padded", "midpo_tdpo", "midpo_dpo_compiled"}           # 8N FLOPs/token, else 6N
+LIVE_REFERENCE = {"trl", "midpo_dpo", "midpo_dpo_padded", "midpo_tdpo", "midpo_dpo_compiled"}  # 8N FLOPs/token, else 6N
 AGREE = {"midpo_dpo": "trl", "midpo_dpo_padded": "trl", "midpo_dpo_cached": "trl_precompute",
          "midpo_dpo_compiled": "midpo_dpo"}   # the same loss
 RATIOS = [("midpo_dpo", "trl"), ("midpo_dpo_cached", "trl_precompute"), ("midpo_tdpo", "trl"),
-          ("midpo_dpo", "midpo_dpo_padded"), ("midpo_dpo_compiled", "midpo_dpo")]                                  # (mode, baseline)
+          ("midpo_dpo", "midpo_dpo_padded"), ("midpo_dpo_compiled", "midpo_dpo")]   # (mode, baseline)
 DATASETS = {"builtin": ((16, 64), (16, 128), "uniform"), "wide": ((8, 256), (4, 512), "log-uniform")}
 MODELS = {       # LlamaConfig on CPU (and --smoke), Qwen2Config at Qwen2.5-0.5B's sizes on CUDA
     "cpu": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,

@@ -139,7 +139,8 @@ def test_a_sweep_counts_the_jobs_returned_in_its_process(screen):
 def test_a_run_whose_output_is_not_a_terminal_prints_no_bar(tmp_path):
     r = subprocess.run([sys.executable, "-m", "midpo_cli", "train", "dataset=local", f"dataset.path={DATA}",
                         "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_every=0",
-                        "trainer.save_model=false", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'r'}"],
+                        "trainer.save_model=false", f"cache_dir={tmp_path / 'cache'}",
+                        f"hydra.run.dir={tmp_path / 'r'}"],
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]

@@ -115,8 +115,8 @@ def attach(pair_sets: list[list], reference, weights: str, tokenizer, cache_root
            pad_id: int, digest: str | None = None, pack: str | None = None, batch_size: int = 32) -> dict:
     """Put cached (or freshly computed) reference log-probs on every pair as the per-token column
     `ref_logps`; `weights`: the digest of the reference weights (LoRA adapters excluded); `digest`: the
-    pairs_digest of the pairs, when the caller has it; `batch_size`: pairs per forward of the pass. Returns {"hit", "key",
-    "path"} for the run's results. A damaged entry (truncated, changed, unreadable) is recomputed with a warning
+    pairs_digest of the pairs, when the caller has it; `batch_size`: pairs per forward of the pass. Returns {"hit",
+    "key", "path"} for the run's results. A damaged entry (truncated, changed, unreadable) is recomputed with a warning
     and replaced."""
     flat = [p for s in pair_sets for p in s]
     key = key_of(weights, tokenizer, flat, precision, device, digest)
