@@ -166,7 +166,7 @@ class VerifyRoot:
 AT_LEAST_ONE = ("trainer.max_steps", "trainer.batch_size", "trainer.grad_accum", "trainer.eval_batch_size",
                 "trainer.log_every", "dataset.max_length", "dataset.max_prompt_length")
 NON_NEGATIVE = ("trainer.eval_every", "trainer.save_every", "trainer.warmup_steps", "trainer.kl_chunk",
-                "trainer.max_grad_norm", "optimizer.weight_decay", "trainer.sample_table")
+                "trainer.max_grad_norm", "optimizer.weight_decay", "trainer.sample_table", "trainer.displacement_nats")
 POSITIVE = ("optimizer.lr",)              # lr=0 would train a no-op without a word
 BELOW_ONE = ("dataset.eval_fraction",)    # a fraction in [0, 1)
 

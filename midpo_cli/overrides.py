@@ -270,6 +270,19 @@ def _check_value(o, parent, leaf, typ: type | None) -> None:
             raise BadOverride(f"{o.key_or_group}={shown} is not {kind} (in `{o.input_line}`)") from None
 
 
+def _check_list(o) -> None:
+    """A list setting (trainer.trackers, ...): each value of the override must be a list, written in brackets."""
+    if o.is_sweep_override() and not o.is_discrete_sweep():
+        return
+    key, values = o.key_or_group, list(o.sweep_iterator()) if o.is_discrete_sweep() else [o.value()]
+    bad = [v for v in values if not isinstance(v, (list, tuple))]
+    if None in bad:
+        raise BadOverride(f"{key}=null is not a list (in `{o.input_line}`): {key}=[] for none")
+    if bad:
+        raise BadOverride(f"{key} takes a list, in brackets (in `{o.input_line}`): "
+                          f"{key}=[{','.join(str(v) for v in bad)}]")
+
+
 def _check_key(o, cfg: DictConfig, loader, variant: list[str]) -> None:
     key = o.key_or_group
     parts = key.split(".")
@@ -284,6 +297,8 @@ def _check_key(o, cfg: DictConfig, loader, variant: list[str]) -> None:
             _check_choice(o, declared)
         elif leaf is not None:
             _check_value(o, node, leaf, declared)
+        elif isinstance(node, ListConfig) and not o.is_delete():
+            _check_list(o)
         return
     where = ".".join(parts[:found])
     chosen = f" with {' '.join(variant)}" if variant else ""

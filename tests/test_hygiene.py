@@ -55,6 +55,9 @@ register_schemas()
     (["optimizer.lr=fast"], ["optimizer.lr='fast' is not a number"]),
     (["trainer.save_model=maybe"], ["trainer.save_model='maybe' is not true or false"]),
     (["--multirun", "trainer.batch_size=4,many"], ["trainer.batch_size='many' is not an integer"]),
+    (["trainer.trackers=mlflow"], ["trainer.trackers takes a list, in brackets", "trainer.trackers=[mlflow]"]),
+    (["trainer.trackers=mlflow,wandb"], ["trainer.trackers=[mlflow,wandb]"]),
+    (["trainer.trackers=null"], ["trainer.trackers=null is not a list", "trainer.trackers=[] for none"]),
 ])
 def test_unknown_train_overrides_fail_in_one_line(tmp_path, capsys, args, words):
     err = fails(capsys, ["train", *args, f"hydra.run.dir={tmp_path}/r", f"hydra.sweep.dir={tmp_path}/s"])
@@ -147,6 +150,9 @@ def test_train_checks_values_before_training(tmp_path, capsys):
     err = fails(capsys, ["train", "optimizer.lr=0", f"hydra.run.dir={tmp_path}/r"])
     assert "optimizer.lr=0.0 must be a finite number > 0" in err
     assert not (tmp_path / "r").exists()                                  # not even the empty directory
+    for bad in ("nan", "-1"):                                             # a NaN threshold would never warn
+        err = fails(capsys, ["train", f"trainer.displacement_nats={bad}", f"hydra.run.dir={tmp_path}/r"])
+        assert f"trainer.displacement_nats={float(bad)} must be a finite number >= 0" in err
     err = fails(capsys, ["train", "dataset.task.kind=revers", f"hydra.run.dir={tmp_path}/r"])  # the task's own
     assert "Did you mean 'reverse'?" in err and not (tmp_path / "r").exists()
 
