@@ -283,3 +283,20 @@ def test_an_mlflow_server_that_does_not_answer_is_one_line_naming_its_uri(capsys
                          f"hydra.run.dir={tmp_path}/run"])
     assert f"the MLflow server at {uri} does not answer" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_wandb_without_an_account_is_one_line_naming_offline_mode(fast, tmp_path):
+    """No API key and WANDB_MODE unset (a machine that never ran `wandb login`): W&B refuses to start; the run
+    stops in one line before its first step, naming WANDB_MODE=offline. A process of its own: W&B keeps its
+    settings per process, and this file's other runs set it offline."""
+    pytest.importorskip("wandb", reason="pip install 'midpo[wandb]'")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))   # no ~/.netrc with a key
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "midpo_cli", "train", *fast, "trainer.trackers=[wandb]",
+                          "trainer.max_steps=2", f"hydra.run.dir={run}"], env=env, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "trainer.trackers: wandb could not start" in res.stderr and "set WANDB_MODE=offline" in res.stderr
+    assert "Traceback" not in res.stderr and not (run / "metrics.jsonl").read_text().strip()   # no step ran

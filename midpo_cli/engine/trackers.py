@@ -95,6 +95,7 @@ class Backend:
     name: ClassVar[str] = ""
     module: ClassVar[str] = ""          # the package that must be importable
     extra: ClassVar[str] = ""           # pip install 'midpo[<extra>]'
+    advice: ClassVar[str] = ""          # what to try when it cannot start
 
     def __init__(self, where: Where, kept: dict | None):
         self.where, self.kept = where, kept or {}
@@ -236,6 +237,7 @@ class MLflow(Backend):
 @register("wandb")
 class WandB(Backend):
     module, extra = "wandb", "wandb"
+    advice = "without a W&B account or network, set WANDB_MODE=offline (wandb sync uploads the run later)"
 
     def start(self, config):
         import wandb
@@ -345,8 +347,9 @@ class Trackers:
                 kept[name] = backend.start(clean(config))
             except Exception as e:
                 self.finish(ok=False)
+                advice = f"; {backend.advice}" if backend.advice else ""
                 raise ValueError(f"trainer.trackers: {name} could not start: {type(e).__name__}: "
-                                 f"{first_line(e)}") from None
+                                 f"{first_line(e).rstrip('.')}{advice}") from None
             self.live[name] = backend
             write_json(path, kept)
 
