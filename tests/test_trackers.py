@@ -300,3 +300,17 @@ def test_wandb_without_an_account_is_one_line_naming_offline_mode(fast, tmp_path
     assert res.returncode == 1, res.stderr[-2000:]
     assert "trainer.trackers: wandb could not start" in res.stderr and "set WANDB_MODE=offline" in res.stderr
     assert "Traceback" not in res.stderr and not (run / "metrics.jsonl").read_text().strip()   # no step ran
+
+
+def test_processes_opening_a_new_mlflow_store_at_once_all_start(tmp_path):
+    """The ranks of one run (and a sweep's parallel jobs) check the same new sqlite store as they start: MLflow
+    makes its tables on first open, and two at once collide ("table experiments already exists") unless the
+    check takes turns."""
+    pytest.importorskip("mlflow", reason="pip install 'midpo[mlflow]'")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "import sys; from midpo_cli.engine import trackers; trackers.check(['mlflow'], sys.argv[1])"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-500:] for e in errors]

@@ -26,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fcntl
+import hashlib
 import importlib.util
 import logging
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -162,8 +164,10 @@ class MLflow(Backend):
         uri = cls.resolved(uri)
         if not uri or not uri.startswith(("http://", "https://")):              # a store on disk: open it once
             from mlflow.tracking import MlflowClient
-            try:
-                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            key = hashlib.sha1(os.path.abspath(uri or "mlflow.db").encode()).hexdigest()[:16]
+            try:                      # a new store's tables are made on first open: one process at a time (the
+                with _locked(Path(tempfile.gettempdir()) / f"midpo-mlflow-{key}"):   # ranks, a sweep's jobs)
+                    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
             except Exception as e:
                 raise ValueError(f"trainer.trackers: the MLflow tracking store {uri or '(mlflow default)'} cannot "
                                  f"be opened: {type(e).__name__}: {first_line(e)}") from None
