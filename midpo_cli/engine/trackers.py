@@ -155,8 +155,17 @@ class TensorBoard(Backend):
 class MLflow(Backend):
     module, extra = "mlflow", "mlflow"
 
-    @staticmethod
-    def resolved(configured: str | None) -> str | None:
+    # MLflow's own HTTP retries (7, backoff factor 2: ~4 minutes) would stall training that long on every call to a
+    # server that died; with these a dead server costs seconds, then the tracker is dropped with one warning. Set
+    # the variables yourself to wait longer (a hosted server that rate-limits).
+    HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+    @classmethod
+    def resolved(cls, configured: str | None) -> str | None:
+        """The tracking URI (the HTTP settings above applied where unset: every MLflow call goes through here)."""
+        for name, value in cls.HTTP.items():
+            os.environ.setdefault(name, value)
         return configured or os.environ.get("MLFLOW_TRACKING_URI") or None
 
     @classmethod
