@@ -436,7 +436,7 @@ class Recipe:
         collective with several processes): the step's only host-device synchronisation, which the non-finite
         guard needs anyway. A non-finite micro-batch loss makes the mean loss non-finite."""
         keys = [k for k in micro[0] if k != "tokens"]
-        held = [k for k in keys if isinstance(micro[0][k], torch.Tensor)]
+        held = [k for k in keys if all(isinstance(x[k], torch.Tensor) for x in micro)]   # the rest: host values
         host = {k: sum(float(x[k]) for x in micro) / len(micro) for k in keys if k not in held}
         host["tokens"] = float(sum(x["tokens"] for x in micro))
         host["_signal"] = float(signalled)

@@ -157,6 +157,27 @@ def test_skip_counts_non_finite_steps(tmp_path, fast, monkeypatch):
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1] and rows[1]["loss"] is None
 
 
+def test_skip_sees_a_non_finite_later_micro_batch(tmp_path, fast, monkeypatch):
+    """grad_accum=2 and the second micro-batch's loss NaN, given as a host float while the first's metrics are
+    still on the device: the step is skipped and counted, its row's loss is null."""
+    import midpo_cli.engine.trainer as trainer
+    real, calls = trainer.preference_loss, {"n": 0}
+
+    def second_nan(prior, view, yardstick=None, host=True):
+        out = real(prior, view, yardstick, host)
+        calls["n"] += 1
+        if calls["n"] == 2:                                                # step 1, its second micro-batch
+            out.loss = out.loss * float("nan")
+            out.metrics["loss"] = float("nan")
+        return out
+    monkeypatch.setattr(trainer, "preference_loss", second_nan)
+    run = tmp_path / "skip2"
+    main(["train", *fast, "trainer.max_steps=2", "trainer.grad_accum=2", "trainer.on_nonfinite=skip",
+          "trainer.save_model=false", f"hydra.run.dir={run}"])
+    rows = strict_json(run / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in rows] == [1, 1] and rows[0]["loss"] is None and rows[1]["loss"] > 0
+
+
 @pytest.mark.slow
 def test_resume_auto_same_command_same_directory(tmp_path, fast):
     """Killed after its first checkpoint, the identical command (resume=auto, the default) continues the run
