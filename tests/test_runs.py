@@ -81,21 +81,27 @@ def test_explicit_directory_in_use_is_refused(tmp_path, fast):
     assert not (run / "results.json").exists() and not (run / "config.yaml").exists()
 
 
+def non_finite_loss(monkeypatch, when, factor: float = float("nan")) -> None:
+    """The engine's preference_loss with the loss of the n-th call (counted from 1) made non-finite where
+    `when(n)` holds: the loss times `factor`, its logged value NaN (as a diverging run would)."""
+    import midpo_cli.engine.trainer as trainer
+    real, calls = trainer.preference_loss, {"n": 0}
+
+    def patched(prior, view, yardstick=None, host=True):
+        out = real(prior, view, yardstick, host)
+        calls["n"] += 1
+        if when(calls["n"]):
+            out.loss = out.loss * factor
+            out.metrics["loss"] = float("nan")
+        return out
+    monkeypatch.setattr(trainer, "preference_loss", patched)
+
+
 def test_run_driven_to_nan_stops_and_writes_nothing_non_finite(tmp_path, fast, capsys, monkeypatch):
     """The loss turns NaN at step 4 (injected, as a diverging run would: a huge learning rate diverges on some
     CPUs within a few steps and not on others): the run stops naming the step and the last good checkpoint, and
     nothing non-finite is on disk."""
-    import midpo_cli.engine.trainer as trainer
-    real, calls = trainer.preference_loss, {"n": 0}
-
-    def diverges(prior, view, yardstick=None, host=True):
-        out = real(prior, view, yardstick, host)
-        calls["n"] += 1
-        if calls["n"] >= 4:                                                # the 4th training micro-batch on
-            out.loss = out.loss * float("inf")
-            out.metrics["loss"] = float("nan")
-        return out
-    monkeypatch.setattr(trainer, "preference_loss", diverges)
+    non_finite_loss(monkeypatch, lambda n: n >= 4, float("inf"))          # the 4th training micro-batch on
     run = tmp_path / "nan"
     with pytest.raises(SystemExit) as e:
         main(["train", *fast, "trainer.max_steps=6", "trainer.save_every=1", f"hydra.run.dir={run}"])
@@ -137,17 +143,7 @@ def test_weights_gone_non_finite_are_never_checkpointed(tmp_path, fast, capsys, 
 
 def test_skip_counts_non_finite_steps(tmp_path, fast, monkeypatch):
     """trainer.on_nonfinite=skip: a step whose loss is NaN changes nothing and is counted."""
-    import midpo_cli.engine.trainer as trainer
-    real, calls = trainer.preference_loss, {"n": 0}
-
-    def sometimes_nan(prior, view, yardstick=None, host=True):
-        out = real(prior, view, yardstick, host)
-        calls["n"] += 1
-        if calls["n"] == 2:                                                # the second training micro-batch
-            out.loss = out.loss * float("nan")
-            out.metrics["loss"] = float("nan")
-        return out
-    monkeypatch.setattr(trainer, "preference_loss", sometimes_nan)
+    non_finite_loss(monkeypatch, lambda n: n == 2)                        # the second training micro-batch
     run = tmp_path / "skip"
     main(["train", *fast, "trainer.max_steps=3", "trainer.on_nonfinite=skip", "trainer.save_model=false",
           f"hydra.run.dir={run}"])
@@ -160,17 +156,7 @@ def test_skip_counts_non_finite_steps(tmp_path, fast, monkeypatch):
 def test_skip_sees_a_non_finite_later_micro_batch(tmp_path, fast, monkeypatch):
     """grad_accum=2 and the second micro-batch's loss NaN, given as a host float while the first's metrics are
     still on the device: the step is skipped and counted, its row's loss is null."""
-    import midpo_cli.engine.trainer as trainer
-    real, calls = trainer.preference_loss, {"n": 0}
-
-    def second_nan(prior, view, yardstick=None, host=True):
-        out = real(prior, view, yardstick, host)
-        calls["n"] += 1
-        if calls["n"] == 2:                                                # step 1, its second micro-batch
-            out.loss = out.loss * float("nan")
-            out.metrics["loss"] = float("nan")
-        return out
-    monkeypatch.setattr(trainer, "preference_loss", second_nan)
+    non_finite_loss(monkeypatch, lambda n: n == 2)                        # step 1, its second micro-batch
     run = tmp_path / "skip2"
     main(["train", *fast, "trainer.max_steps=2", "trainer.grad_accum=2", "trainer.on_nonfinite=skip",
           "trainer.save_model=false", f"hydra.run.dir={run}"])
